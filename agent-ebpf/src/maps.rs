@@ -1,0 +1,54 @@
+//! Maps shared by all programs. Names are fixed by `agent_common::MAP_*`.
+
+use agent_common::{HostKey, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, STAT_COUNT};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+
+/// Records for userspace. The agent resizes it at load time (`--ring-size`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Exact per-CPU drop counts per reason, for the drops that pass the filters; independent of the
+/// ring so a full ring never loses a count.
+#[map]
+pub static DROP_COUNTS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(DROP_COUNTS_ENTRIES, 0);
+
+/// Per-CPU counters indexed by `agent_common::STAT_*`.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Reasons to keep when `FILTER_REASON` is set.
+#[map]
+pub static REASON_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(DROP_COUNTS_ENTRIES, 0);
+
+/// Addresses to keep (as source or destination) when `FILTER_HOST` is set.
+#[map]
+pub static HOST_FILTER: HashMap<HostKey, u8> = HashMap::with_max_entries(HOST_FILTER_ENTRIES, 0);
+
+#[inline(always)]
+pub fn stat_inc(index: u32) {
+    if let Some(v) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs do not nest on one CPU for these tracepoints' contexts.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_reason(reason: u32) {
+    if let Some(v) = DROP_COUNTS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU value of an existing key.
+        unsafe { *v += 1 };
+        return;
+    }
+    if DROP_COUNTS.insert(reason, 1, u64::from(BPF_NOEXIST)).is_err() {
+        // Another CPU created the key first; its value on this CPU starts at zero.
+        if let Some(v) = DROP_COUNTS.get_ptr_mut(reason) {
+            // SAFETY: as above.
+            unsafe { *v += 1 };
+        }
+    }
+}

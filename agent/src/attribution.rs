@@ -1,0 +1,43 @@
+//! Which LoadBalancer IP (VIP) an event belongs to.
+
+use std::net::IpAddr;
+
+use crate::decode::{Event, Packet};
+
+/// The VIPs being watched.
+#[derive(Clone, Debug, Default)]
+pub struct VipSet {
+    vips: Vec<IpAddr>,
+}
+
+impl VipSet {
+    pub fn new(mut vips: Vec<IpAddr>) -> Self {
+        vips.sort_unstable();
+        vips.dedup();
+        Self { vips }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vips.is_empty()
+    }
+
+    pub fn addrs(&self) -> &[IpAddr] {
+        &self.vips
+    }
+
+    fn find(&self, addr: Option<IpAddr>) -> Option<IpAddr> {
+        let addr = addr?;
+        self.vips.binary_search(&addr).ok().map(|i| self.vips[i])
+    }
+
+    /// The VIP a packet is addressed to or comes from.
+    pub fn of_packet(&self, p: &Packet) -> Option<IpAddr> {
+        self.find(p.dst).or_else(|| self.find(p.src))
+    }
+
+    pub fn of_event(&self, e: &Event) -> Option<IpAddr> {
+        match e {
+            Event::Drop(d) => self.of_packet(&d.packet),
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The subcommands.
+
+use std::{
+    io::{self, BufWriter, IsTerminal, Write},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use aya::maps::{MapData, RingBuf};
+use lbtrace::{
+    attribution::VipSet,
+    btf::{DropReasons, KernelBtf, VMLINUX_BTF},
+    decode::decode,
+    kallsyms::Kallsyms,
+    output::{event_line, Clock, Context, Summary},
+    privileges,
+    probes::{self, KernelFilter, LoadOptions, ProbeMode, Tracer},
+};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{ColorMode, WatchArgs};
+
+/// An error the user can fix (bad input, missing privileges): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// How often the reader drains the ring when no wakeup came (records are submitted without a
+/// wakeup until the ring fills past a threshold).
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+fn load_btf() -> anyhow::Result<KernelBtf> {
+    KernelBtf::load(Path::new(VMLINUX_BTF)).context("this kernel does not expose BTF")
+}
+
+fn require_privileges() -> anyhow::Result<()> {
+    let missing = privileges::missing_for_tracing(privileges::effective());
+    if !missing.is_empty() {
+        return Err(UsageError(format!(
+            "lbtrace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load its probes; missing {}: run as root or grant them",
+            missing.join(", ")
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Resolves `--reason` names against this kernel's list.
+fn reason_codes(reasons: &DropReasons, names: &[String]) -> anyhow::Result<Vec<u32>> {
+    names
+        .iter()
+        .map(|n| {
+            reasons.code(n).ok_or_else(|| {
+                let valid: Vec<&str> = reasons.iter().map(|(_, n)| n).collect();
+                UsageError(format!(
+                    "unknown drop reason `{n}`; this kernel has: {}",
+                    valid.join(", ")
+                ))
+                .into()
+            })
+        })
+        .collect()
+}
+
+struct Reader<'a, W: Write> {
+    ctx: Context<'a>,
+    vips: VipSet,
+    out: W,
+    json: bool,
+    colour: bool,
+    limit: Option<u64>,
+    delivered: u64,
+    printed: u64,
+    decode_errors: u64,
+    /// The reader of our output went away (a closed pipe): keep counting, stop printing.
+    out_closed: bool,
+}
+
+impl<W: Write> Reader<'_, W> {
+    fn done(&self) -> bool {
+        self.limit.is_some_and(|n| self.printed >= n)
+    }
+
+    /// Reads everything in the ring now; prints what passes the userspace filters.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            self.delivered += 1;
+            let event = match decode(&item) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.decode_errors += 1;
+                    tracing::debug!("undecodable record: {e}");
+                    continue;
+                }
+            };
+            drop(item);
+            if self.done() || self.out_closed {
+                continue;
+            }
+            let vip = self.vips.of_event(&event);
+            if !self.vips.is_empty() && vip.is_none() {
+                continue;
+            }
+            let line = event_line(&self.ctx, &event, vip, self.json, self.colour);
+            if writeln!(self.out, "{line}").is_err() {
+                self.out_closed = true;
+            }
+            self.printed += 1;
+        }
+        if self.out.flush().is_err() {
+            self.out_closed = true;
+        }
+    }
+}
+
+pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    require_privileges()?;
+    privileges::raise_memlock();
+    let btf = load_btf()?;
+    let reasons = DropReasons::from_btf(&btf)?;
+    let filter = KernelFilter {
+        reasons: reason_codes(&reasons, &args.reasons)?,
+        // --vip keeps drops from or to a VIP; with --host the VIP check happens in userspace.
+        hosts: if args.hosts.is_empty() {
+            args.vips.clone()
+        } else {
+            args.hosts.clone()
+        },
+        port: args.port,
+        proto: args.proto,
+        netns: args.netns,
+    };
+    let kallsyms = Kallsyms::load().unwrap_or_else(|e| {
+        tracing::warn!("{}: {e}; locations print as addresses", lbtrace::kallsyms::KALLSYMS);
+        Kallsyms::default()
+    });
+    let opts = LoadOptions {
+        mode: args.probe_mode,
+        filter,
+        ring_bytes: args.ring_size,
+        wakeup_bytes: u64::from(args.ring_size / 4),
+    };
+    let mut tracer = Tracer::load(&btf, &opts)?;
+    for s in &tracer.statuses {
+        match &s.error {
+            None => tracing::info!("probe {} attached", s.probe),
+            Some(e) => tracing::info!("probe {} not attached: {e}", s.probe),
+        }
+    }
+    let colour = match args.color {
+        ColorMode::Always => true,
+        ColorMode::Never => false,
+        ColorMode::Auto => !args.json && io::stdout().is_terminal(),
+    };
+    let ring = tracer.take_ring()?;
+    let reader = Reader {
+        ctx: Context {
+            reasons: &reasons,
+            kallsyms: &kallsyms,
+            clock: Clock::now(),
+        },
+        vips: VipSet::new(args.vips.clone()),
+        out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
+        json: args.json,
+        colour,
+        limit: args.count,
+        delivered: 0,
+        printed: 0,
+        decode_errors: 0,
+        out_closed: false,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    let started = Instant::now();
+    let (mut reader, mut ring) = rt.block_on(stream(reader, ring, args.duration))?;
+    // Detach first, then collect what is still in the ring: afterwards the kernel counters and
+    // the records read describe the same drops.
+    tracer.detach();
+    std::thread::sleep(Duration::from_millis(20));
+    reader.drain(&mut ring);
+    let counters = tracer.counters()?;
+    let summary = Summary::new(
+        &reader.ctx,
+        probes::probe_name(tracer.active),
+        started.elapsed(),
+        &counters,
+        reader.delivered,
+        reader.printed,
+        reader.decode_errors,
+    );
+    let mut out = reader.out;
+    if reader.out_closed {
+        return Ok(());
+    }
+    if !args.json {
+        // The summary goes where a person reads it even when events are piped away.
+        let _ = out.flush();
+        summary.write(&mut io::stderr(), false)?;
+    } else {
+        summary.write(&mut out, true)?;
+        out.flush().ok();
+    }
+    Ok(())
+}
+
+async fn stream<W: Write>(
+    mut reader: Reader<'_, W>,
+    ring: RingBuf<MapData>,
+    duration: Option<Duration>,
+) -> anyhow::Result<(Reader<'_, W>, RingBuf<MapData>)> {
+    // SAFETY: the ring buffer owns its fd and stays inside the AsyncFd until into_inner below.
+    let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with the event loop: {e}"))?;
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            guard = afd.readable_mut() => {
+                let mut guard = guard?;
+                reader.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = tick.tick() => reader.drain(afd.get_mut()),
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            () = &mut deadline => break,
+        }
+        if reader.done() || reader.out_closed {
+            break;
+        }
+    }
+    Ok((reader, afd.into_inner()))
+}
+
+pub fn reasons(json: bool) -> anyhow::Result<()> {
+    let btf = load_btf()?;
+    let reasons = DropReasons::from_btf(&btf)?;
+    let mut out = io::stdout().lock();
+    if json {
+        let list: Vec<_> = reasons
+            .iter()
+            .map(|(code, name)| serde_json::json!({"code": code, "name": name}))
+            .collect();
+        let subsys: Vec<_> = reasons
+            .subsystems()
+            .map(|(id, name)| serde_json::json!({"id": id, "name": name}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"reasons": list, "subsystems": subsys})
+        )?;
+    } else {
+        for (code, name) in reasons.iter() {
+            writeln!(out, "{code:>5}  {name}")?;
+        }
+        for (id, name) in reasons.subsystems() {
+            writeln!(out, "subsystem {id} ({name}): codes {:#x}..", id << 16)?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct Doctor {
+    kernel: String,
+    btf: Check,
+    tracefs: Check,
+    kallsyms: Check,
+    capabilities: Vec<&'static str>,
+    missing_capabilities: Vec<&'static str>,
+    drop_reasons: usize,
+    probes: Vec<probes::ProbeStatus>,
+}
+
+#[derive(serde::Serialize)]
+struct Check {
+    ok: bool,
+    detail: String,
+}
+
+impl Check {
+    fn from<T, E: std::fmt::Display>(r: Result<T, E>, ok: impl FnOnce(T) -> String) -> Self {
+        match r {
+            Ok(v) => Self {
+                ok: true,
+                detail: ok(v),
+            },
+            Err(e) => Self {
+                ok: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+pub fn doctor(json: bool) -> anyhow::Result<()> {
+    let kernel = probes::read_opt(Path::new("/proc/sys/kernel/osrelease"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let caps = privileges::effective();
+    let missing = privileges::missing_for_tracing(caps);
+    let btf = load_btf();
+    let mut reasons_n = 0;
+    let btf_check = match &btf {
+        Ok(b) => {
+            let mut cfg = agent_common::ProbeConfig::zeroed();
+            let offsets = probes::kernel_offsets(b, &mut cfg);
+            reasons_n = DropReasons::from_btf(b).map(|r| r.iter().count()).unwrap_or(0);
+            Check::from(offsets, |()| {
+                format!("{VMLINUX_BTF}: struct offsets resolved, {reasons_n} drop reasons")
+            })
+        }
+        Err(e) => Check {
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    };
+    let tracefs = Check::from(
+        probes::tracefs_root().ok_or("not mounted: mount -t tracefs nodev /sys/kernel/tracing"),
+        |p| p.display().to_string(),
+    );
+    let kallsyms = Check::from(Kallsyms::load(), |k| {
+        if k.is_empty() {
+            "readable, but addresses are hidden (kptr_restrict): locations print as addresses"
+                .to_owned()
+        } else {
+            "readable: locations are symbolized".to_owned()
+        }
+    });
+    let mut statuses = Vec::new();
+    if let (Ok(b), true) = (&btf, missing.is_empty()) {
+        privileges::raise_memlock();
+        // Each hook on its own, so doctor shows every fallback, not just the first that works.
+        for mode in [ProbeMode::Btf, ProbeMode::Tracepoint] {
+            let opts = LoadOptions {
+                mode,
+                filter: KernelFilter::default(),
+                ring_bytes: 1 << 16,
+                wakeup_bytes: 0,
+            };
+            match Tracer::load(b, &opts) {
+                Ok(mut t) => {
+                    statuses.extend(t.statuses.iter().filter(|s| s.attached).cloned());
+                    t.detach();
+                }
+                Err(e) => statuses.push(probes::ProbeStatus {
+                    probe: match mode {
+                        ProbeMode::Btf => probes::probe_name(agent_common::ProbeId::KfreeSkbBtf),
+                        _ => probes::probe_name(agent_common::ProbeId::KfreeSkbTracepoint),
+                    },
+                    attached: false,
+                    error: Some(probes::error_chain(&e)),
+                }),
+            }
+        }
+    }
+    let report = Doctor {
+        kernel,
+        btf: btf_check,
+        tracefs,
+        kallsyms,
+        capabilities: privileges::describe(caps),
+        missing_capabilities: missing.clone(),
+        drop_reasons: reasons_n,
+        probes: statuses,
+    };
+    let mut out = io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
+        writeln!(out, "kernel        {}", report.kernel)?;
+        writeln!(out, "{} BTF      {}", mark(report.btf.ok), report.btf.detail)?;
+        writeln!(out, "{} tracefs  {}", mark(report.tracefs.ok), report.tracefs.detail)?;
+        writeln!(out, "{} kallsyms {}", mark(report.kallsyms.ok), report.kallsyms.detail)?;
+        writeln!(
+            out,
+            "{} caps     {}",
+            mark(missing.is_empty()),
+            if missing.is_empty() {
+                report.capabilities.join(" ")
+            } else {
+                format!("missing {}", missing.join(", "))
+            }
+        )?;
+        for s in &report.probes {
+            match &s.error {
+                None => writeln!(out, "ok   probe    {}: attached", s.probe)?,
+                Some(e) => writeln!(out, "FAIL probe    {}: {e}", s.probe)?,
+            }
+        }
+    }
+    if !missing.is_empty() {
+        bail!(UsageError(format!(
+            "cannot test the probes without {}",
+            missing.join(", ")
+        )));
+    }
+    if !report.probes.iter().any(|s| s.attached) {
+        bail!("no drop probe attaches on this kernel");
+    }
+    Ok(())
+}

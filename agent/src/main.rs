@@ -1,0 +1,163 @@
+//! The `lbtrace` command line: the binary edge, where errors become one line and an exit code.
+
+mod cmd;
+
+use std::{net::IpAddr, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use lbtrace::probes::ProbeMode;
+
+#[derive(Parser)]
+#[command(
+    name = "lbtrace",
+    version,
+    about = "Trace why packets to Kubernetes LoadBalancer IPs are dropped, with eBPF",
+    long_about = "lbtrace hooks the kernel's drop points (kfree_skb drop reasons) with eBPF and \
+                  explains, per LoadBalancer IP, what dropped, where and why."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream dropped packets live, one line (or JSON object) per drop, then a summary.
+    Watch(WatchArgs),
+    /// List this kernel's drop reasons with their codes (from BTF).
+    Reasons {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the kernel, BTF, tracefs, capabilities, and which probes attach.
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Print NDJSON: one object per event, then one summary object.
+    #[arg(long)]
+    json: bool,
+    /// Keep only drops with this reason (repeatable), e.g. NO_SOCKET; see `lbtrace reasons`.
+    #[arg(long = "reason", value_name = "NAME")]
+    reasons: Vec<String>,
+    /// Keep only packets from or to this address (repeatable).
+    #[arg(long = "host", value_name = "IP")]
+    hosts: Vec<IpAddr>,
+    /// Keep only packets from or to this port.
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// Keep only this transport protocol: tcp, udp, icmp, icmpv6, sctp or a number.
+    #[arg(long, value_name = "P", value_parser = parse_proto)]
+    proto: Option<lbtrace::decode::L4Proto>,
+    /// Keep only drops in the network namespace with this inode (see `ls -l /proc/PID/ns/net`).
+    #[arg(long, value_name = "INODE")]
+    netns: Option<u32>,
+    /// A LoadBalancer IP to watch (repeatable): keeps drops from or to it and tags them.
+    #[arg(long = "vip", value_name = "IP")]
+    vips: Vec<IpAddr>,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    duration: Option<Duration>,
+    /// Stop after printing this many events.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Which kfree_skb hook to use.
+    #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
+    probe_mode: ProbeMode,
+    /// Ring buffer size in bytes (a power of two, at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
+    ring_size: u32,
+    /// Colour the output: auto (only on a terminal), always or never.
+    #[arg(long, value_enum, default_value_t = ColorMode::Auto)]
+    color: ColorMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorMode {
+    Auto,
+    Always,
+    Never,
+}
+
+fn parse_proto(s: &str) -> Result<lbtrace::decode::L4Proto, String> {
+    lbtrace::decode::L4Proto::parse(s)
+        .ok_or_else(|| format!("`{s}` is not tcp, udp, icmp, icmpv6, sctp or a protocol number"))
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(format!("`{s}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a size in bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+/// Exit code for errors the user can fix: bad input or missing privileges (as clap's usage errors).
+pub const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LBTRACE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Watch(args) => cmd::watch(args),
+        Command::Reasons { json } => cmd::reasons(json),
+        Command::Doctor { json } => cmd::doctor(json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = match e.downcast_ref::<cmd::UsageError>() {
+                Some(_) => EXIT_USAGE,
+                None => 1,
+            };
+            eprintln!("lbtrace: error: {}", one_line(&e));
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// `lbtrace ... | head` closing early is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for (i, cause) in e.chain().enumerate() {
+        let text = cause.to_string();
+        if i > 0 && s.contains(&text) {
+            continue;
+        }
+        if i > 0 {
+            s.push_str(": ");
+        }
+        s.push_str(text.lines().next().unwrap_or_default());
+    }
+    s
+}
