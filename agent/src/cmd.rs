@@ -157,6 +157,11 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         ColorMode::Auto => !args.json && io::stdout().is_terminal(),
     };
     let ring = tracer.take_ring()?;
+    eprintln!(
+        "lbtrace: tracing drops with {} (ring buffer {} KiB); Ctrl-C to stop",
+        probes::probe_name(tracer.active),
+        args.ring_size / 1024
+    );
     let reader = Reader {
         ctx: Context {
             reasons: &reasons,

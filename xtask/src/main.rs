@@ -1,1 +1,124 @@
-fn main(){}
+//! `cargo xtask`: setup, build, test and demo for lbtrace, from a fresh machine.
+
+mod demo;
+mod setup;
+mod util;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "lbtrace's build and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install every prerequisite (apt packages, rust-src, bpf-linker, tracefs); fast when done.
+    Setup,
+    /// Build the eBPF object and the agent into target/release/lbtrace.
+    Build,
+    /// Setup, build, fmt, clippy, unit tests and the root integration tests.
+    Test {
+        /// Only run integration tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Build, then stream live drops while a namespace generates some, then the summary.
+    Demo {
+        /// How long to stream, in seconds.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Build => setup::setup().and_then(|()| build().map(|_| ())),
+        Command::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
+        Command::Demo { duration } => demo::demo(duration),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Builds the agent (which builds and embeds the eBPF object) and returns the binary's path.
+pub fn build() -> Result<PathBuf> {
+    util::step("build: cargo build --release -p agent (eBPF object embedded)");
+    util::run(util::cargo().args(["build", "--release", "-p", "agent", "-p", "integration-tests"]))?;
+    let bin = root().join("target/release/lbtrace");
+    anyhow::ensure!(bin.is_file(), "{} was not built", bin.display());
+    Ok(bin)
+}
+
+fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
+    setup::setup()?;
+    let bin = build()?;
+    if !no_lint {
+        util::step("fmt: cargo fmt --all -- --check");
+        util::run(util::cargo().args(["fmt", "--all", "--", "--check"]))?;
+        util::step("clippy: cargo clippy --workspace --all-targets -- -D warnings");
+        util::run(util::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        util::step("clippy (eBPF, nightly, bpfel-unknown-none)");
+        util::run(
+            util::cargo_nightly()
+                .current_dir(root().join("agent-ebpf"))
+                .args([
+                    "clippy",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
+        )?;
+    }
+    util::step("unit tests: cargo test --workspace --exclude integration-tests");
+    util::run(util::cargo().args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "integration-tests",
+    ]))?;
+    util::require_root("the integration tests load eBPF programs and create network namespaces")?;
+    util::step("integration tests (root, real kernel): cargo test -p integration-tests");
+    let mut cmd = util::cargo();
+    cmd.args(["test", "--release", "-p", "integration-tests", "--"])
+        .arg("--test-threads=1");
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    cmd.env("LBTRACE_BIN", &bin);
+    util::run(&mut cmd)
+}

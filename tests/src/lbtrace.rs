@@ -1,0 +1,144 @@
+//! Running the real `lbtrace` binary and collecting what it printed.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The binary under test: `LBTRACE_BIN` (set by `cargo xtask test`) or target/release/lbtrace.
+pub fn bin() -> PathBuf {
+    std::env::var_os("LBTRACE_BIN").map_or_else(
+        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/lbtrace")),
+        PathBuf::from,
+    )
+}
+
+/// Runs `lbtrace ARGS` to completion.
+pub fn run(args: &[&str]) -> Result<std::process::Output> {
+    let b = bin();
+    if !b.is_file() {
+        bail!("{} missing: run `cargo xtask build`", b.display());
+    }
+    Command::new(&b)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", b.display()))
+}
+
+/// A running `lbtrace watch`.
+pub struct Watch {
+    child: Child,
+    stdout: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+}
+
+/// What a finished `lbtrace watch --json` printed.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// Every non-summary object.
+    pub events: Vec<Value>,
+    pub summary: Value,
+}
+
+impl Watch {
+    /// Starts `lbtrace watch ARGS` and waits until its probes are attached.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let b = bin();
+        if !b.is_file() {
+            bail!("{} missing: run `cargo xtask build`", b.display());
+        }
+        let mut child = Command::new(&b)
+            .arg("watch")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", b.display()))?;
+        let mut out = child.stdout.take().context("stdout")?;
+        let err = child.stderr.take().context("stderr")?;
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.starts_with("lbtrace: tracing") {
+                    let _ = ready_tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let mut w = Self {
+            child,
+            stdout,
+            stderr,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+            let err = w.stderr.join().unwrap_or_default();
+            bail!("lbtrace watch did not become ready: {err}");
+        }
+        Ok(w)
+    }
+
+    /// Sends SIGINT and collects the output.
+    pub fn stop(self) -> Result<Finished> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits for a watch that ends by itself (--duration, --count).
+    pub fn wait(mut self) -> Result<Finished> {
+        let status = self.child.wait()?;
+        let stdout = self.stdout.join().unwrap_or_default();
+        let stderr = self.stderr.join().unwrap_or_default();
+        let mut events = Vec::new();
+        let mut summary = Value::Null;
+        for line in stdout.lines() {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("lbtrace printed a line that is not JSON: {line}"))?;
+            if v["kind"] == "summary" {
+                summary = v;
+            } else {
+                events.push(v);
+            }
+        }
+        Ok(Finished {
+            status,
+            stdout,
+            stderr,
+            events,
+            summary,
+        })
+    }
+}
+
+impl Finished {
+    /// Events of `kind` with `reason`.
+    pub fn drops<'a>(&'a self, reason: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.events
+            .iter()
+            .filter(move |e| e["kind"] == "drop" && e["reason"] == reason)
+    }
+
+    /// The summary's exact kernel count for `reason`.
+    pub fn counted(&self, reason: &str) -> u64 {
+        self.summary["drops_by_reason"][reason].as_u64().unwrap_or(0)
+    }
+}

@@ -1,0 +1,132 @@
+//! Network namespaces that are deleted when dropped, and veth links between them.
+
+use std::{
+    fs::File,
+    io::Write,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    process::{Command, Output, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{sh, unique};
+
+pub struct Netns {
+    pub name: String,
+    pub inode: u32,
+}
+
+impl Netns {
+    /// Creates `lbt<prefix>…` with loopback up.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique(&format!("lbt{prefix}"));
+        sh(Command::new("ip").args(["netns", "add", &name]))?;
+        let path = format!("/run/netns/{name}");
+        let inode = std::fs::metadata(&path)
+            .with_context(|| path.clone())?
+            .ino();
+        let ns = Self {
+            name,
+            inode: u32::try_from(inode).context("netns inode above 32 bits")?,
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        sh(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command to run inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        sh(self.cmd(program).args(args))
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Loads an nftables ruleset (`nft -f -`).
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        let mut child = self
+            .cmd("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(ruleset.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft -f failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// Packets counted by the named nftables counter: an oracle independent of lbtrace.
+    pub fn nft_counter(&self, family: &str, table: &str, counter: &str) -> Result<u64> {
+        let out = self.exec("nft", &["-j", "list", "counter", family, table, counter])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v["nftables"]
+            .as_array()
+            .and_then(|items| {
+                items
+                    .iter()
+                    .find_map(|i| i.get("counter").and_then(|c| c["packets"].as_u64()))
+            })
+            .context("no counter in nft output")
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live here.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = File::open(format!("/run/netns/{}", self.name))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on this thread only, with an fd to a netns file we hold open.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns: {}", std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A veth pair with one end in each namespace, both up, with the given addresses (CIDR).
+pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) -> Result<()> {
+    sh(Command::new("ip").args([
+        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+    ]))?;
+    for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
+        for addr in addrs {
+            let nodad = if addr.contains(':') { vec!["nodad"] } else { vec![] };
+            let mut args = vec!["addr", "add", *addr, "dev", ifname];
+            args.extend(nodad);
+            ns.ip(&args)?;
+        }
+        ns.ip(&["link", "set", ifname, "up"])?;
+    }
+    Ok(())
+}
