@@ -2,7 +2,10 @@
 //! agent can embed it: the `lbtrace` binary then runs on its own.
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-ebpf");
-    println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-common/src"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-common/src")
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "agent-ebpf",

@@ -109,10 +109,9 @@ fn packet_matches(cfg: &ProbeConfig, pkt: &PacketInfo) -> bool {
             family: pkt.family,
             _pad0: [0; 3],
         };
-        // SAFETY: lookups only; values are never dereferenced.
-        if unsafe { HOST_FILTER.get(&key) }.is_none() {
+        if HOST_FILTER.get_ptr(key).is_none() {
             key.addr = pkt.daddr;
-            if unsafe { HOST_FILTER.get(&key) }.is_none() {
+            if HOST_FILTER.get_ptr(key).is_none() {
                 return false;
             }
         }

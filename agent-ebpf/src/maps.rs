@@ -44,7 +44,10 @@ pub fn count_reason(reason: u32) {
         unsafe { *v += 1 };
         return;
     }
-    if DROP_COUNTS.insert(reason, 1, u64::from(BPF_NOEXIST)).is_err() {
+    if DROP_COUNTS
+        .insert(reason, 1, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         // Another CPU created the key first; its value on this CPU starts at zero.
         if let Some(v) = DROP_COUNTS.get_ptr_mut(reason) {
             // SAFETY: as above.

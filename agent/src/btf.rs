@@ -11,10 +11,7 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read kernel BTF at {path}: {source}")]
-    Read {
-        path: String,
-        source: btf_rs::Error,
-    },
+    Read { path: String, source: btf_rs::Error },
     #[error("kernel BTF has no {kind} named `{name}`")]
     MissingType { kind: &'static str, name: String },
     #[error("kernel BTF: struct {strukt} has no member `{member}`")]
@@ -65,10 +62,12 @@ impl KernelBtf {
                     })?;
             total_bits += bits;
             if i + 1 < parts.len() {
-                current = self.as_struct(member_type)?.ok_or_else(|| BtfError::MissingMember {
-                    strukt: strukt.to_owned(),
-                    member: path.to_owned(),
-                })?;
+                current = self
+                    .as_struct(member_type)?
+                    .ok_or_else(|| BtfError::MissingMember {
+                        strukt: strukt.to_owned(),
+                        member: path.to_owned(),
+                    })?;
             }
         }
         Ok(total_bits / 8)
@@ -76,11 +75,7 @@ impl KernelBtf {
 
     /// Finds `name` among the members of `s`, descending into anonymous members. Returns the bit
     /// offset from the start of `s` and the member's type id.
-    fn find_member(
-        &self,
-        s: &btf_rs::Struct,
-        name: &str,
-    ) -> Result<Option<(u32, u32)>, BtfError> {
+    fn find_member(&self, s: &btf_rs::Struct, name: &str) -> Result<Option<(u32, u32)>, BtfError> {
         for m in &s.members {
             let member_name = self.btf.resolve_name(m).unwrap_or_default();
             let Some(type_id) = m.get_type_id() else {
@@ -127,7 +122,12 @@ impl KernelBtf {
                     return Ok(e
                         .members
                         .iter()
-                        .map(|m| (u64::from(m.val()), self.btf.resolve_name(m).unwrap_or_default()))
+                        .map(|m| {
+                            (
+                                u64::from(m.val()),
+                                self.btf.resolve_name(m).unwrap_or_default(),
+                            )
+                        })
                         .collect())
                 }
                 Type::Enum64(e) => {
@@ -178,7 +178,9 @@ impl DropReasons {
         let mut subsystems = BTreeMap::new();
         if let Ok(values) = btf.enum_values("skb_drop_reason_subsys") {
             for (value, name) in values {
-                let short = name.strip_prefix("SKB_DROP_REASON_SUBSYS_").unwrap_or(&name);
+                let short = name
+                    .strip_prefix("SKB_DROP_REASON_SUBSYS_")
+                    .unwrap_or(&name);
                 if short != "NUM" && value != 0 {
                     if let Ok(v) = u32::try_from(value) {
                         subsystems.insert(v, short.to_owned());

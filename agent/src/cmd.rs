@@ -135,7 +135,10 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         netns: args.netns,
     };
     let kallsyms = Kallsyms::load().unwrap_or_else(|e| {
-        tracing::warn!("{}: {e}; locations print as addresses", lbtrace::kallsyms::KALLSYMS);
+        tracing::warn!(
+            "{}: {e}; locations print as addresses",
+            lbtrace::kallsyms::KALLSYMS
+        );
         Kallsyms::default()
     });
     let opts = LoadOptions {
@@ -322,7 +325,9 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
         Ok(b) => {
             let mut cfg = agent_common::ProbeConfig::zeroed();
             let offsets = probes::kernel_offsets(b, &mut cfg);
-            reasons_n = DropReasons::from_btf(b).map(|r| r.iter().count()).unwrap_or(0);
+            reasons_n = DropReasons::from_btf(b)
+                .map(|r| r.iter().count())
+                .unwrap_or(0);
             Check::from(offsets, |()| {
                 format!("{VMLINUX_BTF}: struct offsets resolved, {reasons_n} drop reasons")
             })
@@ -387,9 +392,24 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
     } else {
         let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
         writeln!(out, "kernel        {}", report.kernel)?;
-        writeln!(out, "{} BTF      {}", mark(report.btf.ok), report.btf.detail)?;
-        writeln!(out, "{} tracefs  {}", mark(report.tracefs.ok), report.tracefs.detail)?;
-        writeln!(out, "{} kallsyms {}", mark(report.kallsyms.ok), report.kallsyms.detail)?;
+        writeln!(
+            out,
+            "{} BTF      {}",
+            mark(report.btf.ok),
+            report.btf.detail
+        )?;
+        writeln!(
+            out,
+            "{} tracefs  {}",
+            mark(report.tracefs.ok),
+            report.tracefs.detail
+        )?;
+        writeln!(
+            out,
+            "{} kallsyms {}",
+            mark(report.kallsyms.ok),
+            report.kallsyms.detail
+        )?;
         writeln!(
             out,
             "{} caps     {}",

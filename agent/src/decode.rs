@@ -106,7 +106,9 @@ impl Packet {
             _ => None,
         };
         let ip = matches!(p.family, FAMILY_IPV4 | FAMILY_IPV6);
-        let proto = ip.then(|| L4Proto::from(p.l4_proto)).filter(|p| p.number() != 0);
+        let proto = ip
+            .then(|| L4Proto::from(p.l4_proto))
+            .filter(|p| p.number() != 0);
         let ports = proto.is_some_and(L4Proto::has_ports);
         Self {
             src: addr(&p.saddr),
@@ -205,8 +207,7 @@ mod tests {
 
     fn as_bytes<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a repr(C) value with explicit padding.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
     #[test]

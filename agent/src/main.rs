@@ -101,7 +101,9 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a size in bytes"))?;
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size in bytes"))?;
     if n < 4096 || !n.is_power_of_two() {
         return Err(format!("{n} is not a power of two of at least 4096"));
     }

@@ -186,7 +186,13 @@ pub fn drop_line(ctx: &Context<'_>, d: &DropEvent, vip: Option<IpAddr>, colour: 
     )
 }
 
-pub fn event_line(ctx: &Context<'_>, e: &Event, vip: Option<IpAddr>, json: bool, colour: bool) -> String {
+pub fn event_line(
+    ctx: &Context<'_>,
+    e: &Event,
+    vip: Option<IpAddr>,
+    json: bool,
+    colour: bool,
+) -> String {
     match e {
         Event::Drop(d) if json => drop_json(ctx, d, vip),
         Event::Drop(d) => drop_line(ctx, d, vip, colour),
@@ -248,7 +254,11 @@ impl Summary {
         if json {
             return writeln!(out, "{}", serde_json::to_string(self).unwrap_or_default());
         }
-        writeln!(out, "--- lbtrace summary ({:.1}s, probe {}) ---", self.duration_s, self.probe)?;
+        writeln!(
+            out,
+            "--- lbtrace summary ({:.1}s, probe {}) ---",
+            self.duration_s, self.probe
+        )?;
         let mut by_count: Vec<_> = self.drops_by_reason.iter().collect();
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (reason, n) in by_count {

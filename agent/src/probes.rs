@@ -58,8 +58,13 @@ pub enum ProbeMode {
 
 #[derive(Clone, Copy, Debug)]
 enum Hook {
-    BtfTracepoint { function: &'static str },
-    Tracepoint { category: &'static str, name: &'static str },
+    BtfTracepoint {
+        function: &'static str,
+    },
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -159,10 +164,7 @@ pub fn tracefs_root() -> Option<PathBuf> {
 }
 
 /// Offsets of `fields` in a tracefs `format` file.
-pub fn tracepoint_offsets(
-    format: &str,
-    fields: &[&str],
-) -> Result<BTreeMap<String, u32>, String> {
+pub fn tracepoint_offsets(format: &str, fields: &[&str]) -> Result<BTreeMap<String, u32>, String> {
     let mut found = BTreeMap::new();
     for line in format.lines() {
         let line = line.trim();
@@ -199,7 +201,8 @@ pub fn tracepoint_offsets(
 }
 
 fn kfree_skb_tp_offsets(cfg: &mut ProbeConfig) -> Result<(), String> {
-    let root = tracefs_root().ok_or("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")?;
+    let root = tracefs_root()
+        .ok_or("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")?;
     let path = root.join("events/skb/kfree_skb/format");
     let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let offs = tracepoint_offsets(&text, &["skbaddr", "location", "reason"])?;
@@ -303,10 +306,12 @@ impl Tracer {
                     source,
                 })?;
             for h in &f.hosts {
-                hosts.insert(host_key(*h), 1, 0).map_err(|source| ProbeError::Map {
-                    name: MAP_HOST_FILTER,
-                    source,
-                })?;
+                hosts
+                    .insert(host_key(*h), 1, 0)
+                    .map_err(|source| ProbeError::Map {
+                        name: MAP_HOST_FILTER,
+                        source,
+                    })?;
             }
         }
 
@@ -421,7 +426,10 @@ impl Tracer {
             })?;
             out.by_reason.insert(reason, per_cpu.iter().sum());
         }
-        let map = self.ebpf.map(MAP_STATS).ok_or(ProbeError::MissingMap(MAP_STATS))?;
+        let map = self
+            .ebpf
+            .map(MAP_STATS)
+            .ok_or(ProbeError::MissingMap(MAP_STATS))?;
         let stats: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
                 name: MAP_STATS,
@@ -528,6 +536,8 @@ mod tests {
         assert_eq!(o["location"], 16);
         assert_eq!(o["reason"], 36);
         assert_eq!(o["lladdr"], 40);
-        assert!(tracepoint_offsets(fmt, &["rx_sk"]).unwrap_err().contains("rx_sk"));
+        assert!(tracepoint_offsets(fmt, &["rx_sk"])
+            .unwrap_err()
+            .contains("rx_sk"));
     }
 }

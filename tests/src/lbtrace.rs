@@ -15,7 +15,12 @@ use serde_json::Value;
 /// The binary under test: `LBTRACE_BIN` (set by `cargo xtask test`) or target/release/lbtrace.
 pub fn bin() -> PathBuf {
     std::env::var_os("LBTRACE_BIN").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/lbtrace")),
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/release/lbtrace"
+            ))
+        },
         PathBuf::from,
     )
 }
@@ -52,6 +57,15 @@ pub struct Finished {
 impl Watch {
     /// Starts `lbtrace watch ARGS` and waits until its probes are attached.
     pub fn start(args: &[&str]) -> Result<Self> {
+        Self::spawn(args, false)
+    }
+
+    /// Like [`Watch::start`], but what lbtrace prints goes straight to our stdout (for demos).
+    pub fn start_live(args: &[&str]) -> Result<Self> {
+        Self::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], live: bool) -> Result<Self> {
         let b = bin();
         if !b.is_file() {
             bail!("{} missing: run `cargo xtask build`", b.display());
@@ -59,15 +73,21 @@ impl Watch {
         let mut child = Command::new(&b)
             .arg("watch")
             .args(args)
-            .stdout(Stdio::piped())
+            .stdout(if live {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", b.display()))?;
-        let mut out = child.stdout.take().context("stdout")?;
+        let out = child.stdout.take();
         let err = child.stderr.take().context("stderr")?;
         let stdout = std::thread::spawn(move || {
             let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
+            if let Some(mut out) = out {
+                let _ = out.read_to_string(&mut s);
+            }
             s
         });
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -76,6 +96,9 @@ impl Watch {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if line.starts_with("lbtrace: tracing") {
                     let _ = ready_tx.send(());
+                }
+                if live {
+                    eprintln!("{line}");
                 }
                 all.push_str(&line);
                 all.push('\n');
@@ -96,10 +119,23 @@ impl Watch {
         Ok(w)
     }
 
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Stops the process (SIGSTOP): its ring buffer fills while the kernel goes on.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// Sends SIGINT and collects the output.
     pub fn stop(self) -> Result<Finished> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.signal(libc::SIGINT);
         self.wait()
     }
 
@@ -139,6 +175,8 @@ impl Finished {
 
     /// The summary's exact kernel count for `reason`.
     pub fn counted(&self, reason: &str) -> u64 {
-        self.summary["drops_by_reason"][reason].as_u64().unwrap_or(0)
+        self.summary["drops_by_reason"][reason]
+            .as_u64()
+            .unwrap_or(0)
     }
 }

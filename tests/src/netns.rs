@@ -70,7 +70,10 @@ impl Netns {
             .write_all(ruleset.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("nft -f failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "nft -f failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -115,13 +118,25 @@ impl Drop for Netns {
 }
 
 /// A veth pair with one end in each namespace, both up, with the given addresses (CIDR).
-pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) -> Result<()> {
+pub fn veth(
+    a: &Netns,
+    a_if: &str,
+    a_addrs: &[&str],
+    b: &Netns,
+    b_if: &str,
+    b_addrs: &[&str],
+) -> Result<()> {
     sh(Command::new("ip").args([
-        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
     ]))?;
     for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
         for addr in addrs {
-            let nodad = if addr.contains(':') { vec!["nodad"] } else { vec![] };
+            let nodad = if addr.contains(':') {
+                vec!["nodad"]
+            } else {
+                vec![]
+            };
             let mut args = vec!["addr", "add", *addr, "dev", ifname];
             args.extend(nodad);
             ns.ip(&args)?;

@@ -22,7 +22,12 @@ struct Window {
 }
 
 /// Runs `workload` with lbtrace (filtered to `ns`) and the tracefs oracle both recording.
-fn observe(mode: &str, ns: &Netns, extra: &[&str], workload: impl FnOnce() -> u32) -> (u32, Window) {
+fn observe(
+    mode: &str,
+    ns: &Netns,
+    extra: &[&str],
+    workload: impl FnOnce() -> u32,
+) -> (u32, Window) {
     require_root();
     let inode = ns.inode.to_string();
     let mut args = vec!["--json", "--probe-mode", mode, "--netns", &inode];
@@ -34,7 +39,11 @@ fn observe(mode: &str, ns: &Netns, extra: &[&str], workload: impl FnOnce() -> u3
     std::thread::sleep(std::time::Duration::from_millis(200));
     let kernel = oracle.stop().expect("tracefs oracle");
     let lbtrace = watch.stop().expect("lbtrace stops");
-    assert!(lbtrace.status.success(), "lbtrace failed: {}", lbtrace.stderr);
+    assert!(
+        lbtrace.status.success(),
+        "lbtrace failed: {}",
+        lbtrace.stderr
+    );
     (sent, Window { lbtrace, kernel })
 }
 
@@ -43,7 +52,12 @@ fn assert_exact(w: &Window, reason: &str, function: &str, expected: u64) {
     let delivered = w
         .lbtrace
         .drops(reason)
-        .filter(|e| e["location"].as_str().unwrap_or("").starts_with(&format!("{function}+")))
+        .filter(|e| {
+            e["location"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("{function}+"))
+        })
         .count() as u64;
     assert_eq!(
         kernel,
@@ -51,15 +65,25 @@ fn assert_exact(w: &Window, reason: &str, function: &str, expected: u64) {
         "tracefs saw {kernel} {reason} at {function}, workload made {expected}; tracefs had {:?}",
         lbtest::oracle::histogram(&w.kernel)
     );
-    assert_eq!(w.lbtrace.counted(reason), expected, "lbtrace counted {reason}: {}", w.lbtrace.stdout);
-    assert_eq!(delivered, expected, "lbtrace delivered {delivered} {reason} records at {function}");
+    assert_eq!(
+        w.lbtrace.counted(reason),
+        expected,
+        "lbtrace counted {reason}: {}",
+        w.lbtrace.stdout
+    );
+    assert_eq!(
+        delivered, expected,
+        "lbtrace delivered {delivered} {reason} records at {function}"
+    );
     assert_eq!(w.lbtrace.summary["events_lost"], 0);
 }
 
 fn tcp_closed_port_v4(mode: &str) {
     let ns = Netns::new("tcp").unwrap();
     let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let (sent, w) = observe(mode, &ns, &[], || ns.run(|| traffic::tcp_refused(dst, N)).unwrap().unwrap());
+    let (sent, w) = observe(mode, &ns, &[], || {
+        ns.run(|| traffic::tcp_refused(dst, N)).unwrap().unwrap()
+    });
     assert_eq!(sent, N);
     assert_exact(&w, "NO_SOCKET", "tcp_v4_rcv", u64::from(N));
     for e in w.lbtrace.drops("NO_SOCKET") {
@@ -88,7 +112,9 @@ fn tcp_syn_to_closed_port_tracepoint() {
 fn udp_closed_port(mode: &str) {
     let ns = Netns::new("udp").unwrap();
     let dst: SocketAddr = "127.0.0.1:7".parse().unwrap();
-    let (sent, w) = observe(mode, &ns, &[], || ns.run(|| traffic::udp_send(dst, N, 32)).unwrap().unwrap());
+    let (sent, w) = observe(mode, &ns, &[], || {
+        ns.run(|| traffic::udp_send(dst, N, 32)).unwrap().unwrap()
+    });
     assert_exact(&w, "NO_SOCKET", "__udp4_lib_rcv", u64::from(sent));
     for e in w.lbtrace.drops("NO_SOCKET") {
         assert_eq!(e["proto"], "udp");
@@ -120,7 +146,9 @@ fn nft_drop(mode: &str, v6: bool) {
     ))
     .unwrap();
     let dst: SocketAddr = dst.parse().unwrap();
-    let (sent, w) = observe(mode, &ns, &[], || ns.run(|| traffic::udp_send(dst, N, 10)).unwrap().unwrap());
+    let (sent, w) = observe(mode, &ns, &[], || {
+        ns.run(|| traffic::udp_send(dst, N, 10)).unwrap().unwrap()
+    });
     let nft = ns.nft_counter(family, "lbt", "dropped").unwrap();
     assert_eq!(nft, u64::from(sent), "nft counter against what was sent");
     assert_exact(&w, "NETFILTER_DROP", "nft_do_chain", nft);
@@ -155,7 +183,9 @@ fn nftables_drop_rule_ipv6_tracepoint() {
 fn tcp_closed_port_v6(mode: &str) {
     let ns = Netns::new("tcp6").unwrap();
     let dst: SocketAddr = "[::1]:9".parse().unwrap();
-    let (sent, w) = observe(mode, &ns, &[], || ns.run(|| traffic::tcp_refused(dst, N)).unwrap().unwrap());
+    let (sent, w) = observe(mode, &ns, &[], || {
+        ns.run(|| traffic::tcp_refused(dst, N)).unwrap().unwrap()
+    });
     assert_exact(&w, "NO_SOCKET", "tcp_v6_rcv", u64::from(sent));
     for e in w.lbtrace.drops("NO_SOCKET") {
         assert_eq!(e["family"], "ipv6");
@@ -182,7 +212,9 @@ fn over_veth(mode: &str) {
     let (ifa, ifb) = (lbtest::unique("lva"), lbtest::unique("lvb"));
     veth(&a, &ifa, &["10.200.1.1/24"], &b, &ifb, &["10.200.1.2/24"]).unwrap();
     let dst: SocketAddr = "10.200.1.2:4000".parse().unwrap();
-    let (sent, w) = observe(mode, &b, &[], || a.run(|| traffic::udp_send(dst, N, 20)).unwrap().unwrap());
+    let (sent, w) = observe(mode, &b, &[], || {
+        a.run(|| traffic::udp_send(dst, N, 20)).unwrap().unwrap()
+    });
     assert_exact(&w, "NO_SOCKET", "__udp4_lib_rcv", u64::from(sent));
     for e in w.lbtrace.drops("NO_SOCKET") {
         assert_eq!(e["src"], "10.200.1.1");
@@ -210,7 +242,9 @@ fn unknown_protocol(mode: &str) {
     let (ifa, ifb) = (lbtest::unique("lpa"), lbtest::unique("lpb"));
     veth(&a, &ifa, &["10.200.2.1/24"], &b, &ifb, &["10.200.2.2/24"]).unwrap();
     let dst = Ipv4Addr::new(10, 200, 2, 2);
-    let (sent, w) = observe(mode, &b, &[], || a.run(|| traffic::raw_ipv4(dst, 253, N)).unwrap().unwrap());
+    let (sent, w) = observe(mode, &b, &[], || {
+        a.run(|| traffic::raw_ipv4(dst, 253, N)).unwrap().unwrap()
+    });
     assert_exact(&w, "IP_NOPROTO", "ip_local_deliver_finish", u64::from(sent));
     for e in w.lbtrace.drops("IP_NOPROTO") {
         assert_eq!(e["proto"], "proto-253");

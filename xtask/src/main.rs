@@ -64,7 +64,14 @@ pub fn root() -> PathBuf {
 /// Builds the agent (which builds and embeds the eBPF object) and returns the binary's path.
 pub fn build() -> Result<PathBuf> {
     util::step("build: cargo build --release -p agent (eBPF object embedded)");
-    util::run(util::cargo().args(["build", "--release", "-p", "agent", "-p", "integration-tests"]))?;
+    util::run(util::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "agent",
+        "-p",
+        "integration-tests",
+    ]))?;
     let bin = root().join("target/release/lbtrace");
     anyhow::ensure!(bin.is_file(), "{} was not built", bin.display());
     Ok(bin)

@@ -96,7 +96,13 @@ fn rust() -> Result<()> {
         let have = String::from_utf8_lossy(&out.stdout);
         if !have.lines().any(|l| l.starts_with(component)) {
             eprintln!("    rustup component add {component} --toolchain {toolchain}");
-            run(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))?;
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
         }
     }
     eprintln!("    rust toolchains: present");
@@ -143,7 +149,9 @@ fn tracefs() -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        eprintln!("    tracefs: not mounted (needs root: mount -t tracefs nodev /sys/kernel/tracing)");
+        eprintln!(
+            "    tracefs: not mounted (needs root: mount -t tracefs nodev /sys/kernel/tracing)"
+        );
         return Ok(());
     }
     if succeeds(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])) {

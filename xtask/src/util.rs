@@ -21,9 +21,16 @@ pub fn cargo() -> Command {
 /// `cargo` on the nightly toolchain (for the eBPF crate).
 pub fn cargo_nightly() -> Command {
     let mut c = Command::new("rustup");
-    c.args(["run", "nightly", "cargo"]).current_dir(crate::root());
+    c.args(["run", "nightly", "cargo"])
+        .current_dir(crate::root());
     // The outer cargo's variables would point the inner one at the stable toolchain.
-    for v in ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR"] {
+    for v in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
         c.env_remove(v);
     }
     c
