@@ -32,8 +32,8 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-fn apt_missing() -> Vec<&'static str> {
-    APT_PACKAGES
+fn apt_missing<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -46,9 +46,14 @@ fn apt_missing() -> Vec<&'static str> {
 }
 
 fn apt() -> Result<()> {
-    let missing = apt_missing();
+    ensure_apt(APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing; quick when none is.
+pub fn ensure_apt(packages: &[&str]) -> Result<()> {
+    let missing = apt_missing(packages);
     if missing.is_empty() {
-        eprintln!("    apt packages: present");
+        eprintln!("    apt packages present: {}", packages.join(" "));
         return Ok(());
     }
     if !is_root() {
