@@ -31,6 +31,8 @@ impl TryFrom<u16> for RecordKind {
 pub enum ProbeId {
     KfreeSkbBtf = 1,
     KfreeSkbTracepoint = 2,
+    NetDevXmitBtf = 3,
+    NetDevXmitTracepoint = 4,
 }
 
 impl TryFrom<u8> for ProbeId {
@@ -40,6 +42,8 @@ impl TryFrom<u8> for ProbeId {
         match v {
             1 => Ok(Self::KfreeSkbBtf),
             2 => Ok(Self::KfreeSkbTracepoint),
+            3 => Ok(Self::NetDevXmitBtf),
+            4 => Ok(Self::NetDevXmitTracepoint),
             other => Err(other),
         }
     }
@@ -85,6 +89,71 @@ pub struct PacketInfo {
 }
 const _: () = assert!(size_of::<PacketInfo>() == 48);
 
+/// A flow as the kernel sees it: a conntrack tuple, or a packet's 5-tuple (the key of the NAT
+/// map). IPv4 addresses use the first four bytes; ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad0: [u8; 2],
+}
+const _: () = assert!(size_of::<Tuple>() == 40);
+
+/// Value of the NAT map: the flow as it was before DNAT, learned where the DNAT happened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatOrigin {
+    pub orig: Tuple,
+    /// Network namespace where the translation happened (the "node").
+    pub netns: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(size_of::<NatOrigin>() == 48);
+
+/// What conntrack did to a dropped packet ([`DropRecord::ct_event`]).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtEvent {
+    /// Confirm failed: the tuple clashed with an existing entry (`insert_failed`).
+    InsertFailed = 1,
+    /// No entry could be allocated: the table is full (`drop`).
+    TableFull = 2,
+    /// An entry was evicted to make room (`early_drop`).
+    EarlyDrop = 3,
+}
+pub const CT_EVENT_COUNT: u32 = 4;
+
+impl TryFrom<u8> for CtEvent {
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        match v {
+            1 => Ok(Self::InsertFailed),
+            2 => Ok(Self::TableFull),
+            3 => Ok(Self::EarlyDrop),
+            other => Err(other),
+        }
+    }
+}
+
+/// Bits of [`DropRecord::ct_flags`].
+/// The skb carried a conntrack entry: `orig` and `reply` are its tuples.
+pub const CT_FLAG_ENTRY: u8 = 1 << 0;
+/// The entry had been destination-NATed.
+pub const CT_FLAG_DNAT: u8 = 1 << 1;
+/// The entry had been source-NATed.
+pub const CT_FLAG_SNAT: u8 = 1 << 2;
+/// No entry on the skb, but the NAT map knew the flow: `orig` is the pre-DNAT flow and
+/// `nat_netns` where it was translated.
+pub const CT_FLAG_NAT_JOIN: u8 = 1 << 3;
+/// The entry was confirmed (in the table) when the packet was dropped.
+pub const CT_FLAG_CONFIRMED: u8 = 1 << 4;
+
 /// A packet freed through `kfree_skb_reason`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,8 +170,17 @@ pub struct DropRecord {
     /// `dev->name` at the drop (NUL-padded): names stay right after the netns is gone.
     pub ifname: [u8; 16],
     pub pkt: PacketInfo,
+    /// [`CtEvent`] when conntrack caused the drop, else 0.
+    pub ct_event: u8,
+    /// `CT_FLAG_*`.
+    pub ct_flags: u8,
+    pub _pad1: [u8; 2],
+    /// Where the NAT map's translation happened (with `CT_FLAG_NAT_JOIN`).
+    pub nat_netns: u32,
+    pub orig: Tuple,
+    pub reply: Tuple,
 }
-const _: () = assert!(size_of::<DropRecord>() == 104);
+const _: () = assert!(size_of::<DropRecord>() == 192);
 
 /// Bits of [`ProbeConfig::filter_flags`]: which kernel-side filters are active.
 pub const FILTER_REASON: u32 = 1 << 0;
@@ -110,6 +188,15 @@ pub const FILTER_HOST: u32 = 1 << 1;
 pub const FILTER_PORT: u32 = 1 << 2;
 pub const FILTER_PROTO: u32 = 1 << 3;
 pub const FILTER_NETNS: u32 = 1 << 4;
+
+/// Bit in `filter_flags`: keep only records with a conntrack event in `filter_ct_events`.
+pub const FILTER_CT_EVENT: u32 = 1 << 5;
+
+/// Bits of [`ProbeConfig::features`].
+/// Classify NETFILTER_DROP through the netns's per-CPU conntrack statistics.
+pub const FEATURE_CT_STATS: u32 = 1 << 0;
+/// Learn DNAT translations at transmit, to attribute drops behind them.
+pub const FEATURE_NAT_CAPTURE: u32 = 1 << 1;
 
 /// Value that marks a struct offset the running kernel's BTF did not provide.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -136,22 +223,46 @@ pub struct ProbeConfig {
     pub sk_net: u32,
     // struct net (ns.inum)
     pub net_inum: u32,
+    // conntrack: struct sk_buff._nfct, struct nf_conn, struct nf_conntrack_tuple
+    pub skb_nfct: u32,
+    pub ct_status: u32,
+    pub ct_tuple_orig: u32,
+    pub ct_tuple_reply: u32,
+    pub tuple_src_addr: u32,
+    pub tuple_src_port: u32,
+    pub tuple_dst_addr: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_l3num: u32,
+    pub tuple_protonum: u32,
+    // struct net.ct.stat (per-CPU) and struct ip_conntrack_stat
+    pub net_ct_stat: u32,
+    pub stat_insert_failed: u32,
+    pub stat_drop: u32,
+    pub stat_early_drop: u32,
+    /// struct bpf_array.pptrs: finds this CPU's per-CPU offset through our own STATS map.
+    pub array_pptrs: u32,
+    /// `SKB_DROP_REASON_NETFILTER_DROP` on this kernel (from BTF).
+    pub reason_netfilter_drop: u32,
+    /// `FEATURE_*` bits.
+    pub features: u32,
+    pub filter_ct_events: u32,
     // classic tracepoint skb/kfree_skb record layout (from tracefs)
     pub tp_skbaddr: u32,
     pub tp_location: u32,
     pub tp_reason: u32,
+    // classic tracepoint net/net_dev_start_xmit
+    pub tp_xmit_skbaddr: u32,
     // filters
     pub filter_flags: u32,
     pub filter_netns: u32,
     pub filter_port: u16,
     pub filter_proto: u8,
     pub _pad0: u8,
-    pub _pad1: u32,
     /// Submit records without waking the reader until this many bytes wait in the ring; a timer
     /// in the reader collects what stays below it.
     pub wakeup_bytes: u64,
 }
-const _: () = assert!(size_of::<ProbeConfig>() == 80);
+const _: () = assert!(size_of::<ProbeConfig>() == 152);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -167,15 +278,33 @@ impl ProbeConfig {
             dev_name: OFFSET_UNKNOWN,
             sk_net: OFFSET_UNKNOWN,
             net_inum: OFFSET_UNKNOWN,
+            skb_nfct: OFFSET_UNKNOWN,
+            ct_status: OFFSET_UNKNOWN,
+            ct_tuple_orig: OFFSET_UNKNOWN,
+            ct_tuple_reply: OFFSET_UNKNOWN,
+            tuple_src_addr: OFFSET_UNKNOWN,
+            tuple_src_port: OFFSET_UNKNOWN,
+            tuple_dst_addr: OFFSET_UNKNOWN,
+            tuple_dst_port: OFFSET_UNKNOWN,
+            tuple_l3num: OFFSET_UNKNOWN,
+            tuple_protonum: OFFSET_UNKNOWN,
+            net_ct_stat: OFFSET_UNKNOWN,
+            stat_insert_failed: OFFSET_UNKNOWN,
+            stat_drop: OFFSET_UNKNOWN,
+            stat_early_drop: OFFSET_UNKNOWN,
+            array_pptrs: OFFSET_UNKNOWN,
+            reason_netfilter_drop: u32::MAX,
+            features: 0,
+            filter_ct_events: 0,
             tp_skbaddr: OFFSET_UNKNOWN,
             tp_location: OFFSET_UNKNOWN,
             tp_reason: OFFSET_UNKNOWN,
+            tp_xmit_skbaddr: OFFSET_UNKNOWN,
             filter_flags: 0,
             filter_netns: 0,
             filter_port: 0,
             filter_proto: 0,
             _pad0: 0,
-            _pad1: 0,
             wakeup_bytes: 0,
         }
     }
@@ -189,7 +318,32 @@ pub const STAT_SEEN: u32 = 1;
 pub const STAT_MATCHED: u32 = 2;
 /// Reads of kernel memory that failed: records are still sent, with the fields left zero.
 pub const STAT_READ_ERRORS: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+/// Conntrack statistics whose baseline was missing or ran backwards (counted, not classified).
+pub const STAT_CT_NO_BASELINE: u32 = 4;
+/// DNAT translations learned into the NAT map.
+pub const STAT_NAT_LEARNED: u32 = 5;
+/// Drops attributed through the NAT map.
+pub const STAT_NAT_JOINED: u32 = 6;
+pub const STAT_COUNT: u32 = 7;
+
+/// Key of `CT_LAST`: the last conntrack statistics seen per netns and CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtStatKey {
+    pub netns: u32,
+    pub cpu: u32,
+}
+const _: () = assert!(size_of::<CtStatKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtStatValue {
+    pub insert_failed: u32,
+    pub drop: u32,
+    pub early_drop: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(size_of::<CtStatValue>() == 16);
 
 /// Key of `HOST_FILTER`: an address in the layout of [`PacketInfo`] plus its family.
 #[repr(C)]
@@ -207,6 +361,11 @@ pub const MAP_DROP_COUNTS: &str = "DROP_COUNTS";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_REASON_FILTER: &str = "REASON_FILTER";
 pub const MAP_HOST_FILTER: &str = "HOST_FILTER";
+pub const MAP_CT_COUNTS: &str = "CT_COUNTS";
+pub const MAP_CT_LAST: &str = "CT_LAST";
+pub const MAP_NAT: &str = "NAT";
+pub const CT_LAST_ENTRIES: u32 = 4096;
+pub const NAT_ENTRIES: u32 = 16384;
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 /// Entries in `DROP_COUNTS`: enough for every reason of every subsystem a kernel defines.
 pub const DROP_COUNTS_ENTRIES: u32 = 1024;
@@ -220,4 +379,8 @@ mod pod {
     unsafe impl aya::Pod for super::DropRecord {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::HostKey {}
+    unsafe impl aya::Pod for super::Tuple {}
+    unsafe impl aya::Pod for super::NatOrigin {}
+    unsafe impl aya::Pod for super::CtStatKey {}
+    unsafe impl aya::Pod for super::CtStatValue {}
 }

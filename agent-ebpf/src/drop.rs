@@ -1,93 +1,94 @@
 //! kfree_skb handling shared by the tp_btf and classic tracepoint programs.
 
 use agent_common::{
-    DropRecord, HostKey, PacketInfo, ProbeConfig, ProbeId, RecordHeader, RecordKind, FAMILY_IPV4,
-    FAMILY_IPV6, FAMILY_NONE, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON,
-    STAT_MATCHED, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
+    DropRecord, HostKey, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
+    FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
+    FILTER_REASON, STAT_MATCHED, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
 };
-use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    kernel::{config, netns_inum, read},
-    maps::{count_reason, stat_inc, EVENTS, HOST_FILTER, REASON_FILTER},
+    conf, conntrack,
+    maps::{
+        array_inc, count_reason, stat_inc, CT_COUNTS, EVENTS, HOST_FILTER, REASON_FILTER, SCRATCH,
+    },
+    packet::{parse_packet, skb_origin},
 };
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_SCTP: u8 = 132;
-/// `skb->network_header` when unset (`(u16)~0U`).
-const HEADER_UNSET: u16 = 0xffff;
-/// IPv6 extension headers followed before giving up on the transport header.
-const MAX_IPV6_EXT: usize = 4;
-
-/// Where the skb came from: interface and network namespace.
-struct Origin {
-    ifindex: u32,
-    netns: u32,
-    ifname: [u8; 16],
-}
 
 #[inline(always)]
 pub fn handle_drop(probe: ProbeId, skb: u64, location: u64, reason: u32) {
     stat_inc(STAT_SEEN);
-    let cfg = config();
-    if cfg.filter_flags & FILTER_REASON != 0 && REASON_FILTER.get_ptr(reason).is_none() {
+    // SAFETY: plain helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let origin = skb_origin(skb);
+    // Before any filter: every NETFILTER_DROP moves this CPU's conntrack baseline.
+    let ct_event =
+        if reason == conf!(reason_netfilter_drop) && conf!(features) & FEATURE_CT_STATS != 0 {
+            conntrack::classify(origin.net, origin.netns, cpu)
+        } else {
+            0
+        };
+    let filters = conf!(filter_flags);
+    if filters & FILTER_REASON != 0 && REASON_FILTER.get_ptr(reason).is_none() {
         return;
     }
-    let origin = skb_origin(&cfg, skb);
-    if cfg.filter_flags & FILTER_NETNS != 0 && origin.netns != cfg.filter_netns {
+    if filters & FILTER_NETNS != 0 && origin.netns != conf!(filter_netns) {
         return;
     }
-    let mut pkt = PacketInfo::default();
-    if parse_packet(&cfg, skb, &mut pkt).is_err() {
+    if filters & FILTER_CT_EVENT != 0 && conf!(filter_ct_events) & (1 << ct_event) == 0 {
+        return;
+    }
+    // The record is built in per-CPU scratch memory: it does not fit the 512-byte stack.
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
+    let rec = unsafe { &mut *rec };
+    rec.pkt = PacketInfo::default();
+    if parse_packet(skb, &mut rec.pkt).is_err() {
         stat_inc(STAT_READ_ERRORS);
     }
-    if !packet_matches(&cfg, &pkt) {
+    conntrack::lookup(skb, rec);
+    if !packet_matches(rec) {
         return;
     }
     count_reason(reason);
     stat_inc(STAT_MATCHED);
-
-    let Some(mut entry) = EVENTS.reserve::<DropRecord>(0) else {
-        stat_inc(STAT_RING_LOST);
-        return;
-    };
-    entry.write(DropRecord {
-        header: RecordHeader {
-            // SAFETY: plain helpers without arguments.
-            ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-            kind: RecordKind::Drop as u16,
-            probe: probe as u8,
-            _pad0: 0,
-            // SAFETY: as above.
-            cpu: unsafe { bpf_get_smp_processor_id() },
-        },
-        location,
-        reason,
-        ifindex: origin.ifindex,
-        netns: origin.netns,
+    if ct_event != 0 {
+        array_inc(&CT_COUNTS, u32::from(ct_event));
+    }
+    if rec.ct_flags & CT_FLAG_NAT_JOIN != 0 {
+        stat_inc(STAT_NAT_JOINED);
+    }
+    rec.header = RecordHeader {
+        // SAFETY: plain helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        kind: RecordKind::Drop as u16,
+        probe: probe as u8,
         _pad0: 0,
-        ifname: origin.ifname,
-        pkt,
-    });
-    entry.submit(wakeup_flags(&cfg));
+        cpu,
+    };
+    rec.location = location;
+    rec.reason = reason;
+    rec.ifindex = origin.ifindex;
+    rec.netns = origin.netns;
+    rec.ifname = origin.ifname;
+    rec.ct_event = ct_event;
+    if EVENTS.output::<DropRecord>(&*rec, wakeup_flags()).is_err() {
+        stat_inc(STAT_RING_LOST);
+    }
 }
 
 /// Wake the reader only once enough bytes wait; below that its timer collects them.
 #[inline(always)]
-fn wakeup_flags(cfg: &ProbeConfig) -> u64 {
-    if cfg.wakeup_bytes == 0 {
+fn wakeup_flags() -> u64 {
+    if conf!(wakeup_bytes) == 0 {
         return 0;
     }
-    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= cfg.wakeup_bytes {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= conf!(wakeup_bytes) {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
@@ -95,140 +96,40 @@ fn wakeup_flags(cfg: &ProbeConfig) -> u64 {
 }
 
 #[inline(always)]
-fn packet_matches(cfg: &ProbeConfig, pkt: &PacketInfo) -> bool {
-    let flags = cfg.filter_flags;
-    if flags & FILTER_PROTO != 0 && pkt.l4_proto != cfg.filter_proto {
+fn host_listed(addr: &[u8; 16], family: u8) -> bool {
+    let key = HostKey {
+        addr: *addr,
+        family,
+        _pad0: [0; 3],
+    };
+    HOST_FILTER.get_ptr(key).is_some()
+}
+
+#[inline(always)]
+fn tuple_listed(t: &Tuple) -> bool {
+    t.family != 0 && (host_listed(&t.daddr, t.family) || host_listed(&t.saddr, t.family))
+}
+
+#[inline(always)]
+fn packet_matches(rec: &DropRecord) -> bool {
+    let pkt = &rec.pkt;
+    let flags = conf!(filter_flags);
+    if flags & FILTER_PROTO != 0 && pkt.l4_proto != conf!(filter_proto) {
         return false;
     }
-    if flags & FILTER_PORT != 0 && pkt.sport != cfg.filter_port && pkt.dport != cfg.filter_port {
+    if flags & FILTER_PORT != 0
+        && pkt.sport != conf!(filter_port)
+        && pkt.dport != conf!(filter_port)
+    {
         return false;
     }
-    if flags & FILTER_HOST != 0 {
-        let mut key = HostKey {
-            addr: pkt.saddr,
-            family: pkt.family,
-            _pad0: [0; 3],
-        };
-        if HOST_FILTER.get_ptr(key).is_none() {
-            key.addr = pkt.daddr;
-            if HOST_FILTER.get_ptr(key).is_none() {
-                return false;
-            }
-        }
+    // A host (or VIP) matches the packet's addresses or, behind NAT, the flow's original ones.
+    if flags & FILTER_HOST != 0
+        && !host_listed(&pkt.saddr, pkt.family)
+        && !host_listed(&pkt.daddr, pkt.family)
+        && !tuple_listed(&rec.orig)
+    {
+        return false;
     }
     true
-}
-
-/// The skb's device gives ifindex and netns; without a device the socket gives the netns.
-#[inline(always)]
-fn skb_origin(cfg: &ProbeConfig, skb: u64) -> Origin {
-    let dev = read::<u64>(skb, cfg.skb_dev).unwrap_or(0);
-    if dev != 0 {
-        let ifindex = read::<u32>(dev, cfg.dev_ifindex).unwrap_or(0);
-        let net = read::<u64>(dev, cfg.dev_nd_net).unwrap_or(0);
-        return Origin {
-            ifindex,
-            netns: netns_inum(cfg, net),
-            ifname: read::<[u8; 16]>(dev, cfg.dev_name).unwrap_or([0; 16]),
-        };
-    }
-    let sk = read::<u64>(skb, cfg.skb_sk).unwrap_or(0);
-    let net = read::<u64>(sk, cfg.sk_net).unwrap_or(0);
-    Origin {
-        ifindex: 0,
-        netns: netns_inum(cfg, net),
-        ifname: [0; 16],
-    }
-}
-
-/// Parses L3 and L4 headers from `skb->head + skb->network_header` with bounded reads.
-#[inline(always)]
-fn parse_packet(cfg: &ProbeConfig, skb: u64, pkt: &mut PacketInfo) -> Result<(), i32> {
-    pkt.len = read::<u32>(skb, cfg.skb_len)?;
-    pkt.l3_proto = u16::from_be(read::<u16>(skb, cfg.skb_protocol)?);
-    let head = read::<u64>(skb, cfg.skb_head)?;
-    let nh = read::<u16>(skb, cfg.skb_network_header)?;
-    if nh == HEADER_UNSET {
-        return Ok(());
-    }
-    let l3 = head + u64::from(nh);
-    let (l4_proto, l4) = match pkt.l3_proto {
-        ETH_P_IP => {
-            let ip = read::<Ipv4Hdr>(l3, 0)?;
-            if ip.vihl >> 4 != 4 {
-                return Ok(());
-            }
-            pkt.family = FAMILY_IPV4;
-            pkt.saddr[..4].copy_from_slice(&ip.src_addr);
-            pkt.daddr[..4].copy_from_slice(&ip.dst_addr);
-            pkt.l4_proto = ip.proto;
-            // Only the first fragment carries the transport header.
-            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
-                return Ok(());
-            }
-            (ip.proto, l3 + u64::from(ip.vihl & 0x0f) * 4)
-        }
-        ETH_P_IPV6 => {
-            let ip = read::<Ipv6Hdr>(l3, 0)?;
-            if ip.vcf[0] >> 4 != 6 {
-                return Ok(());
-            }
-            pkt.family = FAMILY_IPV6;
-            pkt.saddr = ip.src_addr;
-            pkt.daddr = ip.dst_addr;
-            match skip_ipv6_ext(ip.next_hdr, l3 + 40)? {
-                Some((proto, l4)) => {
-                    pkt.l4_proto = proto;
-                    (proto, l4)
-                }
-                None => return Ok(()),
-            }
-        }
-        _ => {
-            pkt.family = FAMILY_NONE;
-            return Ok(());
-        }
-    };
-    let l4h = read::<[u8; 14]>(l4, 0)?;
-    match l4_proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            pkt.sport = u16::from_be_bytes([l4h[0], l4h[1]]);
-            pkt.dport = u16::from_be_bytes([l4h[2], l4h[3]]);
-            if l4_proto == IPPROTO_TCP {
-                pkt.tcp_flags = l4h[13];
-            }
-        }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            pkt.icmp_type = l4h[0];
-            pkt.icmp_code = l4h[1];
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// Follows up to `MAX_IPV6_EXT` extension headers; `None` for a non-first fragment or a chain
-/// too long to follow.
-#[inline(always)]
-fn skip_ipv6_ext(mut next: u8, mut at: u64) -> Result<Option<(u8, u64)>, i32> {
-    for _ in 0..MAX_IPV6_EXT {
-        match next {
-            // hop-by-hop, routing, destination options: length in 8-octet units past the first 8
-            0 | 43 | 60 => {
-                let h = read::<[u8; 2]>(at, 0)?;
-                next = h[0];
-                at += (u64::from(h[1]) + 1) * 8;
-            }
-            44 => {
-                let h = read::<[u8; 4]>(at, 0)?;
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    return Ok(None);
-                }
-                next = h[0];
-                at += 8;
-            }
-            _ => return Ok(Some((next, at))),
-        }
-    }
-    Ok(None)
 }

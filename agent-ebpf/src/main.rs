@@ -7,11 +7,15 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
 mod drop;
 #[cfg(target_arch = "bpf")]
 mod kernel;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -21,7 +25,7 @@ mod programs {
         programs::{BtfTracePointContext, TracePointContext},
     };
 
-    use crate::{drop::handle_drop, kernel::config};
+    use crate::{conf, drop::handle_drop};
 
     /// tp_btf/kfree_skb: args are (skb, location, reason, rx_sk).
     #[btf_tracepoint(function = "kfree_skb")]
@@ -42,17 +46,49 @@ mod programs {
     }
 
     fn try_kfree_skb_tp(ctx: &TracePointContext) -> Result<(), i32> {
-        let cfg = config();
+        let (skb_at, location_at, reason_at) = (
+            conf!(tp_skbaddr) as usize,
+            conf!(tp_location) as usize,
+            conf!(tp_reason) as usize,
+        );
         // SAFETY: offsets come from this kernel's tracefs format for skb/kfree_skb.
         let (skb, location, reason) = unsafe {
             (
-                ctx.read_at::<u64>(cfg.tp_skbaddr as usize)?,
-                ctx.read_at::<u64>(cfg.tp_location as usize)?,
-                ctx.read_at::<u32>(cfg.tp_reason as usize)?,
+                ctx.read_at::<u64>(skb_at)?,
+                ctx.read_at::<u64>(location_at)?,
+                ctx.read_at::<u32>(reason_at)?,
             )
         };
         handle_drop(ProbeId::KfreeSkbTracepoint, skb, location, reason);
         Ok(())
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+mod xmit_programs {
+    use aya_ebpf::{
+        macros::{btf_tracepoint, tracepoint},
+        programs::{BtfTracePointContext, TracePointContext},
+    };
+
+    use crate::{conf, conntrack::handle_xmit};
+
+    /// tp_btf/net_dev_start_xmit: args are (skb, dev).
+    #[btf_tracepoint(function = "net_dev_start_xmit")]
+    pub fn net_dev_xmit_btf(ctx: BtfTracePointContext) -> u32 {
+        handle_xmit(ctx.arg(0));
+        0
+    }
+
+    /// The classic tracepoint net/net_dev_start_xmit: `skbaddr` offset from tracefs.
+    #[tracepoint]
+    pub fn net_dev_xmit_tp(ctx: TracePointContext) -> u32 {
+        let skb_at = conf!(tp_xmit_skbaddr) as usize;
+        // SAFETY: offset from this kernel's tracefs format for net/net_dev_start_xmit.
+        if let Ok(skb) = unsafe { ctx.read_at::<u64>(skb_at) } {
+            handle_xmit(skb);
+        }
+        0
     }
 }
 

@@ -1,10 +1,13 @@
 //! Maps shared by all programs. Names are fixed by `agent_common::MAP_*`.
 
-use agent_common::{HostKey, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, STAT_COUNT};
+use agent_common::{
+    CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple, CT_EVENT_COUNT, CT_LAST_ENTRIES,
+    DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, NAT_ENTRIES, STAT_COUNT,
+};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// Records for userspace. The agent resizes it at load time (`--ring-size`).
@@ -29,12 +32,36 @@ pub static REASON_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(DROP_COUN
 #[map]
 pub static HOST_FILTER: HashMap<HostKey, u8> = HashMap::with_max_entries(HOST_FILTER_ENTRIES, 0);
 
+/// Exact per-CPU counts of conntrack events, indexed by `CtEvent`.
+#[map]
+pub static CT_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_COUNT, 0);
+
+/// Last conntrack statistics seen per (netns, CPU); seeded by the agent for namespaces that
+/// existed before it started (a new namespace starts from zero).
+#[map]
+pub static CT_LAST: LruHashMap<CtStatKey, CtStatValue> =
+    LruHashMap::with_max_entries(CT_LAST_ENTRIES, 0);
+
+/// DNAT translations keyed by the translated flow, learned at transmit: a drop behind the DNAT
+/// (in a pod's netns, where the skb no longer carries the node's conntrack entry) finds its VIP.
+#[map]
+pub static NAT: LruHashMap<Tuple, NatOrigin> = LruHashMap::with_max_entries(NAT_ENTRIES, 0);
+
+/// Per-CPU scratch space where a drop record is assembled before it is copied to the ring.
+#[map]
+pub static SCRATCH: PerCpuArray<DropRecord> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
-pub fn stat_inc(index: u32) {
-    if let Some(v) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot; programs do not nest on one CPU for these tracepoints' contexts.
+pub fn array_inc(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(v) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; these programs do not nest on one CPU.
         unsafe { *v += 1 };
     }
+}
+
+#[inline(always)]
+pub fn stat_inc(index: u32) {
+    array_inc(&STATS, index);
 }
 
 #[inline(always)]

@@ -35,9 +35,15 @@ impl VipSet {
         self.find(p.dst).or_else(|| self.find(p.src))
     }
 
+    /// The VIP of an event: its own addresses first, then, behind DNAT, the flow's original
+    /// destination (or source, for replies) from conntrack or the NAT map.
     pub fn of_event(&self, e: &Event) -> Option<IpAddr> {
         match e {
-            Event::Drop(d) => self.of_packet(&d.packet),
+            Event::Drop(d) => self.of_packet(&d.packet).or_else(|| {
+                let orig = d.ct.orig.as_ref()?;
+                self.find(Some(orig.dst))
+                    .or_else(|| self.find(Some(orig.src)))
+            }),
         }
     }
 }

@@ -47,6 +47,15 @@ impl KernelBtf {
             })
     }
 
+    /// `sizeof(struct name)`.
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        let s = self.named_struct(name)?;
+        u32::try_from(s.size()).map_err(|_| BtfError::MissingType {
+            kind: "sized struct",
+            name: name.to_owned(),
+        })
+    }
+
     /// Byte offset of `path` (dot-separated, e.g. `__sk_common.skc_net`) inside `struct strukt`,
     /// looking through anonymous unions and structs on the way.
     pub fn member_offset(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {

@@ -1,6 +1,7 @@
 //! The subcommands.
 
 use std::{
+    collections::{BTreeMap, HashMap, HashSet},
     io::{self, BufWriter, IsTerminal, Write},
     path::Path,
     time::{Duration, Instant},
@@ -11,9 +12,10 @@ use aya::maps::{MapData, RingBuf};
 use lbtrace::{
     attribution::VipSet,
     btf::{DropReasons, KernelBtf, VMLINUX_BTF},
-    decode::decode,
+    decode::{decode, Event},
     kallsyms::Kallsyms,
-    output::{event_line, Clock, Context, Summary},
+    netns::{self, CtTable},
+    output::{self, event_line, Clock, Context, Summary},
     privileges,
     probes::{self, KernelFilter, LoadOptions, ProbeMode, Tracer},
 };
@@ -32,6 +34,97 @@ pub struct UsageError(pub String);
 /// How often the reader drains the ring when no wakeup came (records are submitted without a
 /// wakeup until the ring fills past a threshold).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+/// How often conntrack tables are checked for pressure.
+const TABLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Warn when a namespace's conntrack table is this full (percent of nf_conntrack_max).
+const TABLE_WARN_PERCENT: u64 = 80;
+
+/// Conntrack table pressure per namespace: entries against nf_conntrack_max, and how the
+/// per-CPU insert_failed, drop, early_drop and clash_resolve counters moved while watching.
+struct TablePressure {
+    start: HashMap<u32, CtTable>,
+    last: HashMap<u32, CtTable>,
+    peak: HashMap<u32, u64>,
+    warned: HashSet<u32>,
+    max: Option<u64>,
+}
+
+impl TablePressure {
+    fn start() -> Self {
+        let start = netns::all_conntrack_tables();
+        Self {
+            last: start.clone(),
+            peak: start.iter().map(|(n, t)| (*n, t.entries)).collect(),
+            start,
+            warned: HashSet::new(),
+            max: netns::conntrack_max(),
+        }
+    }
+
+    fn poll(&mut self) {
+        self.last = netns::all_conntrack_tables();
+        for (ns, t) in &self.last {
+            let peak = self.peak.entry(*ns).or_default();
+            *peak = (*peak).max(t.entries);
+            let Some(max) = self.max.filter(|m| *m > 0) else {
+                continue;
+            };
+            let percent = t.entries * 100 / max;
+            if percent >= TABLE_WARN_PERCENT {
+                if self.warned.insert(*ns) {
+                    eprintln!(
+                        "lbtrace: warning: conntrack table of netns {ns} is {percent}% full ({} of nf_conntrack_max {max})",
+                        t.entries
+                    );
+                }
+            } else {
+                self.warned.remove(ns);
+            }
+        }
+    }
+
+    /// Namespaces whose conntrack counters moved, or whose table came near full.
+    fn finish(&mut self) -> BTreeMap<u32, serde_json::Value> {
+        self.poll();
+        let mut out = BTreeMap::new();
+        for (ns, now) in &self.last {
+            let before = self.start.get(ns).cloned().unwrap_or_default();
+            let per_cpu = |f: fn(&netns::CtCpuStat) -> u32| -> Vec<u32> {
+                now.per_cpu
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| f(r).wrapping_sub(before.per_cpu.get(i).map_or(0, f)))
+                    .collect()
+            };
+            let insert_failed = per_cpu(|r| r.insert_failed);
+            let drop = per_cpu(|r| r.drop);
+            let early_drop = per_cpu(|r| r.early_drop);
+            let clash = per_cpu(|r| r.clash_resolve);
+            let peak = self.peak.get(ns).copied().unwrap_or(now.entries);
+            let near_full = self
+                .max
+                .is_some_and(|m| m > 0 && peak * 100 / m >= TABLE_WARN_PERCENT);
+            let moved = [&insert_failed, &drop, &early_drop, &clash]
+                .iter()
+                .any(|v| v.iter().any(|n| *n > 0));
+            if moved || near_full {
+                out.insert(
+                    *ns,
+                    serde_json::json!({
+                        "entries": now.entries,
+                        "peak_entries": peak,
+                        "max": self.max,
+                        "insert_failed_per_cpu": insert_failed,
+                        "drop_per_cpu": drop,
+                        "early_drop_per_cpu": early_drop,
+                        "clash_resolved_per_cpu": clash,
+                    }),
+                );
+            }
+        }
+        out
+    }
+}
 
 fn load_btf() -> anyhow::Result<KernelBtf> {
     KernelBtf::load(Path::new(VMLINUX_BTF)).context("this kernel does not expose BTF")
@@ -69,6 +162,8 @@ fn reason_codes(reasons: &DropReasons, names: &[String]) -> anyhow::Result<Vec<u
 struct Reader<'a, W: Write> {
     ctx: Context<'a>,
     vips: VipSet,
+    /// Keep only events attributed to a VIP (`--vip`; `--tag-vip` only attributes).
+    select_vips: bool,
     out: W,
     json: bool,
     colour: bool,
@@ -78,6 +173,9 @@ struct Reader<'a, W: Write> {
     decode_errors: u64,
     /// The reader of our output went away (a closed pipe): keep counting, stop printing.
     out_closed: bool,
+    /// Delivered drops per VIP and reason (or conntrack event).
+    by_vip: BTreeMap<String, BTreeMap<String, u64>>,
+    tables: TablePressure,
 }
 
 impl<W: Write> Reader<'_, W> {
@@ -102,8 +200,20 @@ impl<W: Write> Reader<'_, W> {
                 continue;
             }
             let vip = self.vips.of_event(&event);
-            if !self.vips.is_empty() && vip.is_none() {
+            if self.select_vips && vip.is_none() {
                 continue;
+            }
+            if let (Some(vip), Event::Drop(d)) = (vip, &event) {
+                let label = match &d.ct.event {
+                    Some(e) => format!("conntrack:{}", output::ct_event_label(e)),
+                    None => self.ctx.reasons.name(d.reason),
+                };
+                *self
+                    .by_vip
+                    .entry(vip.to_string())
+                    .or_default()
+                    .entry(label)
+                    .or_default() += 1;
             }
             let line = event_line(&self.ctx, &event, vip, self.json, self.colour);
             if writeln!(self.out, "{line}").is_err() {
@@ -133,6 +243,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         port: args.port,
         proto: args.proto,
         netns: args.netns,
+        ct_events: args.events.clone(),
     };
     let kallsyms = Kallsyms::load().unwrap_or_else(|e| {
         tracing::warn!(
@@ -147,11 +258,22 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         ring_bytes: args.ring_size,
         wakeup_bytes: u64::from(args.ring_size / 4),
     };
-    let mut tracer = Tracer::load(&btf, &opts)?;
+    let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
     for s in &tracer.statuses {
         match &s.error {
             None => tracing::info!("probe {} attached", s.probe),
             Some(e) => tracing::info!("probe {} not attached: {e}", s.probe),
+        }
+    }
+    for (what, r) in [
+        (
+            "conntrack drop classification",
+            &tracer.features.conntrack_events,
+        ),
+        ("DNAT attribution", &tracer.features.nat_attribution),
+    ] {
+        if let Err(e) = r {
+            tracing::warn!("{what} unavailable: {e}");
         }
     }
     let colour = match args.color {
@@ -171,7 +293,8 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
             kallsyms: &kallsyms,
             clock: Clock::now(),
         },
-        vips: VipSet::new(args.vips.clone()),
+        vips: VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect()),
+        select_vips: !args.vips.is_empty(),
         out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
         json: args.json,
         colour,
@@ -180,6 +303,8 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         printed: 0,
         decode_errors: 0,
         out_closed: false,
+        by_vip: BTreeMap::new(),
+        tables: TablePressure::start(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -193,7 +318,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(20));
     reader.drain(&mut ring);
     let counters = tracer.counters()?;
-    let summary = Summary::new(
+    let mut summary = Summary::new(
         &reader.ctx,
         probes::probe_name(tracer.active),
         started.elapsed(),
@@ -202,6 +327,8 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         reader.printed,
         reader.decode_errors,
     );
+    summary.drops_by_vip = std::mem::take(&mut reader.by_vip);
+    summary.conntrack_tables = reader.tables.finish();
     let mut out = reader.out;
     if reader.out_closed {
         return Ok(());
@@ -226,6 +353,8 @@ async fn stream<W: Write>(
     let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the event loop: {e}"))?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    let mut table_tick = tokio::time::interval(TABLE_INTERVAL);
+    table_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -239,6 +368,7 @@ async fn stream<W: Write>(
                 guard.clear_ready();
             }
             _ = tick.tick() => reader.drain(afd.get_mut()),
+            _ = table_tick.tick() => reader.tables.poll(),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = &mut deadline => break,
@@ -289,6 +419,7 @@ struct Doctor {
     missing_capabilities: Vec<&'static str>,
     drop_reasons: usize,
     probes: Vec<probes::ProbeStatus>,
+    features: Option<probes::Features>,
 }
 
 #[derive(serde::Serialize)]
@@ -350,6 +481,7 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
         }
     });
     let mut statuses = Vec::new();
+    let mut features = None;
     if let (Ok(b), true) = (&btf, missing.is_empty()) {
         privileges::raise_memlock();
         // Each hook on its own, so doctor shows every fallback, not just the first that works.
@@ -360,12 +492,17 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
                 ring_bytes: 1 << 16,
                 wakeup_bytes: 0,
             };
-            match Tracer::load(b, &opts) {
+            let reasons = DropReasons::from_btf(b).unwrap_or_default();
+            match Tracer::load(b, &reasons, &opts) {
                 Ok(mut t) => {
                     statuses.extend(t.statuses.iter().filter(|s| s.attached).cloned());
+                    if features.is_none() {
+                        features = Some(t.features.clone());
+                    }
                     t.detach();
                 }
                 Err(e) => statuses.push(probes::ProbeStatus {
+                    collector: "drops",
                     probe: match mode {
                         ProbeMode::Btf => probes::probe_name(agent_common::ProbeId::KfreeSkbBtf),
                         _ => probes::probe_name(agent_common::ProbeId::KfreeSkbTracepoint),
@@ -385,6 +522,7 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
         missing_capabilities: missing.clone(),
         drop_reasons: reasons_n,
         probes: statuses,
+        features,
     };
     let mut out = io::stdout().lock();
     if json {
@@ -422,8 +560,19 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
         )?;
         for s in &report.probes {
             match &s.error {
-                None => writeln!(out, "ok   probe    {}: attached", s.probe)?,
-                Some(e) => writeln!(out, "FAIL probe    {}: {e}", s.probe)?,
+                None => writeln!(out, "ok   probe    {} ({}): attached", s.probe, s.collector)?,
+                Some(e) => writeln!(out, "FAIL probe    {} ({}): {e}", s.probe, s.collector)?,
+            }
+        }
+        if let Some(f) = &report.features {
+            for (what, r) in [
+                ("conntrack drop classification", &f.conntrack_events),
+                ("DNAT attribution", &f.nat_attribution),
+            ] {
+                match r {
+                    Ok(()) => writeln!(out, "ok   feature  {what}")?,
+                    Err(e) => writeln!(out, "FAIL feature  {what}: {e}")?,
+                }
             }
         }
     }

@@ -4,7 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
-    DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, FAMILY_IPV4, FAMILY_IPV6,
+    CtEvent, DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_CONFIRMED,
+    CT_FLAG_DNAT, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, CT_FLAG_SNAT, FAMILY_IPV4, FAMILY_IPV6,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,19 +101,14 @@ pub struct Packet {
 
 impl Packet {
     fn from_info(p: &PacketInfo) -> Self {
-        let addr = |a: &[u8; 16]| match p.family {
-            FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
-            FAMILY_IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*a))),
-            _ => None,
-        };
         let ip = matches!(p.family, FAMILY_IPV4 | FAMILY_IPV6);
         let proto = ip
             .then(|| L4Proto::from(p.l4_proto))
             .filter(|p| p.number() != 0);
         let ports = proto.is_some_and(L4Proto::has_ports);
         Self {
-            src: addr(&p.saddr),
-            dst: addr(&p.daddr),
+            src: addr(p.family, &p.saddr),
+            dst: addr(p.family, &p.daddr),
             proto,
             sport: ports.then_some(p.sport),
             dport: ports.then_some(p.dport),
@@ -133,6 +129,75 @@ impl Packet {
     }
 }
 
+fn addr(family: u8, a: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+        FAMILY_IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*a))),
+        _ => None,
+    }
+}
+
+/// One direction of a conntrack entry (or a pre-NAT flow).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub proto: L4Proto,
+}
+
+impl Flow {
+    fn from_tuple(t: &Tuple) -> Option<Self> {
+        Some(Self {
+            src: addr(t.family, &t.saddr)?,
+            sport: t.sport,
+            dst: addr(t.family, &t.daddr)?,
+            dport: t.dport,
+            proto: L4Proto::from(t.proto),
+        })
+    }
+}
+
+/// What conntrack knew about a dropped packet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conntrack {
+    /// Set when conntrack itself caused the drop; unknown values are kept.
+    pub event: Option<Result<CtEvent, u8>>,
+    /// The entry's original direction, or the pre-DNAT flow found through the NAT map.
+    pub orig: Option<Flow>,
+    pub reply: Option<Flow>,
+    pub dnat: bool,
+    pub snat: bool,
+    pub confirmed: bool,
+    /// The skb carried no entry; `orig` came from the NAT map, learned in this namespace.
+    pub nat_netns: Option<u32>,
+}
+
+impl Conntrack {
+    fn from_record(r: &DropRecord) -> Self {
+        let entry = r.ct_flags & CT_FLAG_ENTRY != 0;
+        let joined = r.ct_flags & CT_FLAG_NAT_JOIN != 0;
+        Self {
+            event: (r.ct_event != 0).then(|| CtEvent::try_from(r.ct_event)),
+            orig: if entry || joined {
+                Flow::from_tuple(&r.orig)
+            } else {
+                None
+            },
+            reply: if entry {
+                Flow::from_tuple(&r.reply)
+            } else {
+                None
+            },
+            dnat: r.ct_flags & CT_FLAG_DNAT != 0,
+            snat: r.ct_flags & CT_FLAG_SNAT != 0,
+            confirmed: r.ct_flags & CT_FLAG_CONFIRMED != 0,
+            nat_netns: joined.then_some(r.nat_netns),
+        }
+    }
+}
+
 /// A packet the kernel freed with a drop reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DropEvent {
@@ -146,6 +211,7 @@ pub struct DropEvent {
     pub ifname: Option<String>,
     pub netns: u32,
     pub packet: Packet,
+    pub ct: Conntrack,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +262,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ifname: c_string(&r.ifname),
                 netns: r.netns,
                 packet: Packet::from_info(&r.pkt),
+                ct: Conntrack::from_record(&r),
             }))
         }
     }
@@ -231,6 +298,36 @@ mod tests {
         assert_eq!(d.packet.dport, Some(1));
         assert_eq!(d.packet.tcp_flags, Some(0x02));
         assert_eq!(d.packet.icmp, None);
+        assert_eq!(d.ct, Conntrack::default());
+    }
+
+    #[test]
+    fn decodes_conntrack_and_nat_join() {
+        let mut rec = DropRecord::default();
+        rec.header.kind = RecordKind::Drop as u16;
+        rec.ct_event = 1;
+        rec.ct_flags = CT_FLAG_ENTRY | CT_FLAG_DNAT;
+        rec.orig.family = FAMILY_IPV4;
+        rec.orig.daddr[..4].copy_from_slice(&[10, 200, 0, 100]);
+        rec.orig.dport = 80;
+        rec.orig.proto = 6;
+        rec.reply.family = FAMILY_IPV4;
+        let Event::Drop(d) = decode(&as_bytes(&rec)).unwrap();
+        assert_eq!(d.ct.event, Some(Ok(CtEvent::InsertFailed)));
+        assert!(d.ct.dnat && !d.ct.snat);
+        assert_eq!(
+            d.ct.orig.as_ref().unwrap().dst,
+            "10.200.0.100".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(d.ct.nat_netns, None);
+        rec.ct_flags = CT_FLAG_NAT_JOIN;
+        rec.ct_event = 9;
+        rec.nat_netns = 42;
+        let Event::Drop(d) = decode(&as_bytes(&rec)).unwrap();
+        assert_eq!(d.ct.event, Some(Err(9)));
+        assert_eq!(d.ct.nat_netns, Some(42));
+        assert!(d.ct.reply.is_none());
+        assert_eq!(d.ct.orig.unwrap().dport, 80);
     }
 
     #[test]

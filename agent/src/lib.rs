@@ -6,6 +6,7 @@ pub mod attribution;
 pub mod btf;
 pub mod decode;
 pub mod kallsyms;
+pub mod netns;
 pub mod output;
 pub mod privileges;
 pub mod probes;

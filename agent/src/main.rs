@@ -58,9 +58,17 @@ pub struct WatchArgs {
     /// Keep only drops in the network namespace with this inode (see `ls -l /proc/PID/ns/net`).
     #[arg(long, value_name = "INODE")]
     netns: Option<u32>,
-    /// A LoadBalancer IP to watch (repeatable): keeps drops from or to it and tags them.
+    /// Keep only drops caused by this conntrack event (repeatable): insert_failed, table_full,
+    /// early_drop.
+    #[arg(long = "event", value_name = "EVENT", value_parser = parse_ct_event)]
+    events: Vec<agent_common::CtEvent>,
+    /// A LoadBalancer IP to watch (repeatable): keeps drops from or to it, also behind DNAT,
+    /// and tags them.
     #[arg(long = "vip", value_name = "IP")]
     vips: Vec<IpAddr>,
+    /// A LoadBalancer IP to attribute events to without selecting them (repeatable).
+    #[arg(long = "tag-vip", value_name = "IP")]
+    tag_vips: Vec<IpAddr>,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     duration: Option<Duration>,
@@ -88,6 +96,18 @@ pub enum ColorMode {
 fn parse_proto(s: &str) -> Result<lbtrace::decode::L4Proto, String> {
     lbtrace::decode::L4Proto::parse(s)
         .ok_or_else(|| format!("`{s}` is not tcp, udp, icmp, icmpv6, sctp or a protocol number"))
+}
+
+fn parse_ct_event(s: &str) -> Result<agent_common::CtEvent, String> {
+    use agent_common::CtEvent;
+    [
+        CtEvent::InsertFailed,
+        CtEvent::TableFull,
+        CtEvent::EarlyDrop,
+    ]
+    .into_iter()
+    .find(|e| lbtrace::probes::ct_event_name(*e) == s)
+    .ok_or_else(|| format!("`{s}` is not insert_failed, table_full or early_drop"))
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {

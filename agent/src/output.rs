@@ -7,11 +7,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use agent_common::CtEvent;
 use serde::Serialize;
 
 use crate::{
     btf::DropReasons,
-    decode::{DropEvent, Event},
+    decode::{DropEvent, Event, Flow},
     kallsyms::Kallsyms,
     probes::KernelCounters,
 };
@@ -87,9 +88,40 @@ pub struct Context<'a> {
 }
 
 #[derive(Serialize)]
+struct FlowJson {
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    proto: String,
+}
+
+impl From<&Flow> for FlowJson {
+    fn from(f: &Flow) -> Self {
+        Self {
+            src: f.src,
+            sport: f.sport,
+            dst: f.dst,
+            dport: f.dport,
+            proto: f.proto.name(),
+        }
+    }
+}
+
+/// `insert_failed`, `table_full`, `early_drop`, or `unknown-N`.
+pub fn ct_event_label(e: &Result<CtEvent, u8>) -> String {
+    match e {
+        Ok(e) => crate::probes::ct_event_name(*e).to_owned(),
+        Err(n) => format!("unknown-{n}"),
+    }
+}
+
+/// A drop, or (kind `conntrack`) a drop that conntrack caused.
+#[derive(Serialize)]
 struct DropJson<'a> {
     time: String,
     kind: &'static str,
+    event: Option<String>,
     reason: String,
     reason_code: u32,
     location: String,
@@ -107,6 +139,10 @@ struct DropJson<'a> {
     tcp_flags: Option<String>,
     icmp_type: Option<u8>,
     icmp_code: Option<u8>,
+    orig: Option<FlowJson>,
+    reply: Option<FlowJson>,
+    /// With `orig` from the NAT map: the namespace where the DNAT happened.
+    nat_netns: Option<u32>,
     vip: Option<IpAddr>,
 }
 
@@ -114,7 +150,12 @@ pub fn drop_json(ctx: &Context<'_>, d: &DropEvent, vip: Option<IpAddr>) -> Strin
     let p = &d.packet;
     let j = DropJson {
         time: rfc3339(ctx.clock.wall(d.ts_ns)),
-        kind: "drop",
+        kind: if d.ct.event.is_some() {
+            "conntrack"
+        } else {
+            "drop"
+        },
+        event: d.ct.event.as_ref().map(ct_event_label),
         reason: ctx.reasons.name(d.reason),
         reason_code: d.reason,
         location: ctx.kallsyms.symbolize(d.location),
@@ -132,6 +173,9 @@ pub fn drop_json(ctx: &Context<'_>, d: &DropEvent, vip: Option<IpAddr>) -> Strin
         tcp_flags: p.tcp_flags.map(tcp_flags),
         icmp_type: p.icmp.map(|(t, _)| t),
         icmp_code: p.icmp.map(|(_, c)| c),
+        orig: d.ct.orig.as_ref().map(FlowJson::from),
+        reply: d.ct.reply.as_ref().map(FlowJson::from),
+        nat_netns: d.ct.nat_netns,
         vip,
     };
     serde_json::to_string(&j).unwrap_or_default()
@@ -167,7 +211,19 @@ pub fn drop_line(ctx: &Context<'_>, d: &DropEvent, vip: Option<IpAddr>, colour: 
     if let Some((t, c)) = p.icmp {
         detail.push_str(&format!(" type {t} code {c}"));
     }
+    if let Some(o) = &d.ct.orig {
+        if Some(o.dst) != p.dst {
+            detail.push_str(&format!(
+                " (orig dst {})",
+                endpoint(Some(o.dst), Some(o.dport))
+            ));
+        }
+    }
     let ifname = d.ifname.as_deref().unwrap_or("-");
+    let reason = match &d.ct.event {
+        Some(e) => format!("CT:{}", ct_event_label(e)),
+        None => ctx.reasons.name(d.reason),
+    };
     let vip = vip.map(|v| format!(" vip={v}")).unwrap_or_default();
     let (r, b, dm, z) = if colour {
         (RED, BOLD, DIM, RESET)
@@ -176,7 +232,6 @@ pub fn drop_line(ctx: &Context<'_>, d: &DropEvent, vip: Option<IpAddr>, colour: 
     };
     format!(
         "{time} {r}{b}{reason:<16}{z} {proto:<6} {src} -> {dst}{detail} len {len} if {ifname}({ifindex}) netns {netns}{vip} {dm}{loc}{z}",
-        reason = ctx.reasons.name(d.reason),
         src = endpoint(p.src, p.sport),
         dst = endpoint(p.dst, p.dport),
         len = p.len,
@@ -213,6 +268,15 @@ pub struct Summary {
     pub lost_by_cpu: BTreeMap<String, u64>,
     pub events_printed: u64,
     pub decode_errors: u64,
+    /// Conntrack-caused drops per event, from the kernel's exact counters.
+    pub conntrack_by_event: BTreeMap<&'static str, u64>,
+    /// DNAT translations learned, and drops attributed through them.
+    pub nat_learned: u64,
+    pub nat_joined: u64,
+    /// Drops per VIP (records delivered and attributed).
+    pub drops_by_vip: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Per netns: conntrack table pressure and per-CPU counter movement while watching.
+    pub conntrack_tables: BTreeMap<u32, serde_json::Value>,
 }
 
 impl Summary {
@@ -247,6 +311,11 @@ impl Summary {
                 .collect(),
             events_printed: printed,
             decode_errors,
+            conntrack_by_event: k.ct_events.clone(),
+            nat_learned: k.nat_learned,
+            nat_joined: k.nat_joined,
+            drops_by_vip: BTreeMap::new(),
+            conntrack_tables: BTreeMap::new(),
         }
     }
 
@@ -263,6 +332,14 @@ impl Summary {
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (reason, n) in by_count {
             writeln!(out, "{n:>10}  {reason}")?;
+        }
+        for (event, n) in self.conntrack_by_event.iter().filter(|(_, n)| **n > 0) {
+            writeln!(out, "{n:>10}  conntrack {event}")?;
+        }
+        for (vip, reasons) in &self.drops_by_vip {
+            let total: u64 = reasons.values().sum();
+            let detail: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            writeln!(out, "vip {vip}: {total} drops ({})", detail.join(", "))?;
         }
         writeln!(
             out,

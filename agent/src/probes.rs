@@ -12,10 +12,11 @@ use std::{
 };
 
 use agent_common::{
-    HostKey, ProbeConfig, ProbeId, FAMILY_IPV4, FAMILY_IPV6, FILTER_HOST, FILTER_NETNS,
-    FILTER_PORT, FILTER_PROTO, FILTER_REASON, GLOBAL_CONFIG, MAP_DROP_COUNTS, MAP_EVENTS,
-    MAP_HOST_FILTER, MAP_REASON_FILTER, MAP_STATS, STAT_COUNT, STAT_MATCHED, STAT_READ_ERRORS,
-    STAT_RING_LOST, STAT_SEEN,
+    CtEvent, CtStatKey, CtStatValue, HostKey, ProbeConfig, ProbeId, FAMILY_IPV4, FAMILY_IPV6,
+    FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT,
+    FILTER_PROTO, FILTER_REASON, GLOBAL_CONFIG, MAP_CT_COUNTS, MAP_CT_LAST, MAP_DROP_COUNTS,
+    MAP_EVENTS, MAP_HOST_FILTER, MAP_REASON_FILTER, MAP_STATS, STAT_CT_NO_BASELINE, STAT_MATCHED,
+    STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -23,7 +24,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use crate::{btf::KernelBtf, decode::L4Proto};
+use crate::{
+    btf::{DropReasons, KernelBtf},
+    decode::L4Proto,
+    netns,
+};
 
 /// The kernel object, built by `agent/build.rs` and embedded so the binary runs on its own.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -74,22 +79,62 @@ struct ProbeSpec {
     hook: Hook,
 }
 
-/// Drop probes in order of preference.
-const DROP_PROBES: &[ProbeSpec] = &[
-    ProbeSpec {
-        id: ProbeId::KfreeSkbBtf,
-        program: "kfree_skb_btf",
-        hook: Hook::BtfTracepoint {
-            function: "kfree_skb",
-        },
+impl ProbeSpec {
+    fn is_btf(&self) -> bool {
+        matches!(self.hook, Hook::BtfTracepoint { .. })
+    }
+}
+
+/// A job done by one of several interchangeable hooks, tried in order of preference.
+struct Collector {
+    name: &'static str,
+    /// Without it lbtrace cannot work; an optional collector is skipped with its reason.
+    required: bool,
+    probes: &'static [ProbeSpec],
+}
+
+const COLLECTORS: &[Collector] = &[
+    Collector {
+        name: "drops",
+        required: true,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::KfreeSkbBtf,
+                program: "kfree_skb_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "kfree_skb",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::KfreeSkbTracepoint,
+                program: "kfree_skb_tp",
+                hook: Hook::Tracepoint {
+                    category: "skb",
+                    name: "kfree_skb",
+                },
+            },
+        ],
     },
-    ProbeSpec {
-        id: ProbeId::KfreeSkbTracepoint,
-        program: "kfree_skb_tp",
-        hook: Hook::Tracepoint {
-            category: "skb",
-            name: "kfree_skb",
-        },
+    Collector {
+        name: "nat",
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::NetDevXmitBtf,
+                program: "net_dev_xmit_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "net_dev_start_xmit",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::NetDevXmitTracepoint,
+                program: "net_dev_xmit_tp",
+                hook: Hook::Tracepoint {
+                    category: "net",
+                    name: "net_dev_start_xmit",
+                },
+            },
+        ],
     },
 ];
 
@@ -97,12 +142,15 @@ pub fn probe_name(id: ProbeId) -> &'static str {
     match id {
         ProbeId::KfreeSkbBtf => "tp_btf/kfree_skb",
         ProbeId::KfreeSkbTracepoint => "tracepoint/skb/kfree_skb",
+        ProbeId::NetDevXmitBtf => "tp_btf/net_dev_start_xmit",
+        ProbeId::NetDevXmitTracepoint => "tracepoint/net/net_dev_start_xmit",
     }
 }
 
 /// Outcome of one attach attempt.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProbeStatus {
+    pub collector: &'static str,
     pub probe: &'static str,
     pub attached: bool,
     /// Why it did not attach, or why it was not tried.
@@ -113,10 +161,12 @@ pub struct ProbeStatus {
 #[derive(Clone, Debug, Default)]
 pub struct KernelFilter {
     pub reasons: Vec<u32>,
+    /// Addresses matched against the packet and, behind NAT, the flow's original addresses.
     pub hosts: Vec<IpAddr>,
     pub port: Option<u16>,
     pub proto: Option<L4Proto>,
     pub netns: Option<u32>,
+    pub ct_events: Vec<CtEvent>,
 }
 
 #[derive(Clone, Debug)]
@@ -139,6 +189,11 @@ pub struct KernelCounters {
     pub seen: u64,
     pub matched: u64,
     pub read_errors: u64,
+    /// Conntrack-caused drops that passed the filters, per event.
+    pub ct_events: BTreeMap<&'static str, u64>,
+    pub ct_no_baseline: u64,
+    pub nat_learned: u64,
+    pub nat_joined: u64,
 }
 
 impl KernelCounters {
@@ -147,10 +202,21 @@ impl KernelCounters {
     }
 }
 
+/// What this kernel lets lbtrace do beyond the drop probe itself.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Features {
+    /// Conntrack-caused drops are classified (insert_failed, table_full, early_drop).
+    pub conntrack_events: Result<(), String>,
+    /// DNAT translations are learned to attribute drops behind them.
+    pub nat_attribution: Result<(), String>,
+}
+
 pub struct Tracer {
     ebpf: Ebpf,
     pub statuses: Vec<ProbeStatus>,
+    /// The drop probe in use.
     pub active: ProbeId,
+    pub features: Features,
 }
 
 /// Tracefs mount points, in the order the kernel documents them.
@@ -200,19 +266,40 @@ pub fn tracepoint_offsets(format: &str, fields: &[&str]) -> Result<BTreeMap<Stri
     Ok(found)
 }
 
-fn kfree_skb_tp_offsets(cfg: &mut ProbeConfig) -> Result<(), String> {
+/// Offsets of `fields` in the tracefs format of `category/name`.
+fn tracepoint_fields(
+    category: &str,
+    name: &str,
+    fields: &[&str],
+) -> Result<BTreeMap<String, u32>, String> {
     let root = tracefs_root()
         .ok_or("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")?;
-    let path = root.join("events/skb/kfree_skb/format");
+    let path = root.join("events").join(category).join(name).join("format");
     let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let offs = tracepoint_offsets(&text, &["skbaddr", "location", "reason"])?;
-    cfg.tp_skbaddr = offs["skbaddr"];
-    cfg.tp_location = offs["location"];
-    cfg.tp_reason = offs["reason"];
-    Ok(())
+    tracepoint_offsets(&text, fields)
 }
 
-/// Struct offsets the programs need, from this kernel's BTF.
+/// Record layouts of the classic tracepoints (the fallback hooks).
+fn tracepoint_layouts(cfg: &mut ProbeConfig) -> BTreeMap<&'static str, Result<(), String>> {
+    let mut out = BTreeMap::new();
+    out.insert(
+        "skb/kfree_skb",
+        tracepoint_fields("skb", "kfree_skb", &["skbaddr", "location", "reason"]).map(|o| {
+            cfg.tp_skbaddr = o["skbaddr"];
+            cfg.tp_location = o["location"];
+            cfg.tp_reason = o["reason"];
+        }),
+    );
+    out.insert(
+        "net/net_dev_start_xmit",
+        tracepoint_fields("net", "net_dev_start_xmit", &["skbaddr"]).map(|o| {
+            cfg.tp_xmit_skbaddr = o["skbaddr"];
+        }),
+    );
+    out
+}
+
+/// Struct offsets the drop programs need, from this kernel's BTF.
 pub fn kernel_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), crate::btf::BtfError> {
     cfg.skb_head = btf.member_offset("sk_buff", "head")?;
     cfg.skb_len = btf.member_offset("sk_buff", "len")?;
@@ -226,6 +313,37 @@ pub fn kernel_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), crat
     cfg.dev_name = btf.member_offset("net_device", "name")?;
     cfg.sk_net = btf.member_offset("sock", "__sk_common.skc_net.net")?;
     cfg.net_inum = btf.member_offset("net", "ns.inum")?;
+    Ok(())
+}
+
+/// Offsets for conntrack: the entry an skb carries and its tuples. Absent when conntrack is not
+/// built in (its types then live in a module's BTF).
+pub fn conntrack_offsets(
+    btf: &KernelBtf,
+    cfg: &mut ProbeConfig,
+) -> Result<(), crate::btf::BtfError> {
+    cfg.skb_nfct = btf.member_offset("sk_buff", "_nfct")?;
+    cfg.ct_status = btf.member_offset("nf_conn", "status")?;
+    let hash = btf.member_offset("nf_conn", "tuplehash")?;
+    let tuple_in_hash = btf.member_offset("nf_conntrack_tuple_hash", "tuple")?;
+    cfg.ct_tuple_orig = hash + tuple_in_hash;
+    cfg.ct_tuple_reply = cfg.ct_tuple_orig + btf.struct_size("nf_conntrack_tuple_hash")?;
+    cfg.tuple_src_addr = btf.member_offset("nf_conntrack_tuple", "src.u3")?;
+    cfg.tuple_src_port = btf.member_offset("nf_conntrack_tuple", "src.u")?;
+    cfg.tuple_l3num = btf.member_offset("nf_conntrack_tuple", "src.l3num")?;
+    cfg.tuple_dst_addr = btf.member_offset("nf_conntrack_tuple", "dst.u3")?;
+    cfg.tuple_dst_port = btf.member_offset("nf_conntrack_tuple", "dst.u")?;
+    cfg.tuple_protonum = btf.member_offset("nf_conntrack_tuple", "dst.protonum")?;
+    Ok(())
+}
+
+/// Offsets for the per-CPU conntrack statistics of a namespace.
+pub fn ct_stat_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), crate::btf::BtfError> {
+    cfg.net_ct_stat = btf.member_offset("net", "ct.stat")?;
+    cfg.stat_insert_failed = btf.member_offset("ip_conntrack_stat", "insert_failed")?;
+    cfg.stat_drop = btf.member_offset("ip_conntrack_stat", "drop")?;
+    cfg.stat_early_drop = btf.member_offset("ip_conntrack_stat", "early_drop")?;
+    cfg.array_pptrs = btf.member_offset("bpf_array", "pptrs")?;
     Ok(())
 }
 
@@ -244,13 +362,44 @@ fn host_key(addr: IpAddr) -> HostKey {
     key
 }
 
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {
+    move |source| ProbeError::Map { name, source }
+}
+
+pub fn ct_event_name(e: CtEvent) -> &'static str {
+    match e {
+        CtEvent::InsertFailed => "insert_failed",
+        CtEvent::TableFull => "table_full",
+        CtEvent::EarlyDrop => "early_drop",
+    }
+}
+
 impl Tracer {
-    /// Loads the object with this kernel's offsets and the filters, then attaches the first drop
-    /// probe that works (as `mode` allows).
-    pub fn load(btf: &KernelBtf, opts: &LoadOptions) -> Result<Self, ProbeError> {
+    /// Loads the object with this kernel's offsets and the filters, then attaches, per collector,
+    /// the first probe that works (as `mode` allows).
+    pub fn load(
+        btf: &KernelBtf,
+        reasons: &DropReasons,
+        opts: &LoadOptions,
+    ) -> Result<Self, ProbeError> {
         let mut cfg = ProbeConfig::zeroed();
         kernel_offsets(btf, &mut cfg)?;
-        let tp_format = kfree_skb_tp_offsets(&mut cfg);
+        let layouts = tracepoint_layouts(&mut cfg);
+        let conntrack = conntrack_offsets(btf, &mut cfg).map_err(|e| e.to_string());
+        let ct_stats = match (&conntrack, reasons.code("NETFILTER_DROP")) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), None) => Err("this kernel has no NETFILTER_DROP reason".to_owned()),
+            (Ok(()), Some(code)) => {
+                cfg.reason_netfilter_drop = code;
+                ct_stat_offsets(btf, &mut cfg).map_err(|e| e.to_string())
+            }
+        };
+        if ct_stats.is_ok() {
+            cfg.features |= FEATURE_CT_STATS;
+        }
+        if conntrack.is_ok() {
+            cfg.features |= FEATURE_NAT_CAPTURE;
+        }
         let f = &opts.filter;
         if !f.reasons.is_empty() {
             cfg.filter_flags |= FILTER_REASON;
@@ -270,6 +419,12 @@ impl Tracer {
             cfg.filter_flags |= FILTER_NETNS;
             cfg.filter_netns = n;
         }
+        if !f.ct_events.is_empty() {
+            cfg.filter_flags |= FILTER_CT_EVENT;
+            for e in &f.ct_events {
+                cfg.filter_ct_events |= 1 << (*e as u32);
+            }
+        }
         cfg.wakeup_bytes = opts.wakeup_bytes;
 
         let aya_btf = aya::Btf::from_sys_fs().ok();
@@ -279,105 +434,97 @@ impl Tracer {
             .map_max_entries(MAP_EVENTS, opts.ring_bytes)
             .load(EBPF_OBJECT)?;
 
-        // Filters go in before anything attaches, so no unfiltered record slips out.
+        // Filters and baselines go in before anything attaches.
         {
             let map = ebpf
                 .map_mut(MAP_REASON_FILTER)
                 .ok_or(ProbeError::MissingMap(MAP_REASON_FILTER))?;
-            let mut reasons: HashMap<&mut MapData, u32, u8> =
-                HashMap::try_from(map).map_err(|source| ProbeError::Map {
-                    name: MAP_REASON_FILTER,
-                    source,
-                })?;
+            let mut m: HashMap<&mut MapData, u32, u8> =
+                HashMap::try_from(map).map_err(map_err(MAP_REASON_FILTER))?;
             for r in &f.reasons {
-                reasons.insert(r, 1, 0).map_err(|source| ProbeError::Map {
-                    name: MAP_REASON_FILTER,
-                    source,
-                })?;
+                m.insert(r, 1, 0).map_err(map_err(MAP_REASON_FILTER))?;
             }
         }
         {
             let map = ebpf
                 .map_mut(MAP_HOST_FILTER)
                 .ok_or(ProbeError::MissingMap(MAP_HOST_FILTER))?;
-            let mut hosts: HashMap<&mut MapData, HostKey, u8> =
-                HashMap::try_from(map).map_err(|source| ProbeError::Map {
-                    name: MAP_HOST_FILTER,
-                    source,
-                })?;
+            let mut m: HashMap<&mut MapData, HostKey, u8> =
+                HashMap::try_from(map).map_err(map_err(MAP_HOST_FILTER))?;
             for h in &f.hosts {
-                hosts
-                    .insert(host_key(*h), 1, 0)
-                    .map_err(|source| ProbeError::Map {
-                        name: MAP_HOST_FILTER,
-                        source,
-                    })?;
+                m.insert(host_key(*h), 1, 0)
+                    .map_err(map_err(MAP_HOST_FILTER))?;
             }
+        }
+        if ct_stats.is_ok() {
+            seed_ct_baselines(&mut ebpf)?;
         }
 
-        let btf_for_tp = aya_btf.as_ref();
         let mut statuses = Vec::new();
-        let mut active = None;
-        for spec in DROP_PROBES {
-            let name = probe_name(spec.id);
-            let allowed = match opts.mode {
-                ProbeMode::Auto => true,
-                ProbeMode::Btf => spec.id == ProbeId::KfreeSkbBtf,
-                ProbeMode::Tracepoint => spec.id == ProbeId::KfreeSkbTracepoint,
-            };
-            let skip = if active.is_some() {
-                Some("not needed: a preferred probe is attached".to_owned())
-            } else if !allowed {
-                Some(format!("not tried: --probe-mode {:?}", opts.mode).to_lowercase())
-            } else {
-                None
-            };
-            if let Some(reason) = skip {
-                statuses.push(ProbeStatus {
-                    probe: name,
-                    attached: false,
-                    error: Some(reason),
-                });
-                continue;
-            }
-            let result = match spec.hook {
-                Hook::BtfTracepoint { function } => match btf_for_tp {
-                    Some(kbtf) => attach_btf(&mut ebpf, spec.program, function, kbtf),
-                    None => Err("kernel BTF unavailable to the loader".to_owned()),
-                },
-                Hook::Tracepoint { category, name } => match &tp_format {
-                    Ok(()) => attach_tracepoint(&mut ebpf, spec.program, category, name),
-                    Err(e) => Err(e.clone()),
-                },
-            };
-            match result {
-                Ok(()) => {
-                    active = Some(spec.id);
-                    statuses.push(ProbeStatus {
-                        probe: name,
-                        attached: true,
-                        error: None,
-                    });
+        let mut active = BTreeMap::new();
+        for collector in COLLECTORS {
+            for spec in collector.probes {
+                let name = probe_name(spec.id);
+                let allowed = match opts.mode {
+                    ProbeMode::Auto => true,
+                    ProbeMode::Btf => spec.is_btf(),
+                    ProbeMode::Tracepoint => !spec.is_btf(),
+                };
+                let skip = if active.contains_key(collector.name) {
+                    Some("not needed: a preferred probe is attached".to_owned())
+                } else if !allowed {
+                    Some(format!("not tried: --probe-mode {:?}", opts.mode).to_lowercase())
+                } else {
+                    None
+                };
+                let result = match skip {
+                    Some(reason) => Err(reason),
+                    None => match spec.hook {
+                        Hook::BtfTracepoint { function } => match aya_btf.as_ref() {
+                            Some(kbtf) => attach_btf(&mut ebpf, spec.program, function, kbtf),
+                            None => Err("kernel BTF unavailable to the loader".to_owned()),
+                        },
+                        Hook::Tracepoint { category, name } => {
+                            match layouts.get(format!("{category}/{name}").as_str()) {
+                                Some(Err(e)) => Err(e.clone()),
+                                _ => attach_tracepoint(&mut ebpf, spec.program, category, name),
+                            }
+                        }
+                    },
+                };
+                if result.is_ok() {
+                    active.insert(collector.name, spec.id);
                 }
-                Err(e) => statuses.push(ProbeStatus {
+                statuses.push(ProbeStatus {
+                    collector: collector.name,
                     probe: name,
-                    attached: false,
-                    error: Some(e),
-                }),
+                    attached: result.is_ok(),
+                    error: result.err(),
+                });
+            }
+            if collector.required && !active.contains_key(collector.name) {
+                let why = statuses
+                    .iter()
+                    .filter(|s| s.collector == collector.name)
+                    .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.probe)))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(ProbeError::NoProbe(why));
             }
         }
-        let Some(active) = active else {
-            let why = statuses
-                .iter()
-                .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.probe)))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(ProbeError::NoProbe(why));
+        let nat_attribution = match (&conntrack, active.contains_key("nat")) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), false) => Err("no transmit probe attached".to_owned()),
+            (Ok(()), true) => Ok(()),
         };
         Ok(Self {
             ebpf,
             statuses,
-            active,
+            active: active["drops"],
+            features: Features {
+                conntrack_events: ct_stats,
+                nat_attribution,
+            },
         })
     }
 
@@ -387,13 +534,10 @@ impl Tracer {
             .ebpf
             .take_map(MAP_EVENTS)
             .ok_or(ProbeError::MissingMap(MAP_EVENTS))?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
-            name: MAP_EVENTS,
-            source,
-        })
+        RingBuf::try_from(map).map_err(map_err(MAP_EVENTS))
     }
 
-    /// Detaches every program (links are owned by the programs; dropping them detaches).
+    /// Detaches and unloads every program.
     pub fn detach(&mut self) {
         for (_, prog) in self.ebpf.programs_mut() {
             match prog {
@@ -408,6 +552,14 @@ impl Tracer {
         }
     }
 
+    fn per_cpu_array(&self, name: &'static str) -> Result<Vec<Vec<u64>>, ProbeError> {
+        let map = self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+        arr.iter()
+            .map(|v| v.map(|per_cpu| per_cpu.to_vec()).map_err(map_err(name)))
+            .collect()
+    }
+
     pub fn counters(&self) -> Result<KernelCounters, ProbeError> {
         let mut out = KernelCounters::default();
         let map = self
@@ -415,37 +567,29 @@ impl Tracer {
             .map(MAP_DROP_COUNTS)
             .ok_or(ProbeError::MissingMap(MAP_DROP_COUNTS))?;
         let counts: PerCpuHashMap<&MapData, u32, u64> =
-            PerCpuHashMap::try_from(map).map_err(|source| ProbeError::Map {
-                name: MAP_DROP_COUNTS,
-                source,
-            })?;
+            PerCpuHashMap::try_from(map).map_err(map_err(MAP_DROP_COUNTS))?;
         for item in counts.iter() {
-            let (reason, per_cpu) = item.map_err(|source| ProbeError::Map {
-                name: MAP_DROP_COUNTS,
-                source,
-            })?;
+            let (reason, per_cpu) = item.map_err(map_err(MAP_DROP_COUNTS))?;
             out.by_reason.insert(reason, per_cpu.iter().sum());
         }
-        let map = self
-            .ebpf
-            .map(MAP_STATS)
-            .ok_or(ProbeError::MissingMap(MAP_STATS))?;
-        let stats: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
-                name: MAP_STATS,
-                source,
-            })?;
-        for idx in 0..STAT_COUNT {
-            let per_cpu = stats.get(&idx, 0).map_err(|source| ProbeError::Map {
-                name: MAP_STATS,
-                source,
-            })?;
-            match idx {
-                STAT_RING_LOST => out.lost_per_cpu = per_cpu.iter().copied().collect(),
-                STAT_SEEN => out.seen = per_cpu.iter().sum(),
-                STAT_MATCHED => out.matched = per_cpu.iter().sum(),
-                STAT_READ_ERRORS => out.read_errors = per_cpu.iter().sum(),
-                _ => {}
+        let stats = self.per_cpu_array(MAP_STATS)?;
+        let total = |idx: u32| stats.get(idx as usize).map_or(0, |v| v.iter().sum());
+        out.lost_per_cpu = stats
+            .get(STAT_RING_LOST as usize)
+            .cloned()
+            .unwrap_or_default();
+        out.seen = total(STAT_SEEN);
+        out.matched = total(STAT_MATCHED);
+        out.read_errors = total(STAT_READ_ERRORS);
+        out.ct_no_baseline = total(STAT_CT_NO_BASELINE);
+        out.nat_learned = total(STAT_NAT_LEARNED);
+        out.nat_joined = total(STAT_NAT_JOINED);
+        for (idx, per_cpu) in self.per_cpu_array(MAP_CT_COUNTS)?.iter().enumerate() {
+            let event = u8::try_from(idx)
+                .ok()
+                .and_then(|i| CtEvent::try_from(i).ok());
+            if let Some(e) = event {
+                out.ct_events.insert(ct_event_name(e), per_cpu.iter().sum());
             }
         }
         Ok(out)
@@ -461,6 +605,7 @@ impl Tracer {
                     | aya::maps::Map::PerCpuHashMap(d)
                     | aya::maps::Map::PerCpuArray(d)
                     | aya::maps::Map::HashMap(d)
+                    | aya::maps::Map::LruHashMap(d)
                     | aya::maps::Map::Array(d) => d,
                     _ => return None,
                 };
@@ -469,6 +614,39 @@ impl Tracer {
             })
             .sum()
     }
+}
+
+/// Seeds `CT_LAST` with every namespace's current per-CPU conntrack statistics, so that history
+/// from before lbtrace started is not mistaken for a conntrack drop. Namespaces created later
+/// start from zero, which is what the programs assume for an unknown one.
+fn seed_ct_baselines(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let map = ebpf
+        .map_mut(MAP_CT_LAST)
+        .ok_or(ProbeError::MissingMap(MAP_CT_LAST))?;
+    let mut last: HashMap<&mut MapData, CtStatKey, CtStatValue> =
+        HashMap::try_from(map).map_err(map_err(MAP_CT_LAST))?;
+    for (inode, path) in netns::namespaces() {
+        let Ok(Some(table)) = netns::conntrack_stats(&path) else {
+            continue;
+        };
+        for (cpu, row) in table.per_cpu.iter().enumerate() {
+            let key = CtStatKey {
+                netns: inode,
+                cpu: u32::try_from(cpu).unwrap_or(u32::MAX),
+            };
+            let value = CtStatValue {
+                insert_failed: row.insert_failed,
+                drop: row.drop,
+                early_drop: row.early_drop,
+                _pad0: 0,
+            };
+            // A full LRU only means a namespace is classified from zero: not fatal.
+            if let Err(e) = last.insert(key, value, 0) {
+                tracing::debug!("seeding conntrack baseline for netns {inode}: {e}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn attach_btf(

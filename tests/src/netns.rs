@@ -145,3 +145,52 @@ pub fn veth(
     }
     Ok(())
 }
+
+impl Netns {
+    /// Sum over CPUs of a column of this namespace's `/proc/net/stat/nf_conntrack` (the
+    /// kernel's own counters: an oracle lbtrace does not produce).
+    pub fn conntrack_stat(&self, column: &str) -> Result<u64> {
+        let out = self.exec("cat", &["/proc/net/stat/nf_conntrack"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .context("empty stat file")?
+            .split_whitespace()
+            .collect();
+        let idx = header
+            .iter()
+            .position(|h| *h == column)
+            .with_context(|| format!("no column {column}"))?;
+        let mut sum = 0;
+        for line in lines {
+            let v = line.split_whitespace().nth(idx).context("short row")?;
+            sum += u64::from_str_radix(v, 16)?;
+        }
+        Ok(sum)
+    }
+}
+
+/// Sets a sysctl of the initial namespace and restores the old value when dropped, even when a
+/// test fails.
+pub struct SysctlGuard {
+    path: String,
+    old: String,
+}
+
+impl SysctlGuard {
+    pub fn set(path: &str, value: &str) -> Result<Self> {
+        let old = std::fs::read_to_string(path).with_context(|| path.to_owned())?;
+        std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
+        Ok(Self {
+            path: path.to_owned(),
+            old: old.trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.old);
+    }
+}

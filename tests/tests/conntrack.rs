@@ -1,0 +1,307 @@
+//! Conntrack-caused drops and VIP attribution through DNAT, against the kernel's own
+//! conntrack statistics and what the workload saw.
+
+use std::{net::SocketAddr, time::Duration};
+
+use lbtest::{
+    lbtrace::{Finished, Watch},
+    netns::{veth, Netns, SysctlGuard},
+    require_root, traffic, unique,
+};
+
+/// client (10.200.5.1) — router (10.200.5.2 | 10.200.6.1) — server (10.200.6.2)
+struct Routed {
+    client: Netns,
+    router: Netns,
+    server: Netns,
+}
+
+fn routed() -> Routed {
+    require_root();
+    let client = Netns::new("cc").unwrap();
+    let router = Netns::new("cr").unwrap();
+    let server = Netns::new("cs").unwrap();
+    veth(
+        &client,
+        &unique("lcc"),
+        &["10.200.5.1/24"],
+        &router,
+        &unique("lcr"),
+        &["10.200.5.2/24"],
+    )
+    .unwrap();
+    veth(
+        &router,
+        &unique("lrs"),
+        &["10.200.6.1/24"],
+        &server,
+        &unique("lsr"),
+        &["10.200.6.2/24"],
+    )
+    .unwrap();
+    client
+        .ip(&["route", "add", "default", "via", "10.200.5.2"])
+        .unwrap();
+    server
+        .ip(&["route", "add", "default", "via", "10.200.6.1"])
+        .unwrap();
+    router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    Routed {
+        client,
+        router,
+        server,
+    }
+}
+
+fn watch(ns: &Netns, extra: &[&str]) -> Watch {
+    let inode = ns.inode.to_string();
+    let mut args = vec!["--json", "--netns", &inode];
+    args.extend_from_slice(extra);
+    Watch::start(&args).unwrap()
+}
+
+fn conntrack_events<'a>(
+    f: &'a Finished,
+    event: &'a str,
+) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
+    f.events
+        .iter()
+        .filter(move |e| e["kind"] == "conntrack" && e["event"] == event)
+}
+
+#[test]
+fn snat_exhaustion_counts_insert_failed_exactly() {
+    let r = routed();
+    // Every flow to the server is SNATed to one address and port: once the first flow holds
+    // the mapping, each new flow fails to confirm.
+    r.router
+        .nft("table ip lbt {\n chain post { type nat hook postrouting priority 100; udp dport 5353 snat to 10.200.6.1:40000; }\n}")
+        .unwrap();
+    let dst: SocketAddr = "10.200.6.2:5353".parse().unwrap();
+    let before = r.router.conntrack_stat("insert_failed").unwrap();
+    let w = watch(&r.router, &[]);
+    const FLOWS: u32 = 12;
+    // One socket per flow: distinct source ports.
+    let sent = r
+        .client
+        .run(|| {
+            (0..FLOWS)
+                .map(|_| traffic::udp_send(dst, 1, 8).unwrap())
+                .sum::<u32>()
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let f = w.stop().unwrap();
+    let delta = r.router.conntrack_stat("insert_failed").unwrap() - before;
+    assert_eq!(sent, FLOWS);
+    assert_eq!(
+        delta,
+        u64::from(FLOWS - 1),
+        "the kernel's insert_failed delta"
+    );
+    let events: Vec<_> = conntrack_events(&f, "insert_failed").collect();
+    assert_eq!(events.len() as u64, delta, "{}", f.stdout);
+    assert_eq!(f.summary["conntrack_by_event"]["insert_failed"], delta);
+    let mut sports = std::collections::HashSet::new();
+    for e in &events {
+        assert_eq!(e["reason"], "NETFILTER_DROP");
+        assert_eq!(e["proto"], "udp");
+        // Dropped at confirm, after SNAT rewrote the packet.
+        assert_eq!(e["src"], "10.200.6.1");
+        assert_eq!(e["sport"], 40000);
+        assert_eq!(e["dst"], "10.200.6.2");
+        assert_eq!(e["dport"], 5353);
+        assert_eq!(e["netns"], r.router.inode);
+        // The clashing entry: its original direction is the attempt's own 5-tuple.
+        assert_eq!(e["orig"]["src"], "10.200.5.1");
+        assert_eq!(e["orig"]["dst"], "10.200.6.2");
+        assert_eq!(e["orig"]["dport"], 5353);
+        assert_eq!(e["reply"]["dst"], "10.200.6.1");
+        assert_eq!(e["reply"]["dport"], 40000);
+        sports.insert(e["orig"]["sport"].as_u64().unwrap());
+    }
+    assert_eq!(sports.len(), events.len(), "one record per attempt");
+    // Plain nft drops in the same namespace are not conntrack events.
+    assert_eq!(f.summary["conntrack_by_event"]["table_full"], 0);
+}
+
+#[test]
+fn full_table_counts_table_full_exactly() {
+    let r = routed();
+    // Conntrack on in the router, with no NAT: entries for every forwarded flow.
+    r.router
+        .nft("table ip lbt {\n chain fw { type filter hook forward priority 0; ct state new counter accept; }\n}")
+        .unwrap();
+    let dst: SocketAddr = "10.200.6.2:7".parse().unwrap();
+    // Warm up: the router's table holds these unreplied UDP entries for 30 s.
+    r.client
+        .run(|| (0..3).for_each(|_| drop(traffic::udp_send(dst, 1, 8).unwrap())))
+        .unwrap();
+    let before = r.router.conntrack_stat("drop").unwrap();
+    let w = watch(&r.router, &["--event", "table_full"]);
+    // The limit is global but compared with this namespace's own count: 3 entries fill it.
+    let guard = SysctlGuard::set("/proc/sys/net/netfilter/nf_conntrack_max", "3").unwrap();
+    const FLOWS: u32 = 20;
+    r.client
+        .run(|| (0..FLOWS).for_each(|_| drop(traffic::udp_send(dst, 1, 8).unwrap())))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(guard);
+    let f = w.stop().unwrap();
+    let delta = r.router.conntrack_stat("drop").unwrap() - before;
+    assert!(delta > 0, "the table should have been full");
+    let events: Vec<_> = conntrack_events(&f, "table_full").collect();
+    assert_eq!(events.len() as u64, delta, "{}", f.stdout);
+    assert_eq!(f.summary["conntrack_by_event"]["table_full"], delta);
+    assert!(
+        f.events.iter().all(|e| e["kind"] == "conntrack"),
+        "--event keeps only conntrack records"
+    );
+    for e in &events {
+        assert_eq!(e["src"], "10.200.5.1");
+        assert_eq!(e["dst"], "10.200.6.2");
+        // No entry could be allocated: there is no tuple to report.
+        assert_eq!(e["orig"], serde_json::Value::Null);
+    }
+}
+
+/// client — node (DNAT VIP:80 → pod:8080) — pod without a listener.
+fn dnat_to_pod_without_listener(v6: bool) {
+    require_root();
+    let client = Netns::new("dc").unwrap();
+    let node = Netns::new("dn").unwrap();
+    let pod = Netns::new("dp").unwrap();
+    let (c_addr, n_addr, n_pod, p_addr, vip, pod_ip) = if v6 {
+        (
+            "fd00:200::5:1/112",
+            "fd00:200::5:2/112",
+            "fd00:200::8:1/112",
+            "fd00:200::8:2/112",
+            "fd00:200::7:100",
+            "fd00:200::8:2",
+        )
+    } else {
+        (
+            "10.200.5.1/24",
+            "10.200.5.2/24",
+            "10.200.8.1/24",
+            "10.200.8.2/24",
+            "10.200.7.100",
+            "10.200.8.2",
+        )
+    };
+    veth(
+        &client,
+        &unique("ldc"),
+        &[c_addr],
+        &node,
+        &unique("ldn"),
+        &[n_addr],
+    )
+    .unwrap();
+    veth(
+        &node,
+        &unique("lnp"),
+        &[n_pod],
+        &pod,
+        &unique("lpn"),
+        &[p_addr],
+    )
+    .unwrap();
+    let gw_c = n_addr.split('/').next().unwrap();
+    let gw_p = n_pod.split('/').next().unwrap();
+    client
+        .ip(&["route", "add", "default", "via", gw_c])
+        .unwrap();
+    pod.ip(&["route", "add", "default", "via", gw_p]).unwrap();
+    let (family, fwd) = if v6 {
+        ("ip6", "net.ipv6.conf.all.forwarding")
+    } else {
+        ("ip", "net.ipv4.ip_forward")
+    };
+    node.sysctl(fwd, "1").unwrap();
+    let dnat_to = if v6 {
+        format!("[{pod_ip}]:8080")
+    } else {
+        format!("{pod_ip}:8080")
+    };
+    node.nft(&format!(
+        "table {family} kube {{\n chain pre {{ type nat hook prerouting priority -100; {family} daddr {vip} tcp dport 80 dnat to {dnat_to}; }}\n}}"
+    ))
+    .unwrap();
+    // --tag-vip attributes without selecting: the control flow stays visible.
+    let w = watch(&pod, &["--tag-vip", vip]);
+    let vip_dst: SocketAddr = if v6 {
+        format!("[{vip}]:80")
+    } else {
+        format!("{vip}:80")
+    }
+    .parse()
+    .unwrap();
+    let direct: SocketAddr = if v6 {
+        format!("[{pod_ip}]:8080")
+    } else {
+        format!("{pod_ip}:8080")
+    }
+    .parse()
+    .unwrap();
+    const N: u32 = 9;
+    let (via_vip, control) = client
+        .run(|| {
+            (
+                traffic::tcp_refused(vip_dst, N).unwrap(),
+                traffic::tcp_refused(direct, 4).unwrap(),
+            )
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let f = w.stop().unwrap();
+    assert_eq!((via_vip, control), (N, 4), "every attempt was refused");
+    let drops: Vec<_> = f.drops("NO_SOCKET").collect();
+    assert_eq!(drops.len(), (N + 4) as usize, "{}", f.stdout);
+    let attributed: Vec<_> = drops.iter().filter(|e| e["vip"] == vip).collect();
+    assert_eq!(
+        attributed.len() as u32,
+        N,
+        "one attributed drop per failed attempt: {}",
+        f.stdout
+    );
+    for e in &attributed {
+        assert_eq!(e["dst"], pod_ip);
+        assert_eq!(e["dport"], 8080);
+        assert_eq!(e["orig"]["dst"], vip);
+        assert_eq!(e["orig"]["dport"], 80);
+        assert_eq!(e["nat_netns"], node.inode);
+        assert_eq!(e["netns"], pod.inode);
+    }
+    // The control flow to the pod's own address never becomes a VIP's.
+    let control_drops: Vec<_> = drops.iter().filter(|e| e["vip"].is_null()).collect();
+    assert_eq!(control_drops.len(), 4);
+    assert!(control_drops.iter().all(|e| e["orig"].is_null()));
+
+    // And `--vip` selects exactly the attributed ones, in the kernel.
+    let w = Watch::start(&["--json", "--netns", &pod.inode.to_string(), "--vip", vip]).unwrap();
+    client
+        .run(|| {
+            (
+                traffic::tcp_refused(vip_dst, N).unwrap(),
+                traffic::tcp_refused(direct, 4).unwrap(),
+            )
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let f = w.stop().unwrap();
+    assert_eq!(f.events.len() as u32, N, "{}", f.stdout);
+    assert!(f.events.iter().all(|e| e["vip"] == vip));
+    assert_eq!(f.summary["drops_by_vip"][vip]["NO_SOCKET"], N);
+}
+
+#[test]
+fn dnat_drops_in_pod_netns_carry_the_vip() {
+    dnat_to_pod_without_listener(false);
+}
+
+#[test]
+fn dnat_drops_in_pod_netns_carry_the_vip_ipv6() {
+    dnat_to_pod_without_listener(true);
+}
