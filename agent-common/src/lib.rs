@@ -12,6 +12,8 @@ use core::mem::size_of;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecordKind {
     Drop = 1,
+    Arp = 2,
+    Neigh = 3,
 }
 
 impl TryFrom<u16> for RecordKind {
@@ -20,6 +22,8 @@ impl TryFrom<u16> for RecordKind {
     fn try_from(v: u16) -> Result<Self, u16> {
         match v {
             1 => Ok(Self::Drop),
+            2 => Ok(Self::Arp),
+            3 => Ok(Self::Neigh),
             other => Err(other),
         }
     }
@@ -33,6 +37,10 @@ pub enum ProbeId {
     KfreeSkbTracepoint = 2,
     NetDevXmitBtf = 3,
     NetDevXmitTracepoint = 4,
+    NetifReceiveBtf = 5,
+    NetifReceiveTracepoint = 6,
+    NeighUpdateBtf = 7,
+    NeighUpdateTracepoint = 8,
 }
 
 impl TryFrom<u8> for ProbeId {
@@ -44,6 +52,10 @@ impl TryFrom<u8> for ProbeId {
             2 => Ok(Self::KfreeSkbTracepoint),
             3 => Ok(Self::NetDevXmitBtf),
             4 => Ok(Self::NetDevXmitTracepoint),
+            5 => Ok(Self::NetifReceiveBtf),
+            6 => Ok(Self::NetifReceiveTracepoint),
+            7 => Ok(Self::NeighUpdateBtf),
+            8 => Ok(Self::NeighUpdateTracepoint),
             other => Err(other),
         }
     }
@@ -182,6 +194,70 @@ pub struct DropRecord {
 }
 const _: () = assert!(size_of::<DropRecord>() == 192);
 
+/// [`ArpRecord::direction`].
+pub const DIR_TX: u8 = 1;
+pub const DIR_RX: u8 = 2;
+
+/// Bits of [`ArpRecord::flags`].
+/// ARP with sender IP equal to target IP: an announcement (gratuitous ARP).
+pub const ARP_FLAG_GRATUITOUS: u8 = 1 << 0;
+/// Transmitted on a bridge port: a copy the bridge forwarded, not a host's own send.
+pub const ARP_FLAG_BRIDGED: u8 = 1 << 1;
+
+/// An ARP packet or an IPv6 neighbour solicitation/advertisement, on transmit or receive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ArpRecord {
+    pub header: RecordHeader,
+    pub netns: u32,
+    pub ifindex: u32,
+    pub ifname: [u8; 16],
+    /// ARP sender protocol address, or the IPv6 source address.
+    pub sender_ip: [u8; 16],
+    /// ARP target protocol address, or the NDP target address.
+    pub target_ip: [u8; 16],
+    /// ARP sender hardware address, or the NDP link-layer address option (source for a
+    /// solicitation, target for an advertisement), else the Ethernet source.
+    pub sender_mac: [u8; 6],
+    /// ARP target hardware address (zero for NDP).
+    pub target_mac: [u8; 6],
+    pub eth_dst: [u8; 6],
+    /// ARP operation (1 request, 2 reply), or ICMPv6 type (135 NS, 136 NA).
+    pub op: u16,
+    pub family: u8,
+    pub direction: u8,
+    pub flags: u8,
+    /// Neighbour advertisement flags as on the wire (0x80 router, 0x40 solicited, 0x20
+    /// override).
+    pub ndp_flags: u8,
+    pub _pad0: [u8; 8],
+}
+const _: () = assert!(size_of::<ArpRecord>() == 104);
+
+/// A neighbour-cache update (`neigh_update`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NeighRecord {
+    pub header: RecordHeader,
+    /// 0 when the hook cannot tell (the classic tracepoint carries no namespace).
+    pub netns: u32,
+    pub ifindex: u32,
+    pub ifname: [u8; 16],
+    pub ip: [u8; 16],
+    pub old_mac: [u8; 6],
+    pub new_mac: [u8; 6],
+    pub family: u8,
+    /// `NUD_*` states.
+    pub old_state: u8,
+    pub new_state: u8,
+    /// 1 when the update carried a link-layer address.
+    pub has_lladdr: u8,
+    pub _pad0: [u8; 4],
+    /// `NEIGH_UPDATE_F_*`.
+    pub update_flags: u32,
+}
+const _: () = assert!(size_of::<NeighRecord>() == 80);
+
 /// Bits of [`ProbeConfig::filter_flags`]: which kernel-side filters are active.
 pub const FILTER_REASON: u32 = 1 << 0;
 pub const FILTER_HOST: u32 = 1 << 1;
@@ -197,6 +273,8 @@ pub const FILTER_CT_EVENT: u32 = 1 << 5;
 pub const FEATURE_CT_STATS: u32 = 1 << 0;
 /// Learn DNAT translations at transmit, to attribute drops behind them.
 pub const FEATURE_NAT_CAPTURE: u32 = 1 << 1;
+/// Record ARP and IPv6 neighbour discovery on transmit and receive, and neighbour updates.
+pub const FEATURE_ARP: u32 = 1 << 2;
 
 /// Value that marks a struct offset the running kernel's BTF did not provide.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -250,19 +328,45 @@ pub struct ProbeConfig {
     pub tp_skbaddr: u32,
     pub tp_location: u32,
     pub tp_reason: u32,
-    // classic tracepoint net/net_dev_start_xmit
+    // classic tracepoints net/net_dev_start_xmit, net/netif_receive_skb
     pub tp_xmit_skbaddr: u32,
+    pub tp_rx_skbaddr: u32,
+    // classic tracepoint neigh/neigh_update
+    pub tp_neigh_family: u32,
+    pub tp_neigh_dev: u32,
+    pub tp_neigh_lladdr: u32,
+    pub tp_neigh_nud_state: u32,
+    pub tp_neigh_key4: u32,
+    pub tp_neigh_key6: u32,
+    pub tp_neigh_new_lladdr: u32,
+    pub tp_neigh_new_state: u32,
+    pub tp_neigh_update_flags: u32,
+    // ARP: struct sk_buff, struct net_device
+    pub skb_data: u32,
+    pub skb_mac_header: u32,
+    pub dev_type: u32,
+    pub dev_priv_flags: u32,
+    /// `IFF_BRIDGE_PORT` on this kernel (from BTF `enum netdev_priv_flags`).
+    pub priv_flag_bridge_port: u32,
+    // struct neighbour, struct neigh_table
+    pub neigh_dev: u32,
+    pub neigh_tbl: u32,
+    pub tbl_family: u32,
+    pub neigh_primary_key: u32,
+    pub neigh_ha: u32,
+    pub neigh_nud_state: u32,
     // filters
     pub filter_flags: u32,
     pub filter_netns: u32,
     pub filter_port: u16,
     pub filter_proto: u8,
     pub _pad0: u8,
+    pub _pad1: u32,
     /// Submit records without waking the reader until this many bytes wait in the ring; a timer
     /// in the reader collects what stays below it.
     pub wakeup_bytes: u64,
 }
-const _: () = assert!(size_of::<ProbeConfig>() == 152);
+const _: () = assert!(size_of::<ProbeConfig>() == 240);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -300,11 +404,33 @@ impl ProbeConfig {
             tp_location: OFFSET_UNKNOWN,
             tp_reason: OFFSET_UNKNOWN,
             tp_xmit_skbaddr: OFFSET_UNKNOWN,
+            tp_rx_skbaddr: OFFSET_UNKNOWN,
+            tp_neigh_family: OFFSET_UNKNOWN,
+            tp_neigh_dev: OFFSET_UNKNOWN,
+            tp_neigh_lladdr: OFFSET_UNKNOWN,
+            tp_neigh_nud_state: OFFSET_UNKNOWN,
+            tp_neigh_key4: OFFSET_UNKNOWN,
+            tp_neigh_key6: OFFSET_UNKNOWN,
+            tp_neigh_new_lladdr: OFFSET_UNKNOWN,
+            tp_neigh_new_state: OFFSET_UNKNOWN,
+            tp_neigh_update_flags: OFFSET_UNKNOWN,
+            skb_data: OFFSET_UNKNOWN,
+            skb_mac_header: OFFSET_UNKNOWN,
+            dev_type: OFFSET_UNKNOWN,
+            dev_priv_flags: OFFSET_UNKNOWN,
+            priv_flag_bridge_port: 0,
+            neigh_dev: OFFSET_UNKNOWN,
+            neigh_tbl: OFFSET_UNKNOWN,
+            tbl_family: OFFSET_UNKNOWN,
+            neigh_primary_key: OFFSET_UNKNOWN,
+            neigh_ha: OFFSET_UNKNOWN,
+            neigh_nud_state: OFFSET_UNKNOWN,
             filter_flags: 0,
             filter_netns: 0,
             filter_port: 0,
             filter_proto: 0,
             _pad0: 0,
+            _pad1: 0,
             wakeup_bytes: 0,
         }
     }
@@ -324,7 +450,10 @@ pub const STAT_CT_NO_BASELINE: u32 = 4;
 pub const STAT_NAT_LEARNED: u32 = 5;
 /// Drops attributed through the NAT map.
 pub const STAT_NAT_JOINED: u32 = 6;
-pub const STAT_COUNT: u32 = 7;
+/// ARP/NDP and neighbour records that passed the filters.
+pub const STAT_ARP: u32 = 7;
+pub const STAT_NEIGH: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
 
 /// Key of `CT_LAST`: the last conntrack statistics seen per netns and CPU.
 #[repr(C)]
@@ -377,6 +506,8 @@ mod pod {
     unsafe impl aya::Pod for super::RecordHeader {}
     unsafe impl aya::Pod for super::PacketInfo {}
     unsafe impl aya::Pod for super::DropRecord {}
+    unsafe impl aya::Pod for super::ArpRecord {}
+    unsafe impl aya::Pod for super::NeighRecord {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::HostKey {}
     unsafe impl aya::Pod for super::Tuple {}

@@ -178,10 +178,11 @@ pub fn learn_nat(skb: u64) {
     }
 }
 
-/// Entry for the transmit hooks.
+/// Entry for the transmit hooks: NAT learning, and ARP/NDP.
 #[inline(always)]
-pub fn handle_xmit(skb: u64) {
+pub fn handle_xmit(skb: u64, probe: agent_common::ProbeId) {
     if conf!(features) & FEATURE_NAT_CAPTURE != 0 {
         learn_nat(skb);
     }
+    crate::arp::handle_frame(skb, agent_common::DIR_TX, probe);
 }

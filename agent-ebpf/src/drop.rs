@@ -5,17 +5,14 @@ use agent_common::{
     FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
     FILTER_REASON, STAT_MATCHED, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
 };
-use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
-};
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
 use crate::{
     conf, conntrack,
     maps::{
         array_inc, count_reason, stat_inc, CT_COUNTS, EVENTS, HOST_FILTER, REASON_FILTER, SCRATCH,
     },
-    packet::{parse_packet, skb_origin},
+    packet::{parse_packet, skb_origin, wakeup_flags},
 };
 
 #[inline(always)]
@@ -79,19 +76,6 @@ pub fn handle_drop(probe: ProbeId, skb: u64, location: u64, reason: u32) {
     rec.ct_event = ct_event;
     if EVENTS.output::<DropRecord>(&*rec, wakeup_flags()).is_err() {
         stat_inc(STAT_RING_LOST);
-    }
-}
-
-/// Wake the reader only once enough bytes wait; below that its timer collects them.
-#[inline(always)]
-fn wakeup_flags() -> u64 {
-    if conf!(wakeup_bytes) == 0 {
-        return 0;
-    }
-    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= conf!(wakeup_bytes) {
-        u64::from(BPF_RB_FORCE_WAKEUP)
-    } else {
-        u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 

@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod arp;
+#[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod drop;
@@ -65,18 +67,23 @@ mod programs {
 }
 
 #[cfg(target_arch = "bpf")]
-mod xmit_programs {
+mod frame_programs {
+    use agent_common::{ProbeId, DIR_RX};
     use aya_ebpf::{
         macros::{btf_tracepoint, tracepoint},
         programs::{BtfTracePointContext, TracePointContext},
     };
 
-    use crate::{conf, conntrack::handle_xmit};
+    use crate::{
+        arp::{handle_frame, handle_neigh_btf, handle_neigh_tp},
+        conf,
+        conntrack::handle_xmit,
+    };
 
     /// tp_btf/net_dev_start_xmit: args are (skb, dev).
     #[btf_tracepoint(function = "net_dev_start_xmit")]
     pub fn net_dev_xmit_btf(ctx: BtfTracePointContext) -> u32 {
-        handle_xmit(ctx.arg(0));
+        handle_xmit(ctx.arg(0), ProbeId::NetDevXmitBtf);
         0
     }
 
@@ -86,9 +93,46 @@ mod xmit_programs {
         let skb_at = conf!(tp_xmit_skbaddr) as usize;
         // SAFETY: offset from this kernel's tracefs format for net/net_dev_start_xmit.
         if let Ok(skb) = unsafe { ctx.read_at::<u64>(skb_at) } {
-            handle_xmit(skb);
+            handle_xmit(skb, ProbeId::NetDevXmitTracepoint);
         }
         0
+    }
+
+    /// tp_btf/netif_receive_skb: args are (skb).
+    #[btf_tracepoint(function = "netif_receive_skb")]
+    pub fn netif_receive_btf(ctx: BtfTracePointContext) -> u32 {
+        handle_frame(ctx.arg(0), DIR_RX, ProbeId::NetifReceiveBtf);
+        0
+    }
+
+    /// The classic tracepoint net/netif_receive_skb.
+    #[tracepoint]
+    pub fn netif_receive_tp(ctx: TracePointContext) -> u32 {
+        let skb_at = conf!(tp_rx_skbaddr) as usize;
+        // SAFETY: offset from this kernel's tracefs format for net/netif_receive_skb.
+        if let Ok(skb) = unsafe { ctx.read_at::<u64>(skb_at) } {
+            handle_frame(skb, DIR_RX, ProbeId::NetifReceiveTracepoint);
+        }
+        0
+    }
+
+    /// tp_btf/neigh_update: args are (n, lladdr, new, flags, nlmsg_pid).
+    #[btf_tracepoint(function = "neigh_update")]
+    pub fn neigh_update_btf(ctx: BtfTracePointContext) -> u32 {
+        let n: u64 = ctx.arg(0);
+        let lladdr: u64 = ctx.arg(1);
+        let new: u64 = ctx.arg(2);
+        let flags: u64 = ctx.arg(3);
+        handle_neigh_btf(n, lladdr, new as u8, flags as u32);
+        0
+    }
+
+    /// The classic tracepoint neigh/neigh_update.
+    #[tracepoint]
+    pub fn neigh_update_tp(ctx: TracePointContext) -> u32 {
+        match handle_neigh_tp(&ctx) {
+            Ok(()) | Err(_) => 0,
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! Maps shared by all programs. Names are fixed by `agent_common::MAP_*`.
 
 use agent_common::{
-    CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple, CT_EVENT_COUNT, CT_LAST_ENTRIES,
-    DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, NAT_ENTRIES, STAT_COUNT,
+    ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple, CT_EVENT_COUNT,
+    CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, NAT_ENTRIES, STAT_COUNT,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -50,6 +50,10 @@ pub static NAT: LruHashMap<Tuple, NatOrigin> = LruHashMap::with_max_entries(NAT_
 /// Per-CPU scratch space where a drop record is assembled before it is copied to the ring.
 #[map]
 pub static SCRATCH: PerCpuArray<DropRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch space for ARP/NDP records.
+#[map]
+pub static ARP_SCRATCH: PerCpuArray<ArpRecord> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn array_inc(map: &PerCpuArray<u64>, index: u32) {

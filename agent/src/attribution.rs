@@ -26,7 +26,11 @@ impl VipSet {
     }
 
     fn find(&self, addr: Option<IpAddr>) -> Option<IpAddr> {
-        let addr = addr?;
+        self.of_addr(addr?)
+    }
+
+    /// `addr` itself when it is a VIP.
+    pub fn of_addr(&self, addr: IpAddr) -> Option<IpAddr> {
         self.vips.binary_search(&addr).ok().map(|i| self.vips[i])
     }
 
@@ -44,6 +48,19 @@ impl VipSet {
                 self.find(Some(orig.dst))
                     .or_else(|| self.find(Some(orig.src)))
             }),
+            Event::Arp(a) => self.find(a.sender_ip).or_else(|| self.find(a.target_ip)),
+            Event::Neigh(n) => self.find(n.ip),
+        }
+    }
+
+    /// Adds a VIP (discovery); returns whether it was new.
+    pub fn insert(&mut self, vip: IpAddr) -> bool {
+        match self.vips.binary_search(&vip) {
+            Ok(_) => false,
+            Err(i) => {
+                self.vips.insert(i, vip);
+                true
+            }
         }
     }
 }

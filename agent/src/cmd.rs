@@ -16,6 +16,7 @@ use lbtrace::{
     kallsyms::Kallsyms,
     netns::{self, CtTable},
     output::{self, event_line, Clock, Context, Summary},
+    ownership::{Ownership, OwnershipConfig, Update},
     privileges,
     probes::{self, KernelFilter, LoadOptions, ProbeMode, Tracer},
 };
@@ -176,9 +177,96 @@ struct Reader<'a, W: Write> {
     /// Delivered drops per VIP and reason (or conntrack event).
     by_vip: BTreeMap<String, BTreeMap<String, u64>>,
     tables: TablePressure,
+    ownership: Ownership,
 }
 
 impl<W: Write> Reader<'_, W> {
+    /// Ownership changes, findings and discoveries go in the same stream as the events.
+    fn print_update(&mut self, u: &Update) {
+        let json = match u {
+            Update::Discovered { vip, owner } => serde_json::json!({
+                "kind": "vip_discovered", "vip": vip, "mac": owner.mac,
+                "netns": owner.netns, "ifname": owner.ifname,
+                "note": "learned from a gratuitous announcement (--discover-vips)",
+            }),
+            Update::Changed { vip, change } => serde_json::json!({
+                "time": output::rfc3339(self.ctx.clock.wall(change.at_ns)),
+                "kind": "vip_owner", "vip": vip,
+                "old_mac": change.from.as_ref().map(|o| o.mac),
+                "old_netns": change.from.as_ref().map(|o| o.netns),
+                "new_mac": change.to.mac, "new_netns": change.to.netns,
+                "ifname": change.to.ifname,
+            }),
+            Update::Found(f) => serde_json::json!({
+                "time": output::rfc3339(self.ctx.clock.wall(f.at_ns)),
+                "kind": "finding", "finding": f.finding, "vip": f.vip, "macs": f.macs,
+                "changes": f.changes, "detail": f.detail,
+            }),
+        };
+        let line = if self.json {
+            json.to_string()
+        } else {
+            match u {
+                Update::Discovered { vip, owner } => {
+                    format!("lbtrace: discovered VIP {vip} (announced by {})", owner.mac)
+                }
+                Update::Changed { vip, change } => format!(
+                    "{} OWNER            vip {vip}: {} -> {} (netns {})",
+                    output::rfc3339(self.ctx.clock.wall(change.at_ns)),
+                    change
+                        .from
+                        .as_ref()
+                        .map_or("none".to_owned(), |o| o.mac.to_string()),
+                    change.to.mac,
+                    change.to.netns
+                ),
+                Update::Found(f) => format!("FINDING {:?} vip {}: {}", f.finding, f.vip, f.detail),
+            }
+        };
+        if writeln!(self.out, "{line}").is_err() {
+            self.out_closed = true;
+        }
+    }
+
+    /// Ownership per VIP for the summary.
+    fn owners_summary(&self) -> BTreeMap<String, serde_json::Value> {
+        self.ownership
+            .owners()
+            .map(|(vip, owner, changes)| {
+                let changes: Vec<_> = changes
+                    .iter()
+                    .filter(|c| c.from.is_some())
+                    .map(|c| {
+                        serde_json::json!({
+                            "time": output::rfc3339(self.ctx.clock.wall(c.at_ns)),
+                            "from": c.from.as_ref().map(|o| o.mac),
+                            "to": c.to.mac,
+                            "to_netns": c.to.netns,
+                            "garps": c.garps,
+                        })
+                    })
+                    .collect();
+                (
+                    vip.to_string(),
+                    serde_json::json!({
+                        "mac": owner.map(|o| o.mac),
+                        "netns": owner.map(|o| o.netns),
+                        "ifname": owner.and_then(|o| o.ifname.clone()),
+                        "garps_total": self.ownership_garps(vip),
+                        "changes": changes,
+                    }),
+                )
+            })
+            .collect()
+    }
+
+    fn ownership_garps(&self, vip: std::net::IpAddr) -> u32 {
+        self.ownership
+            .owners()
+            .filter(|(v, _, _)| *v == vip)
+            .flat_map(|(_, _, c)| c.iter().map(|c| c.garps))
+            .sum()
+    }
     fn done(&self) -> bool {
         self.limit.is_some_and(|n| self.printed >= n)
     }
@@ -196,8 +284,15 @@ impl<W: Write> Reader<'_, W> {
                 }
             };
             drop(item);
+            let updates = match &event {
+                Event::Arp(a) => self.ownership.observe(a, &mut self.vips),
+                _ => Vec::new(),
+            };
             if self.done() || self.out_closed {
                 continue;
+            }
+            for u in &updates {
+                self.print_update(u);
             }
             let vip = self.vips.of_event(&event);
             if self.select_vips && vip.is_none() {
@@ -257,6 +352,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         filter,
         ring_bytes: args.ring_size,
         wakeup_bytes: u64::from(args.ring_size / 4),
+        arp: !args.no_arp,
     };
     let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
     for s in &tracer.statuses {
@@ -305,6 +401,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         out_closed: false,
         by_vip: BTreeMap::new(),
         tables: TablePressure::start(),
+        ownership: Ownership::new(OwnershipConfig::default(), args.discover_vips),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -329,6 +426,19 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
     );
     summary.drops_by_vip = std::mem::take(&mut reader.by_vip);
     summary.conntrack_tables = reader.tables.finish();
+    summary.vip_owners = reader.owners_summary();
+    summary.findings = reader
+        .ownership
+        .findings
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap_or_default())
+        .collect();
+    summary.discovered_vips = reader
+        .ownership
+        .discovered
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let mut out = reader.out;
     if reader.out_closed {
         return Ok(());
@@ -491,6 +601,7 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
                 filter: KernelFilter::default(),
                 ring_bytes: 1 << 16,
                 wakeup_bytes: 0,
+                arp: true,
             };
             let reasons = DropReasons::from_btf(b).unwrap_or_default();
             match Tracer::load(b, &reasons, &opts) {
@@ -565,10 +676,7 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
             }
         }
         if let Some(f) = &report.features {
-            for (what, r) in [
-                ("conntrack drop classification", &f.conntrack_events),
-                ("DNAT attribution", &f.nat_attribution),
-            ] {
+            for (what, r) in f.list() {
                 match r {
                     Ok(()) => writeln!(out, "ok   feature  {what}")?,
                     Err(e) => writeln!(out, "FAIL feature  {what}: {e}")?,

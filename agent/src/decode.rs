@@ -4,8 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
-    CtEvent, DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_CONFIRMED,
-    CT_FLAG_DNAT, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, CT_FLAG_SNAT, FAMILY_IPV4, FAMILY_IPV6,
+    ArpRecord, CtEvent, DropRecord, NeighRecord, PacketInfo, ProbeId, RecordHeader, RecordKind,
+    Tuple, ARP_FLAG_BRIDGED, ARP_FLAG_GRATUITOUS, CT_FLAG_CONFIRMED, CT_FLAG_DNAT, CT_FLAG_ENTRY,
+    CT_FLAG_NAT_JOIN, CT_FLAG_SNAT, DIR_TX, FAMILY_IPV4, FAMILY_IPV6,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -214,15 +215,168 @@ pub struct DropEvent {
     pub ct: Conntrack,
 }
 
+/// A link-layer (MAC) address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 6]
+    }
+
+    pub fn is_broadcast(&self) -> bool {
+        self.0 == [0xff; 6]
+    }
+}
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// ARP operation or NDP message; unknown values are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArpOp {
+    Request,
+    Reply,
+    /// IPv6 neighbour solicitation.
+    Solicitation,
+    /// IPv6 neighbour advertisement.
+    Advertisement,
+    Other(u16),
+}
+
+impl ArpOp {
+    fn decode(family: u8, op: u16) -> Self {
+        match (family, op) {
+            (FAMILY_IPV4, 1) => Self::Request,
+            (FAMILY_IPV4, 2) => Self::Reply,
+            (FAMILY_IPV6, 135) => Self::Solicitation,
+            (FAMILY_IPV6, 136) => Self::Advertisement,
+            (_, other) => Self::Other(other),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Self::Request => "request".into(),
+            Self::Reply => "reply".into(),
+            Self::Solicitation => "neighbor-solicitation".into(),
+            Self::Advertisement => "neighbor-advertisement".into(),
+            Self::Other(n) => format!("op-{n}"),
+        }
+    }
+}
+
+/// NA flags on the wire.
+pub const NDP_ROUTER: u8 = 0x80;
+pub const NDP_SOLICITED: u8 = 0x40;
+pub const NDP_OVERRIDE: u8 = 0x20;
+
+/// An ARP packet or IPv6 neighbour solicitation/advertisement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArpEvent {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub probe: Result<ProbeId, u8>,
+    pub netns: u32,
+    pub ifindex: u32,
+    pub ifname: Option<String>,
+    pub op: ArpOp,
+    pub tx: bool,
+    /// A copy the bridge forwarded, not a host's own transmission.
+    pub bridged: bool,
+    pub sender_ip: Option<IpAddr>,
+    pub sender_mac: Mac,
+    /// ARP target protocol address, or the NDP target address.
+    pub target_ip: Option<IpAddr>,
+    pub target_mac: Mac,
+    pub eth_dst: Mac,
+    pub ndp_flags: Option<u8>,
+    /// An announcement nobody asked for: ARP with sender IP = target IP, an ARP reply to the
+    /// broadcast address, or an unsolicited neighbour advertisement with the override flag.
+    pub gratuitous: bool,
+}
+
+impl ArpEvent {
+    /// The address this packet announces a MAC for, if it is an announcement (a reply,
+    /// advertisement or gratuitous ARP): the ARP sender, or the NDP target.
+    pub fn announced(&self) -> Option<IpAddr> {
+        match self.op {
+            ArpOp::Reply => self.sender_ip,
+            ArpOp::Advertisement => self.target_ip,
+            ArpOp::Request if self.gratuitous => self.sender_ip,
+            _ => None,
+        }
+    }
+}
+
+/// `NUD_*` states (a stable UAPI), by name.
+pub fn nud_state_name(state: u8) -> String {
+    const NAMES: [(u8, &str); 8] = [
+        (0x01, "INCOMPLETE"),
+        (0x02, "REACHABLE"),
+        (0x04, "STALE"),
+        (0x08, "DELAY"),
+        (0x10, "PROBE"),
+        (0x20, "FAILED"),
+        (0x40, "NOARP"),
+        (0x80, "PERMANENT"),
+    ];
+    if state == 0 {
+        return "NONE".into();
+    }
+    let names: Vec<&str> = NAMES
+        .iter()
+        .filter(|(bit, _)| state & bit != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    names.join("|")
+}
+
+/// A neighbour-cache update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeighEvent {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub probe: Result<ProbeId, u8>,
+    /// `None` when the hook could not tell (the classic tracepoint).
+    pub netns: Option<u32>,
+    pub ifindex: u32,
+    pub ifname: Option<String>,
+    pub ip: Option<IpAddr>,
+    pub old_mac: Mac,
+    pub new_mac: Mac,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub update_flags: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Drop(DropEvent),
+    Arp(ArpEvent),
+    Neigh(NeighEvent),
 }
 
 impl Event {
     pub fn ts_ns(&self) -> u64 {
         match self {
             Self::Drop(d) => d.ts_ns,
+            Self::Arp(a) => a.ts_ns,
+            Self::Neigh(n) => n.ts_ns,
         }
     }
 }
@@ -265,6 +419,50 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ct: Conntrack::from_record(&r),
             }))
         }
+        RecordKind::Arp => {
+            let r: ArpRecord = read_pod(bytes, "arp record")?;
+            let op = ArpOp::decode(r.family, r.op);
+            let eth_dst = Mac(r.eth_dst);
+            let ndp_flags = (op == ArpOp::Advertisement).then_some(r.ndp_flags);
+            let gratuitous = r.flags & ARP_FLAG_GRATUITOUS != 0
+                || (op == ArpOp::Reply && eth_dst.is_broadcast())
+                || ndp_flags.is_some_and(|f| f & NDP_SOLICITED == 0 && f & NDP_OVERRIDE != 0);
+            Ok(Event::Arp(ArpEvent {
+                ts_ns: r.header.ts_ns,
+                cpu: r.header.cpu,
+                probe: ProbeId::try_from(r.header.probe),
+                netns: r.netns,
+                ifindex: r.ifindex,
+                ifname: c_string(&r.ifname),
+                op,
+                tx: r.direction == DIR_TX,
+                bridged: r.flags & ARP_FLAG_BRIDGED != 0,
+                sender_ip: addr(r.family, &r.sender_ip),
+                sender_mac: Mac(r.sender_mac),
+                target_ip: addr(r.family, &r.target_ip),
+                target_mac: Mac(r.target_mac),
+                eth_dst,
+                ndp_flags,
+                gratuitous,
+            }))
+        }
+        RecordKind::Neigh => {
+            let r: NeighRecord = read_pod(bytes, "neighbour record")?;
+            Ok(Event::Neigh(NeighEvent {
+                ts_ns: r.header.ts_ns,
+                cpu: r.header.cpu,
+                probe: ProbeId::try_from(r.header.probe),
+                netns: (r.netns != 0).then_some(r.netns),
+                ifindex: r.ifindex,
+                ifname: c_string(&r.ifname),
+                ip: addr(r.family, &r.ip),
+                old_mac: Mac(r.old_mac),
+                new_mac: Mac(r.new_mac),
+                old_state: r.old_state,
+                new_state: r.new_state,
+                update_flags: r.update_flags,
+            }))
+        }
     }
 }
 
@@ -291,7 +489,9 @@ mod tests {
         rec.pkt.sport = 40000;
         rec.pkt.dport = 1;
         rec.pkt.tcp_flags = 0x02;
-        let Event::Drop(d) = decode(&as_bytes(&rec)).unwrap();
+        let Ok(Event::Drop(d)) = decode(&as_bytes(&rec)) else {
+            panic!("not a drop")
+        };
         assert_eq!(d.probe, Ok(ProbeId::KfreeSkbTracepoint));
         assert_eq!(d.ifname.as_deref(), Some("lo"));
         assert_eq!(d.packet.src, Some("127.0.0.1".parse().unwrap()));
@@ -299,6 +499,48 @@ mod tests {
         assert_eq!(d.packet.tcp_flags, Some(0x02));
         assert_eq!(d.packet.icmp, None);
         assert_eq!(d.ct, Conntrack::default());
+    }
+
+    #[test]
+    fn decodes_garp_and_unsolicited_na() {
+        let mut rec = ArpRecord::default();
+        rec.header.kind = RecordKind::Arp as u16;
+        rec.family = FAMILY_IPV4;
+        rec.op = 1;
+        rec.direction = DIR_TX;
+        rec.flags = ARP_FLAG_GRATUITOUS;
+        rec.sender_ip[..4].copy_from_slice(&[10, 200, 0, 100]);
+        rec.target_ip[..4].copy_from_slice(&[10, 200, 0, 100]);
+        rec.sender_mac = [2, 0, 0, 0, 0, 0xb];
+        let Ok(Event::Arp(a)) = decode(&as_bytes(&rec)) else {
+            panic!("not arp")
+        };
+        assert!(a.gratuitous && a.tx && !a.bridged);
+        assert_eq!(a.op, ArpOp::Request);
+        assert_eq!(a.announced(), Some("10.200.0.100".parse().unwrap()));
+        assert_eq!(a.sender_mac.to_string(), "02:00:00:00:00:0b");
+
+        let mut na = ArpRecord::default();
+        na.header.kind = RecordKind::Arp as u16;
+        na.family = FAMILY_IPV6;
+        na.op = 136;
+        na.ndp_flags = NDP_OVERRIDE;
+        na.target_ip = "fd00:200::100".parse::<Ipv6Addr>().unwrap().octets();
+        let Ok(Event::Arp(a)) = decode(&as_bytes(&na)) else {
+            panic!("not ndp")
+        };
+        assert!(a.gratuitous);
+        assert_eq!(a.announced(), Some("fd00:200::100".parse().unwrap()));
+        na.ndp_flags = NDP_OVERRIDE | NDP_SOLICITED;
+        let Ok(Event::Arp(a)) = decode(&as_bytes(&na)) else {
+            panic!("not ndp")
+        };
+        assert!(
+            !a.gratuitous,
+            "a solicited advertisement answers a question"
+        );
+        assert_eq!(nud_state_name(0x04), "STALE");
+        assert_eq!(nud_state_name(0), "NONE");
     }
 
     #[test]
@@ -312,7 +554,9 @@ mod tests {
         rec.orig.dport = 80;
         rec.orig.proto = 6;
         rec.reply.family = FAMILY_IPV4;
-        let Event::Drop(d) = decode(&as_bytes(&rec)).unwrap();
+        let Ok(Event::Drop(d)) = decode(&as_bytes(&rec)) else {
+            panic!("not a drop")
+        };
         assert_eq!(d.ct.event, Some(Ok(CtEvent::InsertFailed)));
         assert!(d.ct.dnat && !d.ct.snat);
         assert_eq!(
@@ -323,7 +567,9 @@ mod tests {
         rec.ct_flags = CT_FLAG_NAT_JOIN;
         rec.ct_event = 9;
         rec.nat_netns = 42;
-        let Event::Drop(d) = decode(&as_bytes(&rec)).unwrap();
+        let Ok(Event::Drop(d)) = decode(&as_bytes(&rec)) else {
+            panic!("not a drop")
+        };
         assert_eq!(d.ct.event, Some(Err(9)));
         assert_eq!(d.ct.nat_netns, Some(42));
         assert!(d.ct.reply.is_none());
@@ -338,7 +584,9 @@ mod tests {
         rec.pkt.family = FAMILY_IPV6;
         rec.pkt.l4_proto = 253;
         let bytes = as_bytes(&rec);
-        let Event::Drop(d) = decode(&bytes).unwrap();
+        let Ok(Event::Drop(d)) = decode(&bytes) else {
+            panic!("not a drop")
+        };
         assert_eq!(d.probe, Err(77));
         assert_eq!(d.packet.proto, Some(L4Proto::Other(253)));
         assert_eq!(d.packet.sport, None);

@@ -8,5 +8,6 @@ pub mod decode;
 pub mod kallsyms;
 pub mod netns;
 pub mod output;
+pub mod ownership;
 pub mod privileges;
 pub mod probes;

@@ -75,7 +75,13 @@ pub struct WatchArgs {
     /// Stop after printing this many events.
     #[arg(long, value_name = "N")]
     count: Option<u64>,
-    /// Which kfree_skb hook to use.
+    /// Do not record ARP, IPv6 neighbour discovery or neighbour-cache updates.
+    #[arg(long)]
+    no_arp: bool,
+    /// Learn VIPs from the gratuitous announcements seen (as a MetalLB speaker makes them).
+    #[arg(long)]
+    discover_vips: bool,
+    /// Which hooks to use: tp_btf first (auto), or only one kind.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
     probe_mode: ProbeMode,
     /// Ring buffer size in bytes (a power of two, at least 4096).

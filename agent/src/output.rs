@@ -12,7 +12,10 @@ use serde::Serialize;
 
 use crate::{
     btf::DropReasons,
-    decode::{DropEvent, Event, Flow},
+    decode::{
+        nud_state_name, ArpEvent, DropEvent, Event, Flow, Mac, NeighEvent, NDP_OVERRIDE,
+        NDP_ROUTER, NDP_SOLICITED,
+    },
     kallsyms::Kallsyms,
     probes::KernelCounters,
 };
@@ -224,7 +227,7 @@ pub fn drop_line(ctx: &Context<'_>, d: &DropEvent, vip: Option<IpAddr>, colour: 
         Some(e) => format!("CT:{}", ct_event_label(e)),
         None => ctx.reasons.name(d.reason),
     };
-    let vip = vip.map(|v| format!(" vip={v}")).unwrap_or_default();
+    let vip = vip_tag(vip);
     let (r, b, dm, z) = if colour {
         (RED, BOLD, DIM, RESET)
     } else {
@@ -241,6 +244,144 @@ pub fn drop_line(ctx: &Context<'_>, d: &DropEvent, vip: Option<IpAddr>, colour: 
     )
 }
 
+#[derive(Serialize)]
+struct NdpFlagsJson {
+    router: bool,
+    solicited: bool,
+    #[serde(rename = "override")]
+    override_: bool,
+}
+
+/// ARP and NDP share kind `arp`; `family` tells them apart.
+#[derive(Serialize)]
+struct ArpJson<'a> {
+    time: String,
+    kind: &'static str,
+    family: &'static str,
+    op: String,
+    gratuitous: bool,
+    direction: &'static str,
+    bridged: bool,
+    sender_ip: Option<IpAddr>,
+    sender_mac: Mac,
+    target_ip: Option<IpAddr>,
+    target_mac: Mac,
+    ndp_flags: Option<NdpFlagsJson>,
+    ifname: Option<&'a str>,
+    ifindex: u32,
+    netns: u32,
+    vip: Option<IpAddr>,
+}
+
+fn arp_json(ctx: &Context<'_>, a: &ArpEvent, vip: Option<IpAddr>) -> String {
+    let j = ArpJson {
+        time: rfc3339(ctx.clock.wall(a.ts_ns)),
+        kind: "arp",
+        family: if a.sender_ip.is_some_and(|i| i.is_ipv6()) {
+            "ipv6"
+        } else {
+            "ipv4"
+        },
+        op: a.op.name(),
+        gratuitous: a.gratuitous,
+        direction: if a.tx { "tx" } else { "rx" },
+        bridged: a.bridged,
+        sender_ip: a.sender_ip,
+        sender_mac: a.sender_mac,
+        target_ip: a.target_ip,
+        target_mac: a.target_mac,
+        ndp_flags: a.ndp_flags.map(|f| NdpFlagsJson {
+            router: f & NDP_ROUTER != 0,
+            solicited: f & NDP_SOLICITED != 0,
+            override_: f & NDP_OVERRIDE != 0,
+        }),
+        ifname: a.ifname.as_deref(),
+        ifindex: a.ifindex,
+        netns: a.netns,
+        vip,
+    };
+    serde_json::to_string(&j).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct NeighJson<'a> {
+    time: String,
+    kind: &'static str,
+    ip: Option<IpAddr>,
+    old_mac: Mac,
+    new_mac: Mac,
+    old_state: String,
+    new_state: String,
+    ifname: Option<&'a str>,
+    ifindex: u32,
+    netns: Option<u32>,
+    vip: Option<IpAddr>,
+}
+
+fn neigh_json(ctx: &Context<'_>, n: &NeighEvent, vip: Option<IpAddr>) -> String {
+    let j = NeighJson {
+        time: rfc3339(ctx.clock.wall(n.ts_ns)),
+        kind: "neigh",
+        ip: n.ip,
+        old_mac: n.old_mac,
+        new_mac: n.new_mac,
+        old_state: nud_state_name(n.old_state),
+        new_state: nud_state_name(n.new_state),
+        ifname: n.ifname.as_deref(),
+        ifindex: n.ifindex,
+        netns: n.netns,
+        vip,
+    };
+    serde_json::to_string(&j).unwrap_or_default()
+}
+
+fn short_time(ctx: &Context<'_>, ts_ns: u64) -> String {
+    let t = rfc3339(ctx.clock.wall(ts_ns));
+    t.get(11..26).unwrap_or(&t).to_owned()
+}
+
+fn opt_ip(ip: Option<IpAddr>) -> String {
+    ip.map_or_else(|| "-".to_owned(), |i| i.to_string())
+}
+
+fn vip_tag(vip: Option<IpAddr>) -> String {
+    vip.map(|v| format!(" vip={v}")).unwrap_or_default()
+}
+
+fn arp_line(ctx: &Context<'_>, a: &ArpEvent, vip: Option<IpAddr>, colour: bool) -> String {
+    let (b, z) = if colour { (BOLD, RESET) } else { ("", "") };
+    let what = if a.gratuitous { "GARP" } else { "ARP" };
+    format!(
+        "{time} {b}{what:<16}{z} {dir} {op} {sip} is-at {smac} (target {tip} {tmac}){bridged} if {ifname} netns {netns}{vip}",
+        time = short_time(ctx, a.ts_ns),
+        dir = if a.tx { "tx" } else { "rx" },
+        op = a.op.name(),
+        sip = opt_ip(a.sender_ip),
+        smac = a.sender_mac,
+        tip = opt_ip(a.target_ip),
+        tmac = a.target_mac,
+        bridged = if a.bridged { " bridged" } else { "" },
+        ifname = a.ifname.as_deref().unwrap_or("-"),
+        netns = a.netns,
+        vip = vip_tag(vip),
+    )
+}
+
+fn neigh_line(ctx: &Context<'_>, n: &NeighEvent, vip: Option<IpAddr>) -> String {
+    format!(
+        "{time} NEIGH            {ip} {old_mac} {old_state} -> {new_mac} {new_state} if {ifname} netns {netns}{vip}",
+        time = short_time(ctx, n.ts_ns),
+        ip = opt_ip(n.ip),
+        old_mac = n.old_mac,
+        old_state = nud_state_name(n.old_state),
+        new_mac = n.new_mac,
+        new_state = nud_state_name(n.new_state),
+        ifname = n.ifname.as_deref().unwrap_or("-"),
+        netns = n.netns.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+        vip = vip_tag(vip),
+    )
+}
+
 pub fn event_line(
     ctx: &Context<'_>,
     e: &Event,
@@ -251,6 +392,10 @@ pub fn event_line(
     match e {
         Event::Drop(d) if json => drop_json(ctx, d, vip),
         Event::Drop(d) => drop_line(ctx, d, vip, colour),
+        Event::Arp(a) if json => arp_json(ctx, a, vip),
+        Event::Arp(a) => arp_line(ctx, a, vip, colour),
+        Event::Neigh(n) if json => neigh_json(ctx, n, vip),
+        Event::Neigh(n) => neigh_line(ctx, n, vip),
     }
 }
 
@@ -277,6 +422,14 @@ pub struct Summary {
     pub drops_by_vip: BTreeMap<String, BTreeMap<String, u64>>,
     /// Per netns: conntrack table pressure and per-CPU counter movement while watching.
     pub conntrack_tables: BTreeMap<u32, serde_json::Value>,
+    /// ARP/NDP and neighbour records seen by the kernel (included in `events_seen`).
+    pub arp_events: u64,
+    pub neigh_events: u64,
+    /// Who announces each VIP, its ownership changes and findings.
+    pub vip_owners: BTreeMap<String, serde_json::Value>,
+    pub findings: Vec<serde_json::Value>,
+    /// VIPs learned from gratuitous announcements (`--discover-vips`).
+    pub discovered_vips: Vec<String>,
 }
 
 impl Summary {
@@ -299,7 +452,7 @@ impl Summary {
                 .filter(|(_, n)| **n > 0)
                 .map(|(r, n)| (ctx.reasons.name(*r), *n))
                 .collect(),
-            events_seen: k.matched,
+            events_seen: k.matched + k.arp + k.neigh,
             events_delivered: delivered,
             events_lost: k.lost(),
             lost_by_cpu: k
@@ -316,6 +469,11 @@ impl Summary {
             nat_joined: k.nat_joined,
             drops_by_vip: BTreeMap::new(),
             conntrack_tables: BTreeMap::new(),
+            arp_events: k.arp,
+            neigh_events: k.neigh,
+            vip_owners: BTreeMap::new(),
+            findings: Vec::new(),
+            discovered_vips: Vec::new(),
         }
     }
 
@@ -335,6 +493,24 @@ impl Summary {
         }
         for (event, n) in self.conntrack_by_event.iter().filter(|(_, n)| **n > 0) {
             writeln!(out, "{n:>10}  conntrack {event}")?;
+        }
+        for (vip, owner) in &self.vip_owners {
+            writeln!(
+                out,
+                "vip {vip}: announced by {} (netns {}), {} ownership change(s)",
+                owner["mac"].as_str().unwrap_or("?"),
+                owner["netns"],
+                owner["changes"].as_array().map_or(0, Vec::len)
+            )?;
+        }
+        for f in &self.findings {
+            writeln!(
+                out,
+                "finding: {} for vip {}: {}",
+                f["finding"].as_str().unwrap_or("?"),
+                f["vip"].as_str().unwrap_or("?"),
+                f["detail"].as_str().unwrap_or("")
+            )?;
         }
         for (vip, reasons) in &self.drops_by_vip {
             let total: u64 = reasons.values().sum();

@@ -13,10 +13,11 @@ use std::{
 
 use agent_common::{
     CtEvent, CtStatKey, CtStatValue, HostKey, ProbeConfig, ProbeId, FAMILY_IPV4, FAMILY_IPV6,
-    FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT,
-    FILTER_PROTO, FILTER_REASON, GLOBAL_CONFIG, MAP_CT_COUNTS, MAP_CT_LAST, MAP_DROP_COUNTS,
-    MAP_EVENTS, MAP_HOST_FILTER, MAP_REASON_FILTER, MAP_STATS, STAT_CT_NO_BASELINE, STAT_MATCHED,
-    STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
+    FEATURE_ARP, FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS,
+    FILTER_PORT, FILTER_PROTO, FILTER_REASON, GLOBAL_CONFIG, MAP_CT_COUNTS, MAP_CT_LAST,
+    MAP_DROP_COUNTS, MAP_EVENTS, MAP_HOST_FILTER, MAP_REASON_FILTER, MAP_STATS, STAT_ARP,
+    STAT_CT_NO_BASELINE, STAT_MATCHED, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH,
+    STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -116,7 +117,7 @@ const COLLECTORS: &[Collector] = &[
         ],
     },
     Collector {
-        name: "nat",
+        name: "xmit",
         required: false,
         probes: &[
             ProbeSpec {
@@ -136,6 +137,48 @@ const COLLECTORS: &[Collector] = &[
             },
         ],
     },
+    Collector {
+        name: "rx",
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::NetifReceiveBtf,
+                program: "netif_receive_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "netif_receive_skb",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::NetifReceiveTracepoint,
+                program: "netif_receive_tp",
+                hook: Hook::Tracepoint {
+                    category: "net",
+                    name: "netif_receive_skb",
+                },
+            },
+        ],
+    },
+    Collector {
+        name: "neigh",
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::NeighUpdateBtf,
+                program: "neigh_update_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "neigh_update",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::NeighUpdateTracepoint,
+                program: "neigh_update_tp",
+                hook: Hook::Tracepoint {
+                    category: "neigh",
+                    name: "neigh_update",
+                },
+            },
+        ],
+    },
 ];
 
 pub fn probe_name(id: ProbeId) -> &'static str {
@@ -144,6 +187,10 @@ pub fn probe_name(id: ProbeId) -> &'static str {
         ProbeId::KfreeSkbTracepoint => "tracepoint/skb/kfree_skb",
         ProbeId::NetDevXmitBtf => "tp_btf/net_dev_start_xmit",
         ProbeId::NetDevXmitTracepoint => "tracepoint/net/net_dev_start_xmit",
+        ProbeId::NetifReceiveBtf => "tp_btf/netif_receive_skb",
+        ProbeId::NetifReceiveTracepoint => "tracepoint/net/netif_receive_skb",
+        ProbeId::NeighUpdateBtf => "tp_btf/neigh_update",
+        ProbeId::NeighUpdateTracepoint => "tracepoint/neigh/neigh_update",
     }
 }
 
@@ -177,6 +224,8 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Wake the reader when this many bytes wait (0: on every record).
     pub wakeup_bytes: u64,
+    /// Record ARP/NDP and neighbour updates.
+    pub arp: bool,
 }
 
 /// Counters kept by the kernel independently of the ring buffer.
@@ -194,6 +243,9 @@ pub struct KernelCounters {
     pub ct_no_baseline: u64,
     pub nat_learned: u64,
     pub nat_joined: u64,
+    /// ARP/NDP and neighbour records that passed the filters.
+    pub arp: u64,
+    pub neigh: u64,
 }
 
 impl KernelCounters {
@@ -209,6 +261,21 @@ pub struct Features {
     pub conntrack_events: Result<(), String>,
     /// DNAT translations are learned to attribute drops behind them.
     pub nat_attribution: Result<(), String>,
+    /// ARP and IPv6 neighbour discovery are seen on transmit and receive.
+    pub arp: Result<(), String>,
+    /// Neighbour-cache updates are seen.
+    pub neighbours: Result<(), String>,
+}
+
+impl Features {
+    pub fn list(&self) -> [(&'static str, &Result<(), String>); 4] {
+        [
+            ("conntrack drop classification", &self.conntrack_events),
+            ("DNAT attribution", &self.nat_attribution),
+            ("ARP/NDP", &self.arp),
+            ("neighbour updates", &self.neighbours),
+        ]
+    }
 }
 
 pub struct Tracer {
@@ -296,6 +363,37 @@ fn tracepoint_layouts(cfg: &mut ProbeConfig) -> BTreeMap<&'static str, Result<()
             cfg.tp_xmit_skbaddr = o["skbaddr"];
         }),
     );
+    out.insert(
+        "net/netif_receive_skb",
+        tracepoint_fields("net", "netif_receive_skb", &["skbaddr"]).map(|o| {
+            cfg.tp_rx_skbaddr = o["skbaddr"];
+        }),
+    );
+    const NEIGH: &[&str] = &[
+        "family",
+        "dev",
+        "lladdr",
+        "nud_state",
+        "primary_key4",
+        "primary_key6",
+        "new_lladdr",
+        "new_state",
+        "update_flags",
+    ];
+    out.insert(
+        "neigh/neigh_update",
+        tracepoint_fields("neigh", "neigh_update", NEIGH).map(|o| {
+            cfg.tp_neigh_family = o["family"];
+            cfg.tp_neigh_dev = o["dev"];
+            cfg.tp_neigh_lladdr = o["lladdr"];
+            cfg.tp_neigh_nud_state = o["nud_state"];
+            cfg.tp_neigh_key4 = o["primary_key4"];
+            cfg.tp_neigh_key6 = o["primary_key6"];
+            cfg.tp_neigh_new_lladdr = o["new_lladdr"];
+            cfg.tp_neigh_new_state = o["new_state"];
+            cfg.tp_neigh_update_flags = o["update_flags"];
+        }),
+    );
     out
 }
 
@@ -334,6 +432,27 @@ pub fn conntrack_offsets(
     cfg.tuple_dst_addr = btf.member_offset("nf_conntrack_tuple", "dst.u3")?;
     cfg.tuple_dst_port = btf.member_offset("nf_conntrack_tuple", "dst.u")?;
     cfg.tuple_protonum = btf.member_offset("nf_conntrack_tuple", "dst.protonum")?;
+    Ok(())
+}
+
+/// Offsets for ARP/NDP frames and neighbour entries.
+pub fn arp_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), crate::btf::BtfError> {
+    cfg.skb_data = btf.member_offset("sk_buff", "data")?;
+    cfg.skb_mac_header = btf.member_offset("sk_buff", "mac_header")?;
+    cfg.dev_type = btf.member_offset("net_device", "type")?;
+    cfg.dev_priv_flags = btf.member_offset("net_device", "priv_flags")?;
+    cfg.priv_flag_bridge_port = btf
+        .enum_values("netdev_priv_flags")?
+        .into_iter()
+        .find(|(_, n)| n == "IFF_BRIDGE_PORT")
+        .and_then(|(v, _)| u32::try_from(v).ok())
+        .unwrap_or(0);
+    cfg.neigh_dev = btf.member_offset("neighbour", "dev")?;
+    cfg.neigh_tbl = btf.member_offset("neighbour", "tbl")?;
+    cfg.tbl_family = btf.member_offset("neigh_table", "family")?;
+    cfg.neigh_primary_key = btf.member_offset("neighbour", "primary_key")?;
+    cfg.neigh_ha = btf.member_offset("neighbour", "ha")?;
+    cfg.neigh_nud_state = btf.member_offset("neighbour", "nud_state")?;
     Ok(())
 }
 
@@ -399,6 +518,14 @@ impl Tracer {
         }
         if conntrack.is_ok() {
             cfg.features |= FEATURE_NAT_CAPTURE;
+        }
+        let arp = if opts.arp {
+            arp_offsets(btf, &mut cfg).map_err(|e| e.to_string())
+        } else {
+            Err("disabled (--no-arp)".to_owned())
+        };
+        if arp.is_ok() {
+            cfg.features |= FEATURE_ARP;
         }
         let f = &opts.filter;
         if !f.reasons.is_empty() {
@@ -512,11 +639,16 @@ impl Tracer {
                 return Err(ProbeError::NoProbe(why));
             }
         }
-        let nat_attribution = match (&conntrack, active.contains_key("nat")) {
-            (Err(e), _) => Err(e.clone()),
-            (Ok(()), false) => Err("no transmit probe attached".to_owned()),
-            (Ok(()), true) => Ok(()),
+        let needs = |base: &Result<(), String>, collectors: &[&str]| match base {
+            Err(e) => Err(e.clone()),
+            Ok(()) => match collectors.iter().find(|c| !active.contains_key(**c)) {
+                Some(c) => Err(format!("no {c} probe attached")),
+                None => Ok(()),
+            },
         };
+        let nat_attribution = needs(&conntrack, &["xmit"]);
+        let arp_tx_rx = needs(&arp, &["xmit", "rx"]);
+        let neigh = needs(&arp, &["neigh"]);
         Ok(Self {
             ebpf,
             statuses,
@@ -524,6 +656,8 @@ impl Tracer {
             features: Features {
                 conntrack_events: ct_stats,
                 nat_attribution,
+                arp: arp_tx_rx,
+                neighbours: neigh,
             },
         })
     }
@@ -584,6 +718,8 @@ impl Tracer {
         out.ct_no_baseline = total(STAT_CT_NO_BASELINE);
         out.nat_learned = total(STAT_NAT_LEARNED);
         out.nat_joined = total(STAT_NAT_JOINED);
+        out.arp = total(STAT_ARP);
+        out.neigh = total(STAT_NEIGH);
         for (idx, per_cpu) in self.per_cpu_array(MAP_CT_COUNTS)?.iter().enumerate() {
             let event = u8::try_from(idx)
                 .ok()

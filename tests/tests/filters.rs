@@ -203,9 +203,29 @@ fn bad_input_gets_one_clear_line() {
     assert_usage_error(&["frobnicate"], "unrecognized subcommand");
 }
 
+/// IDs of loaded programs with lbtrace's names (other tracers may come and go meanwhile).
+fn lbtrace_programs() -> std::collections::BTreeSet<u64> {
+    let out =
+        lbtest::sh(std::process::Command::new("bpftool").args(["-j", "prog", "show"])).unwrap();
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            let name = p["name"].as_str().unwrap_or("");
+            ["kfree_skb", "net_dev_xmit", "netif_receive", "neigh_update"]
+                .iter()
+                .any(|n| name.starts_with(n))
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
 #[test]
 fn without_privileges_one_line_and_nothing_attached() {
     require_root();
+    let before = lbtrace_programs();
     let bin = lbtest::lbtrace::bin();
     let out = std::process::Command::new("setpriv")
         .args([
