@@ -4,6 +4,10 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::{self, BufWriter, IsTerminal, Write},
     path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -14,6 +18,7 @@ use lbtrace::{
     btf::{DropReasons, KernelBtf, VMLINUX_BTF},
     decode::{decode, Event},
     kallsyms::Kallsyms,
+    metrics::Metrics,
     netns::{self, CtTable},
     output::{self, event_line, Clock, Context, Summary},
     ownership::{Ownership, OwnershipConfig, Update},
@@ -42,16 +47,16 @@ const TABLE_WARN_PERCENT: u64 = 80;
 
 /// Conntrack table pressure per namespace: entries against nf_conntrack_max, and how the
 /// per-CPU insert_failed, drop, early_drop and clash_resolve counters moved while watching.
-struct TablePressure {
-    start: HashMap<u32, CtTable>,
-    last: HashMap<u32, CtTable>,
-    peak: HashMap<u32, u64>,
-    warned: HashSet<u32>,
-    max: Option<u64>,
+pub(crate) struct TablePressure {
+    pub(crate) start: HashMap<u32, CtTable>,
+    pub(crate) last: HashMap<u32, CtTable>,
+    pub(crate) peak: HashMap<u32, u64>,
+    pub(crate) warned: HashSet<u32>,
+    pub(crate) max: Option<u64>,
 }
 
 impl TablePressure {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let start = netns::all_conntrack_tables();
         Self {
             last: start.clone(),
@@ -127,11 +132,11 @@ impl TablePressure {
     }
 }
 
-fn load_btf() -> anyhow::Result<KernelBtf> {
+pub(crate) fn load_btf() -> anyhow::Result<KernelBtf> {
     KernelBtf::load(Path::new(VMLINUX_BTF)).context("this kernel does not expose BTF")
 }
 
-fn require_privileges() -> anyhow::Result<()> {
+pub(crate) fn require_privileges() -> anyhow::Result<()> {
     let missing = privileges::missing_for_tracing(privileges::effective());
     if !missing.is_empty() {
         return Err(UsageError(format!(
@@ -160,24 +165,37 @@ fn reason_codes(reasons: &DropReasons, names: &[String]) -> anyhow::Result<Vec<u
         .collect()
 }
 
-struct Reader<'a, W: Write> {
-    ctx: Context<'a>,
-    vips: VipSet,
+pub(crate) struct Reader<'a, W: Write> {
+    pub(crate) ctx: Context<'a>,
+    pub(crate) vips: VipSet,
     /// Keep only events attributed to a VIP (`--vip`; `--tag-vip` only attributes).
-    select_vips: bool,
-    out: W,
-    json: bool,
-    colour: bool,
-    limit: Option<u64>,
-    delivered: u64,
-    printed: u64,
-    decode_errors: u64,
+    pub(crate) select_vips: bool,
+    pub(crate) out: W,
+    pub(crate) json: bool,
+    pub(crate) colour: bool,
+    pub(crate) limit: Option<u64>,
+    pub(crate) delivered: u64,
+    pub(crate) printed: u64,
+    pub(crate) decode_errors: u64,
     /// The reader of our output went away (a closed pipe): keep counting, stop printing.
-    out_closed: bool,
+    pub(crate) out_closed: bool,
     /// Delivered drops per VIP and reason (or conntrack event).
-    by_vip: BTreeMap<String, BTreeMap<String, u64>>,
-    tables: TablePressure,
-    ownership: Ownership,
+    pub(crate) by_vip: BTreeMap<String, BTreeMap<String, u64>>,
+    pub(crate) tables: TablePressure,
+    pub(crate) ownership: Ownership,
+    /// Added to every JSON record (`--node-name`).
+    pub(crate) node: Option<String>,
+    pub(crate) metrics: Option<Arc<Mutex<Metrics>>>,
+    /// Unix seconds of the last drain, for `/healthz`.
+    pub(crate) last_drain: Arc<AtomicU64>,
+    /// SIGHUP: re-reads the VIP list.
+    pub(crate) reload: Option<Box<dyn FnMut() -> anyhow::Result<VipSet>>>,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl<W: Write> Reader<'_, W> {
@@ -272,7 +290,7 @@ impl<W: Write> Reader<'_, W> {
     }
 
     /// Reads everything in the ring now; prints what passes the userspace filters.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    pub(crate) fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
             self.delivered += 1;
             let event = match decode(&item) {
@@ -288,13 +306,20 @@ impl<W: Write> Reader<'_, W> {
                 Event::Arp(a) => self.ownership.observe(a, &mut self.vips),
                 _ => Vec::new(),
             };
+            let vip = self.vips.of_event(&event);
+            if let Some(m) = &self.metrics {
+                let mut m = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                m.record(&event, vip, self.ctx.reasons);
+                for u in &updates {
+                    m.ownership(u);
+                }
+            }
             if self.done() || self.out_closed {
                 continue;
             }
             for u in &updates {
                 self.print_update(u);
             }
-            let vip = self.vips.of_event(&event);
             if self.select_vips && vip.is_none() {
                 continue;
             }
@@ -310,7 +335,10 @@ impl<W: Write> Reader<'_, W> {
                     .entry(label)
                     .or_default() += 1;
             }
-            let line = event_line(&self.ctx, &event, vip, self.json, self.colour);
+            let mut line = event_line(&self.ctx, &event, vip, self.json, self.colour);
+            if let (true, Some(node)) = (self.json, &self.node) {
+                line = with_node(&line, node);
+            }
             if writeln!(self.out, "{line}").is_err() {
                 self.out_closed = true;
             }
@@ -319,6 +347,15 @@ impl<W: Write> Reader<'_, W> {
         if self.out.flush().is_err() {
             self.out_closed = true;
         }
+        self.last_drain.store(unix_now(), Ordering::Relaxed);
+    }
+}
+
+/// `{"node":NODE,...}` from a JSON object line.
+fn with_node(line: &str, node: &str) -> String {
+    match line.strip_prefix('{') {
+        Some(rest) => format!("{{\"node\":{},{rest}", serde_json::Value::from(node)),
+        None => line.to_owned(),
     }
 }
 
@@ -361,13 +398,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
             Some(e) => tracing::info!("probe {} not attached: {e}", s.probe),
         }
     }
-    for (what, r) in [
-        (
-            "conntrack drop classification",
-            &tracer.features.conntrack_events,
-        ),
-        ("DNAT attribution", &tracer.features.nat_attribution),
-    ] {
+    for (what, r) in tracer.features.list() {
         if let Err(e) = r {
             tracing::warn!("{what} unavailable: {e}");
         }
@@ -402,13 +433,17 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         by_vip: BTreeMap::new(),
         tables: TablePressure::start(),
         ownership: Ownership::new(OwnershipConfig::default(), args.discover_vips),
+        node: None,
+        metrics: None,
+        last_drain: Arc::new(AtomicU64::new(unix_now())),
+        reload: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the event loop")?;
     let started = Instant::now();
-    let (mut reader, mut ring) = rt.block_on(stream(reader, ring, args.duration))?;
+    let (mut reader, mut ring) = rt.block_on(stream(reader, ring, args.duration, &tracer))?;
     // Detach first, then collect what is still in the ring: afterwards the kernel counters and
     // the records read describe the same drops.
     tracer.detach();
@@ -454,11 +489,12 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stream<W: Write>(
-    mut reader: Reader<'_, W>,
+pub(crate) async fn stream<'a, W: Write>(
+    mut reader: Reader<'a, W>,
     ring: RingBuf<MapData>,
     duration: Option<Duration>,
-) -> anyhow::Result<(Reader<'_, W>, RingBuf<MapData>)> {
+    tracer: &Tracer,
+) -> anyhow::Result<(Reader<'a, W>, RingBuf<MapData>)> {
     // SAFETY: the ring buffer owns its fd and stays inside the AsyncFd until into_inner below.
     let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the event loop: {e}"))?;
@@ -468,6 +504,8 @@ async fn stream<W: Write>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
     tokio::pin!(deadline);
     loop {
@@ -478,7 +516,34 @@ async fn stream<W: Write>(
                 guard.clear_ready();
             }
             _ = tick.tick() => reader.drain(afd.get_mut()),
-            _ = table_tick.tick() => reader.tables.poll(),
+            _ = table_tick.tick() => {
+                reader.tables.poll();
+                if let Some(m) = &reader.metrics {
+                    let entries = reader.tables.last.iter().map(|(ns, t)| (*ns, t.entries)).collect();
+                    m.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .conntrack_tables(entries, reader.tables.max);
+                }
+            }
+            _ = housekeeping.tick(), if reader.metrics.is_some() => {
+                let counters = tracer.counters();
+                if let (Some(m), Ok(k)) = (&reader.metrics, counters) {
+                    m.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .kernel(k, reader.ctx.reasons);
+                }
+            }
+            _ = sighup.recv() => {
+                if let Some(reload) = reader.reload.as_mut() {
+                    match reload() {
+                        Ok(vips) => {
+                            tracing::info!("SIGHUP: configuration reloaded");
+                            reader.vips = vips;
+                        }
+                        Err(e) => tracing::error!("SIGHUP: keeping the old configuration: {e:#}"),
+                    }
+                }
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = &mut deadline => break,

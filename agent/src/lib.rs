@@ -4,8 +4,10 @@
 //! ring-buffer records into events → [`attribution`] ties them to VIPs → [`output`] prints them.
 pub mod attribution;
 pub mod btf;
+pub mod config;
 pub mod decode;
 pub mod kallsyms;
+pub mod metrics;
 pub mod netns;
 pub mod output;
 pub mod ownership;

@@ -1,6 +1,7 @@
 //! The `lbtrace` command line: the binary edge, where errors become one line and an exit code.
 
 mod cmd;
+mod daemon;
 
 use std::{net::IpAddr, process::ExitCode, time::Duration};
 
@@ -30,6 +31,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run as the node daemon: Prometheus metrics, health, optional event file.
+    Agent(AgentArgs),
     /// Check the kernel, BTF, tracefs, capabilities, and which probes attach.
     Doctor {
         /// Print JSON instead of text.
@@ -93,6 +96,59 @@ pub struct WatchArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every flag is also an `LBTRACE_*` environment variable and a key of the config file
+/// (flags and variables win over the file).
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// TOML config file (keys: vips, metrics_addr, node_name, netns, log_format, events_file,
+    /// events_max_bytes, probe_mode, ring_size, no_arp, discover_vips).
+    #[arg(long, env = "LBTRACE_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Where to serve /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
+    #[arg(long, env = "LBTRACE_METRICS_ADDR", value_name = "ADDR:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Node name on every record and metric [default: $NODE_NAME, else the hostname].
+    #[arg(long, env = "LBTRACE_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// LoadBalancer IPs or pools (CIDR) to attribute to (repeatable, or comma-separated).
+    #[arg(long = "vip", env = "LBTRACE_VIP", value_name = "IP|CIDR", value_delimiter = ',', value_parser = parse_vip_arg)]
+    vips: Vec<ipnet::IpNet>,
+    /// Only this network namespace (inode).
+    #[arg(long, env = "LBTRACE_NETNS", value_name = "INODE")]
+    netns: Option<u32>,
+    /// Log format.
+    #[arg(long, env = "LBTRACE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Also write every event as NDJSON to this file (for `diagnose` and `report`).
+    #[arg(long, env = "LBTRACE_EVENTS_FILE", value_name = "PATH")]
+    events_file: Option<std::path::PathBuf>,
+    /// Rotate the event file to PATH.1 past this size [default: 64 MiB].
+    #[arg(long, env = "LBTRACE_EVENTS_MAX_BYTES", value_name = "BYTES")]
+    events_max_bytes: Option<u64>,
+    /// Which hooks to use.
+    #[arg(long, env = "LBTRACE_PROBE_MODE", value_enum)]
+    probe_mode: Option<ProbeMode>,
+    /// Ring buffer size in bytes (a power of two, at least 4096) [default: 4 MiB].
+    #[arg(long, env = "LBTRACE_RING_SIZE", value_name = "BYTES", value_parser = parse_ring_size)]
+    ring_size: Option<u32>,
+    /// Do not record ARP, neighbour discovery or neighbour updates.
+    #[arg(long, env = "LBTRACE_NO_ARP")]
+    no_arp: bool,
+    /// Learn VIPs from gratuitous announcements.
+    #[arg(long, env = "LBTRACE_DISCOVER_VIPS")]
+    discover_vips: bool,
+}
+
+fn parse_vip_arg(s: &str) -> Result<ipnet::IpNet, String> {
+    lbtrace::attribution::parse_vip(s)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ColorMode {
     Auto,
     Always,
@@ -139,16 +195,28 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
 /// Exit code for errors the user can fix: bad input or missing privileges (as clap's usage errors).
 pub const EXIT_USAGE: u8 = 2;
 
+/// Logs to stderr through tracing; `LBTRACE_LOG` sets the filter (default: warn, info for the
+/// agent).
+pub fn init_logging(json: bool, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LBTRACE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LBTRACE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if !matches!(cli.command, Command::Agent(_)) {
+        init_logging(false, "warn");
+    }
     let result = match cli.command {
+        Command::Agent(args) => daemon::agent(args),
         Command::Watch(args) => cmd::watch(args),
         Command::Reasons { json } => cmd::reasons(json),
         Command::Doctor { json } => cmd::doctor(json),

@@ -113,7 +113,9 @@ impl Watch {
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
             let _ = w.child.kill();
             let _ = w.child.wait();
-            let err = w.stderr.join().unwrap_or_default();
+            let err = std::mem::replace(&mut w.stderr, std::thread::spawn(String::new))
+                .join()
+                .unwrap_or_default();
             bail!("lbtrace watch did not become ready: {err}");
         }
         Ok(w)
@@ -142,8 +144,12 @@ impl Watch {
     /// Waits for a watch that ends by itself (--duration, --count).
     pub fn wait(mut self) -> Result<Finished> {
         let status = self.child.wait()?;
-        let stdout = self.stdout.join().unwrap_or_default();
-        let stderr = self.stderr.join().unwrap_or_default();
+        let stdout = std::mem::replace(&mut self.stdout, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
         let mut events = Vec::new();
         let mut summary = Value::Null;
         for line in stdout.lines() {
@@ -162,6 +168,16 @@ impl Watch {
             events,
             summary,
         })
+    }
+}
+
+impl Drop for Watch {
+    /// A test that fails mid-way must not leave lbtrace running (and its programs attached).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

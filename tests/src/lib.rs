@@ -3,6 +3,7 @@
 //!
 //! Every address used is in 10.200.0.0/16 or fd00:200::/64, or loopback inside a namespace.
 
+pub mod http;
 pub mod lbtrace;
 pub mod netns;
 pub mod oracle;

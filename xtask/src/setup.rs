@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-arping",
     "ndisc6",
     "bpftool",
+    // the agent's end-to-end test scrapes it with a real Prometheus
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

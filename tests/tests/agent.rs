@@ -1,0 +1,447 @@
+//! `lbtrace agent`: two agents for two "nodes", scraped by a real Prometheus; health, SIGHUP,
+//! SIGTERM, bad configuration.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lbtest::{
+    http,
+    lbtrace::bin,
+    netns::{veth, Netns},
+    require_root, sh, traffic, unique,
+};
+use serde_json::Value;
+
+/// client (10.200.20.1) — node1 (10.200.20.11, VIP1 dropped by policy)
+///                      — node2 (10.200.21.11, VIP2 dropped by policy)
+struct Nodes {
+    client: Netns,
+    node1: Netns,
+    node2: Netns,
+}
+
+const VIP1: &str = "10.200.22.1";
+const VIP2: &str = "10.200.22.2";
+
+fn nodes() -> Nodes {
+    require_root();
+    let client = Netns::new("ac").unwrap();
+    let node1 = Netns::new("an1").unwrap();
+    let node2 = Netns::new("an2").unwrap();
+    veth(
+        &client,
+        &unique("lc1"),
+        &["10.200.20.1/24"],
+        &node1,
+        &unique("ln1"),
+        &["10.200.20.11/24"],
+    )
+    .unwrap();
+    veth(
+        &client,
+        &unique("lc2"),
+        &["10.200.21.1/24"],
+        &node2,
+        &unique("ln2"),
+        &["10.200.21.11/24"],
+    )
+    .unwrap();
+    client
+        .ip(&["route", "add", &format!("{VIP1}/32"), "via", "10.200.20.11"])
+        .unwrap();
+    client
+        .ip(&["route", "add", &format!("{VIP2}/32"), "via", "10.200.21.11"])
+        .unwrap();
+    // externalTrafficPolicy: Local with no local endpoint: kube-proxy drops the VIP's traffic.
+    for (node, vip) in [(&node1, VIP1), (&node2, VIP2)] {
+        node.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])
+            .unwrap();
+        node.nft(&format!(
+            "table ip kube {{\n counter dropped {{}}\n chain pre {{ type filter hook prerouting priority 0; ip daddr {vip} udp dport 80 counter name \"dropped\" drop; }}\n}}"
+        ))
+        .unwrap();
+    }
+    Nodes {
+        client,
+        node1,
+        node2,
+    }
+}
+
+struct Agent {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    fn start(node: &str, ns: &Netns, extra: &[&str]) -> Self {
+        let port = http::free_port().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(bin())
+            .args([
+                "agent",
+                "--node-name",
+                node,
+                "--netns",
+                &ns.inode.to_string(),
+            ])
+            .args(["--metrics-addr", &addr.to_string()])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let a = Self { child, addr };
+        let start = Instant::now();
+        while http::get(a.addr, "/readyz").map(|r| r.0).ok() != Some(200) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "agent for {node} never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        a
+    }
+
+    fn metric(&self, name_and_labels: &str) -> u64 {
+        let (_, text) = http::get(self.addr, "/metrics").unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name_and_labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then the exit status and how long the exit took.
+    fn stop(mut self) -> (std::process::ExitStatus, Duration, String) {
+        let t = Instant::now();
+        self.signal(libc::SIGTERM);
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
+        (
+            out.status,
+            t.elapsed(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+fn send(n: &Nodes, vip: &str, count: u32) -> u32 {
+    let dst: SocketAddr = format!("{vip}:80").parse().unwrap();
+    n.client
+        .run(|| traffic::udp_send(dst, count, 16).unwrap())
+        .unwrap()
+}
+
+/// IDs of the BPF programs a process holds (from its fds' fdinfo).
+fn programs_of(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|v| v.trim().parse::<u64>().ok()),
+        );
+    }
+    ids
+}
+
+/// IDs of all loaded programs (bpftool: the kernel's own list).
+fn loaded_programs() -> Vec<u64> {
+    let out = sh(Command::new("bpftool").args(["-j", "prog", "show"])).unwrap();
+    let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Prometheus {
+    fn start(targets: &[SocketAddr]) -> Self {
+        assert!(
+            Path::new("/usr/bin/prometheus").exists(),
+            "Debian's prometheus is missing: run `cargo xtask setup`"
+        );
+        let dir = TempDir(std::env::temp_dir().join(unique("lbtprom")));
+        std::fs::create_dir_all(dir.0.join("data")).unwrap();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        std::fs::write(
+            dir.0.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: lbtrace\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let port = http::free_port().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new("/usr/bin/prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.0.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Self {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let start = Instant::now();
+        while http::get(p.addr, "/-/ready").map(|r| r.0).ok() != Some(200) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "prometheus never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p
+    }
+
+    /// An instant query: `{label value → number}` for the label `by`.
+    fn query(&self, promql: &str, by: &str) -> std::collections::BTreeMap<String, u64> {
+        let (status, body) = http::get(
+            self.addr,
+            &format!("/api/v1/query?query={}", http::encode(promql)),
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"][by].as_str().unwrap_or("").to_owned(),
+                    r["value"][1].as_str().unwrap().parse::<f64>().unwrap() as u64,
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_agents_scraped_by_prometheus_count_each_vips_drops() {
+    let n = nodes();
+    let vips = format!("{VIP1},{VIP2}");
+    let a1 = Agent::start("node1", &n.node1, &["--vip", &vips]);
+    let a2 = Agent::start("node2", &n.node2, &["--vip", &vips]);
+    let prom = Prometheus::start(&[a1.addr, a2.addr]);
+    let (sent1, sent2) = (send(&n, VIP1, 17), send(&n, VIP2, 29));
+    let truth1 = n.node1.nft_counter("ip", "kube", "dropped").unwrap();
+    let truth2 = n.node2.nft_counter("ip", "kube", "dropped").unwrap();
+    assert_eq!((truth1, truth2), (u64::from(sent1), u64::from(sent2)));
+
+    // Wait for scrapes that include everything.
+    let q = "sum by (vip) (lbtrace_drops_total{reason=\"NETFILTER_DROP\",vip!=\"none\"})";
+    let start = Instant::now();
+    let mut got = prom.query(q, "vip");
+    while (got.get(VIP1), got.get(VIP2)) != (Some(&truth1), Some(&truth2)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "Prometheus has {got:?}, nft counted {truth1} and {truth2}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        got = prom.query(q, "vip");
+    }
+    // Each node saw only its own VIP's drops.
+    let by_node = prom.query("sum by (node) (lbtrace_drops_total{vip!=\"none\"})", "node");
+    assert_eq!(by_node.get("node1"), Some(&truth1));
+    assert_eq!(by_node.get("node2"), Some(&truth2));
+    assert_eq!(
+        a1.metric("lbtrace_probe_attached{probe=\"tp_btf/kfree_skb\""),
+        1
+    );
+    assert_eq!(http::get(a1.addr, "/healthz").unwrap().0, 200);
+    assert_eq!(http::get(a1.addr, "/nothing").unwrap().0, 404);
+
+    let mut held = Vec::new();
+    for a in [a1, a2] {
+        let ids = programs_of(a.child.id());
+        assert!(ids.len() >= 4, "the agent holds its programs: {ids:?}");
+        held.extend(ids);
+        let (status, took, stderr) = a.stop();
+        assert!(status.success(), "agent exited with {status}: {stderr}");
+        assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let loaded = loaded_programs();
+    let left: Vec<_> = held.iter().filter(|id| loaded.contains(id)).collect();
+    assert!(
+        left.is_empty(),
+        "programs left behind after SIGTERM: {left:?}"
+    );
+}
+
+#[test]
+fn sighup_reloads_vips_without_losing_counters() {
+    let n = nodes();
+    let dir = std::env::temp_dir().join(unique("lbtcfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("lbtrace.toml");
+    std::fs::write(&cfg, format!("vips = [\"{VIP1}\"]\n")).unwrap();
+    let events = dir.join("events.ndjson");
+    let a = Agent::start(
+        "node1",
+        &n.node1,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--events-file",
+            events.to_str().unwrap(),
+        ],
+    );
+    // The node's own address on lo takes VIP2 too, so both are dropped in node1.
+    n.node1
+        .ip(&["addr", "add", &format!("{VIP2}/32"), "dev", "lo"])
+        .unwrap();
+    n.node1
+        .nft(&format!("table ip kube2 {{\n chain pre {{ type filter hook prerouting priority 0; ip daddr {VIP2} udp dport 80 drop; }}\n}}"))
+        .unwrap();
+    n.client
+        .ip(&[
+            "route",
+            "replace",
+            &format!("{VIP2}/32"),
+            "via",
+            "10.200.20.11",
+        ])
+        .unwrap();
+    send(&n, VIP1, 5);
+    send(&n, VIP2, 3);
+    std::thread::sleep(Duration::from_millis(1500));
+    let vip1 = format!("lbtrace_drops_total{{vip=\"{VIP1}\",reason=\"NETFILTER_DROP\"");
+    let vip2 = format!("lbtrace_drops_total{{vip=\"{VIP2}\",reason=\"NETFILTER_DROP\"");
+    assert_eq!(a.metric(&vip1), 5);
+    assert_eq!(a.metric(&vip2), 0);
+    std::fs::write(&cfg, format!("vips = [\"{VIP1}\", \"{VIP2}\"]\n")).unwrap();
+    a.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    send(&n, VIP2, 4);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(a.metric(&vip1), 5, "counters survive the reload");
+    assert_eq!(a.metric(&vip2), 4);
+    // A bad file on reload keeps the old configuration.
+    std::fs::write(&cfg, "vips = [\"not-an-ip\"]\n").unwrap();
+    a.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    send(&n, VIP2, 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(a.metric(&vip2), 6);
+    let (status, _, _) = a.stop();
+    assert!(status.success());
+    let lines = std::fs::read_to_string(&events).unwrap();
+    let vip2_in_file = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["vip"] == VIP2 && e["node"] == "node1")
+        .count();
+    assert_eq!(vip2_in_file, 6, "the event file carries node and vip");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn agent_fails(args: &[&str], needle: &str) {
+    let out = Command::new(bin())
+        .arg("agent")
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    // One line saying what is wrong (clap adds a pointer to --help after a blank line).
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(
+        first.contains(needle),
+        "{args:?}: `{needle}` not in {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_configuration_and_a_taken_port_are_one_line_and_exit_2() {
+    require_root();
+    let dir = std::env::temp_dir().join(unique("lbtbad"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "vips = []\nfrobnicate = true\n",
+            "unknown field `frobnicate`",
+        ),
+        (
+            "vips = [\"10.0.0.0/40\"]\n",
+            "vips[0]: `10.0.0.0/40` is not an IP address or CIDR",
+        ),
+        ("metrics_addr = \"nowhere\"\n", "metrics_addr"),
+        ("vips = [\n", "line"),
+    ];
+    for (text, needle) in cases {
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, text).unwrap();
+        agent_fails(&["--config", p.to_str().unwrap()], needle);
+    }
+    agent_fails(&["--config", "/nonexistent/lbtrace.toml"], "No such file");
+    agent_fails(&["--vip", "10.0.0.256"], "not an IP address or CIDR");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    agent_fails(&["--metrics-addr", &addr], "cannot listen on");
+    // Environment variables are flags too.
+    let out = Command::new(bin())
+        .arg("agent")
+        .env("LBTRACE_METRICS_ADDR", &addr)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
