@@ -360,6 +360,46 @@ fn with_node(line: &str, node: &str) -> String {
 }
 
 pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    let (summary, mut out, closed) = run_watch(&args, out, json, None)?;
+    if closed {
+        return Ok(());
+    }
+    if json {
+        summary.write(&mut out, true)?;
+        out.flush().ok();
+    } else {
+        // The summary goes where a person reads it even when events are piped away.
+        let _ = out.flush();
+        summary.write(&mut io::stderr(), false)?;
+    }
+    Ok(())
+}
+
+/// Header line of a recording: what `diagnose`, `timeline` and `report` need to know.
+fn header(args: &WatchArgs, reasons: &DropReasons) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "header",
+        "format": "lbtrace-ndjson",
+        "version": 1,
+        "lbtrace": env!("CARGO_PKG_VERSION"),
+        "kernel": probes::read_opt(Path::new("/proc/sys/kernel/osrelease")).unwrap_or_default().trim(),
+        "hostname": probes::read_opt(Path::new("/proc/sys/kernel/hostname")).unwrap_or_default().trim(),
+        "started": output::rfc3339(std::time::SystemTime::now()),
+        "vips": args.vips.iter().chain(&args.tag_vips).map(ToString::to_string).collect::<Vec<_>>(),
+        "drop_reasons": reasons.iter().map(|(c, n)| (c.to_string(), n)).collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// Streams events into `out` (with a recording header when `record` is set) until the watch
+/// ends; returns the summary, the writer, and whether the writer's reader went away.
+pub(crate) fn run_watch<W: Write>(
+    args: &WatchArgs,
+    mut out: W,
+    json: bool,
+    record: Option<()>,
+) -> anyhow::Result<(Summary, W, bool)> {
     require_privileges()?;
     privileges::raise_memlock();
     let btf = load_btf()?;
@@ -377,6 +417,9 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         netns: args.netns,
         ct_events: args.events.clone(),
     };
+    if record.is_some() {
+        writeln!(out, "{}", header(args, &reasons))?;
+    }
     let kallsyms = Kallsyms::load().unwrap_or_else(|e| {
         tracing::warn!(
             "{}: {e}; locations print as addresses",
@@ -406,7 +449,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let colour = match args.color {
         ColorMode::Always => true,
         ColorMode::Never => false,
-        ColorMode::Auto => !args.json && io::stdout().is_terminal(),
+        ColorMode::Auto => !json && io::stdout().is_terminal(),
     };
     let ring = tracer.take_ring()?;
     eprintln!(
@@ -422,8 +465,8 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         },
         vips: VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect()),
         select_vips: !args.vips.is_empty(),
-        out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
-        json: args.json,
+        out,
+        json,
         colour,
         limit: args.count,
         delivered: 0,
@@ -474,19 +517,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         .iter()
         .map(ToString::to_string)
         .collect();
-    let mut out = reader.out;
-    if reader.out_closed {
-        return Ok(());
-    }
-    if !args.json {
-        // The summary goes where a person reads it even when events are piped away.
-        let _ = out.flush();
-        summary.write(&mut io::stderr(), false)?;
-    } else {
-        summary.write(&mut out, true)?;
-        out.flush().ok();
-    }
-    Ok(())
+    Ok((summary, reader.out, reader.out_closed))
 }
 
 pub(crate) async fn stream<'a, W: Write>(

@@ -62,7 +62,7 @@ impl Config {
             let msg = e.message().lines().next().unwrap_or_default().to_owned();
             match e.span() {
                 Some(span) => {
-                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                     format!("line {line}: {msg}")
                 }
                 None => msg,

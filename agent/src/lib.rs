@@ -2,6 +2,7 @@
 //!
 //! The flow: [`probes`] load and attach the kernel programs (with fallbacks) → [`decode`] turns
 //! ring-buffer records into events → [`attribution`] ties them to VIPs → [`output`] prints them.
+pub mod analysis;
 pub mod attribution;
 pub mod btf;
 pub mod config;
@@ -13,3 +14,4 @@ pub mod output;
 pub mod ownership;
 pub mod privileges;
 pub mod probes;
+pub mod report;

@@ -2,6 +2,7 @@
 
 mod cmd;
 mod daemon;
+mod inspect;
 
 use std::{net::IpAddr, process::ExitCode, time::Duration};
 
@@ -25,6 +26,38 @@ struct Cli {
 enum Command {
     /// Stream dropped packets live, one line (or JSON object) per drop, then a summary.
     Watch(WatchArgs),
+    /// Save the event stream to a file (NDJSON with a header) for diagnose, timeline, report.
+    Record {
+        /// Where to write the recording.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: std::path::PathBuf,
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// Name the likely cause per VIP: live (--duration) or from a recording.
+    Diagnose {
+        /// A recording (from `record` or the agent's --events-file); live when absent.
+        file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// Print a VIP's timeline from a recording.
+    Timeline {
+        file: std::path::PathBuf,
+        /// The VIP.
+        #[arg(long, value_name = "IP")]
+        vip: IpAddr,
+    },
+    /// Write a self-contained HTML report from a recording.
+    Report {
+        file: std::path::PathBuf,
+        /// Where to write the HTML page.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: std::path::PathBuf,
+        /// Only these VIPs (repeatable).
+        #[arg(long = "vip", value_name = "IP")]
+        vips: Vec<IpAddr>,
+    },
     /// List this kernel's drop reasons with their codes (from BTF).
     Reasons {
         /// Print JSON instead of a table.
@@ -218,6 +251,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => daemon::agent(args),
         Command::Watch(args) => cmd::watch(args),
+        Command::Record { output, watch } => inspect::record(&output, watch),
+        Command::Diagnose { file, watch } => {
+            let json = watch.json;
+            inspect::diagnose(file, json, watch)
+        }
+        Command::Timeline { file, vip } => inspect::timeline(&file, &vip.to_string()),
+        Command::Report { file, output, vips } => {
+            let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
+            inspect::report(&file, &output, &vips)
+        }
         Command::Reasons { json } => cmd::reasons(json),
         Command::Doctor { json } => cmd::doctor(json),
     };

@@ -25,16 +25,21 @@ pub fn bin() -> PathBuf {
     )
 }
 
-/// Runs `lbtrace ARGS` to completion.
-pub fn run(args: &[&str]) -> Result<std::process::Output> {
+/// A command running the binary under test; fails when it was not built.
+pub fn binary() -> Result<Command> {
     let b = bin();
     if !b.is_file() {
         bail!("{} missing: run `cargo xtask build`", b.display());
     }
-    Command::new(&b)
+    Ok(Command::new(b))
+}
+
+/// Runs `lbtrace ARGS` to completion.
+pub fn run(args: &[&str]) -> Result<std::process::Output> {
+    binary()?
         .args(args)
         .output()
-        .with_context(|| format!("running {}", b.display()))
+        .with_context(|| format!("running {}", bin().display()))
 }
 
 /// A running `lbtrace watch`.
@@ -57,21 +62,28 @@ pub struct Finished {
 impl Watch {
     /// Starts `lbtrace watch ARGS` and waits until its probes are attached.
     pub fn start(args: &[&str]) -> Result<Self> {
-        Self::spawn(args, false)
+        Self::spawn(binary()?, "watch", args, false)
     }
 
     /// Like [`Watch::start`], but what lbtrace prints goes straight to our stdout (for demos).
     pub fn start_live(args: &[&str]) -> Result<Self> {
-        Self::spawn(args, true)
+        Self::spawn(binary()?, "watch", args, true)
     }
 
-    fn spawn(args: &[&str], live: bool) -> Result<Self> {
-        let b = bin();
-        if !b.is_file() {
-            bail!("{} missing: run `cargo xtask build`", b.display());
-        }
-        let mut child = Command::new(&b)
-            .arg("watch")
+    /// Like [`Watch::start`], through `lbtrace`: a command that runs the binary (under
+    /// `setpriv`, `nsenter`, ...), to which `watch ARGS` are appended.
+    pub fn start_via(lbtrace: Command, args: &[&str]) -> Result<Self> {
+        Self::spawn(lbtrace, "watch", args, false)
+    }
+
+    /// Starts another streaming subcommand (`record`, `diagnose`) the same way.
+    pub fn start_command(command: &str, args: &[&str]) -> Result<Self> {
+        Self::spawn(binary()?, command, args, false)
+    }
+
+    fn spawn(mut lbtrace: Command, command: &str, args: &[&str], live: bool) -> Result<Self> {
+        let mut child = lbtrace
+            .arg(command)
             .args(args)
             .stdout(if live {
                 Stdio::inherit()
@@ -80,7 +92,7 @@ impl Watch {
             })
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", b.display()))?;
+            .with_context(|| format!("starting {lbtrace:?}"))?;
         let out = child.stdout.take();
         let err = child.stderr.take().context("stderr")?;
         let stdout = std::thread::spawn(move || {
@@ -139,6 +151,18 @@ impl Watch {
     pub fn stop(self) -> Result<Finished> {
         self.signal(libc::SIGINT);
         self.wait()
+    }
+
+    /// Waits for the process and returns its raw output (for non-JSON commands).
+    pub fn wait_raw(mut self) -> Result<(ExitStatus, String, String)> {
+        let status = self.child.wait()?;
+        let stdout = std::mem::replace(&mut self.stdout, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
+        Ok((status, stdout, stderr))
     }
 
     /// Waits for a watch that ends by itself (--duration, --count).

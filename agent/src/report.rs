@@ -1,0 +1,307 @@
+//! Text timelines and the self-contained HTML report (inline SVG, no scripts, no fetches).
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde_json::Value;
+
+use crate::analysis::{Analyzer, Bucket};
+
+fn clock(sec: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec);
+    let s = humantime::format_rfc3339_seconds(t).to_string();
+    s.get(11..19).unwrap_or(&s).to_owned()
+}
+
+/// One line per non-empty bucket, with ownership moves and findings marked.
+pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[Value]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "timeline for VIP {vip}");
+    let Some(tl) = a.timeline(vip) else {
+        let _ = writeln!(o, "  (no events for this VIP)");
+        return o;
+    };
+    let changes = a.changes(vip);
+    let mut moves = changes.iter().peekable();
+    for (start, width, b) in tl.buckets() {
+        while let Some((t, from, to)) = moves.peek() {
+            if *t as u64 > start {
+                break;
+            }
+            let _ = writeln!(
+                o,
+                "{}  >>> VIP moved {} -> {to}",
+                clock(*t as u64),
+                from.as_deref().unwrap_or("?")
+            );
+            moves.next();
+        }
+        let mut parts = Vec::new();
+        if b.drops > 0 {
+            let reasons: Vec<String> = b
+                .drops_by_reason
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            let netns: Vec<String> = b
+                .drops_by_netns
+                .iter()
+                .map(|(ns, n)| format!("{ns}:{n}"))
+                .collect();
+            parts.push(format!(
+                "drops {} [{}] netns [{}]",
+                b.drops,
+                reasons.join(", "),
+                netns.join(", ")
+            ));
+        }
+        if !b.conntrack.is_empty() {
+            let ev: Vec<String> = b
+                .conntrack
+                .iter()
+                .map(|(e, n)| format!("{e} {n}"))
+                .collect();
+            parts.push(format!("conntrack [{}]", ev.join(", ")));
+        }
+        if b.garps > 0 {
+            parts.push(format!("garp {}", b.garps));
+        }
+        if b.neigh_changes > 0 {
+            parts.push(format!("client neighbour updates {}", b.neigh_changes));
+        }
+        if !parts.is_empty() {
+            let w = if width > 1 {
+                format!(" ({width}s)")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(o, "{}{w}  {}", clock(start), parts.join("; "));
+        }
+    }
+    for (t, from, to) in moves {
+        let _ = writeln!(
+            o,
+            "{}  >>> VIP moved {} -> {to}",
+            clock(*t as u64),
+            from.as_deref().unwrap_or("?")
+        );
+    }
+    let findings: Vec<&Value> = diagnosis
+        .iter()
+        .filter(|d| d["vip"] == vip)
+        .flat_map(|d| d["findings"].as_array().into_iter().flatten())
+        .collect();
+    if findings.is_empty() {
+        let _ = writeln!(o, "no finding");
+    }
+    for f in findings {
+        let _ = writeln!(
+            o,
+            "finding: {} (confidence {}) {} .. {}: {}",
+            f["cause"].as_str().unwrap_or("?"),
+            f["confidence"],
+            f["first_seen"].as_str().unwrap_or(""),
+            f["last_seen"].as_str().unwrap_or(""),
+            f["hint"].as_str().unwrap_or("")
+        );
+    }
+    o
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const COLOURS: [&str; 8] = [
+    "#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+];
+
+/// A stacked bar chart of drops by reason per bucket, with ownership moves as lines.
+fn chart(a: &Analyzer, vip: &str) -> String {
+    let Some(tl) = a.timeline(vip) else {
+        return "<p>No events for this VIP.</p>".into();
+    };
+    let buckets: Vec<(u64, u64, &Bucket)> = tl.buckets().collect();
+    let (Some(first), Some(last)) = (buckets.first(), buckets.last()) else {
+        return "<p>No events for this VIP.</p>".into();
+    };
+    let (t0, t1) = (first.0, last.0 + last.1);
+    let span = (t1 - t0).max(1) as f64;
+    let max = buckets
+        .iter()
+        .map(|(_, _, b)| b.drops)
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let mut reasons: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, _, b) in &buckets {
+        for (r, n) in &b.drops_by_reason {
+            *reasons.entry(r).or_default() += n;
+        }
+    }
+    let colour: BTreeMap<&str, &str> = reasons
+        .keys()
+        .enumerate()
+        .map(|(i, r)| (*r, COLOURS[i % COLOURS.len()]))
+        .collect();
+    let (w, h, left, bottom) = (900.0, 240.0, 40.0, 20.0);
+    let plot_w = w - left - 10.0;
+    let plot_h = h - bottom - 10.0;
+    let x = |t: u64| left + (t - t0) as f64 / span * plot_w;
+    let mut svg = format!(
+        "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"drops by reason for {}\">",
+        esc(vip)
+    );
+    let _ = write!(
+        svg,
+        "<line x1=\"{left}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#333\"/><text x=\"2\" y=\"14\" font-size=\"11\">{}</text><text x=\"{left}\" y=\"{ty}\" font-size=\"11\">{}</text><text x=\"{r2}\" y=\"{ty}\" font-size=\"11\" text-anchor=\"end\">{}</text>",
+        max as u64,
+        clock(t0),
+        clock(t1),
+        b = h - bottom,
+        r = w - 10.0,
+        ty = h - 4.0,
+        r2 = w - 10.0,
+    );
+    for (start, width, b) in &buckets {
+        let bw = ((*width as f64) / span * plot_w).max(1.0);
+        let mut y = h - bottom;
+        for (reason, n) in &b.drops_by_reason {
+            let bh = *n as f64 / max * plot_h;
+            y -= bh;
+            let _ = write!(
+                svg,
+                "<rect class=\"bar\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{bw:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {}: {n}</title></rect>",
+                x(*start),
+                colour.get(reason.as_str()).unwrap_or(&"#999"),
+                clock(*start),
+                esc(reason),
+            );
+        }
+    }
+    for (t, from, to) in a.changes(vip) {
+        let xt = x(t as u64);
+        let _ = write!(
+            svg,
+            "<line class=\"failover\" x1=\"{xt:.1}\" y1=\"10\" x2=\"{xt:.1}\" y2=\"{}\" stroke=\"#000\" stroke-dasharray=\"4 3\"><title>VIP moved {} -&gt; {}</title></line>",
+            h - bottom,
+            esc(from.as_deref().unwrap_or("?")),
+            esc(&to)
+        );
+    }
+    svg.push_str("</svg><div class=\"legend\">");
+    for (r, n) in &reasons {
+        let _ = write!(
+            svg,
+            "<span><i style=\"background:{}\"></i>{} ({n})</span> ",
+            colour[r],
+            esc(r)
+        );
+    }
+    svg.push_str("<span><i class=\"dash\"></i>VIP moved</span></div>");
+    svg
+}
+
+/// The whole report: per VIP, the chart, the findings and the top flows.
+pub fn html(a: &Analyzer, diagnosis: &[Value], records: &[Value], title: &str) -> String {
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
+body{{font-family:sans-serif;margin:2em;color:#222}}h2{{border-bottom:1px solid #ccc}}\
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}\
+.legend span{{margin-right:1em;font-size:12px}}.legend i{{display:inline-block;width:10px;height:10px;margin-right:4px}}\
+.legend i.dash{{border-top:2px dashed #000;height:0;width:14px}}.none{{color:#080}}</style></head><body><h1>{t}</h1>",
+        t = esc(title)
+    );
+    for d in diagnosis {
+        let vip = d["vip"].as_str().unwrap_or("?");
+        let _ = write!(
+            o,
+            "<section class=\"vip\" data-vip=\"{0}\"><h2>VIP {0}</h2>",
+            esc(vip)
+        );
+        o.push_str(&chart(a, vip));
+        let findings = d["findings"].as_array().cloned().unwrap_or_default();
+        if findings.is_empty() {
+            o.push_str("<p class=\"none\">No finding: nothing wrong was seen for this VIP.</p>");
+        } else {
+            o.push_str("<h3>Findings (most likely first)</h3><table><tr><th>cause</th><th>confidence</th><th>first seen</th><th>last seen</th><th>evidence</th><th>what to do</th></tr>");
+            for f in &findings {
+                let _ = write!(
+                    o,
+                    "<tr class=\"finding\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                    esc(f["cause"].as_str().unwrap_or("")),
+                    f["confidence"],
+                    esc(f["first_seen"].as_str().unwrap_or("")),
+                    esc(f["last_seen"].as_str().unwrap_or("")),
+                    esc(&f["evidence"].to_string()),
+                    esc(f["hint"].as_str().unwrap_or("")),
+                );
+            }
+            o.push_str("</table>");
+        }
+        let mut flows: BTreeMap<String, u64> = BTreeMap::new();
+        for r in records
+            .iter()
+            .filter(|r| r["vip"] == vip && (r["kind"] == "drop" || r["kind"] == "conntrack"))
+        {
+            let key = format!(
+                "{} {}:{} -> {}:{} {}",
+                r["proto"].as_str().unwrap_or("-"),
+                r["src"].as_str().unwrap_or("-"),
+                r["sport"],
+                r["dst"].as_str().unwrap_or("-"),
+                r["dport"],
+                r["reason"].as_str().unwrap_or("")
+            );
+            *flows.entry(key).or_default() += 1;
+        }
+        let mut top: Vec<_> = flows.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1));
+        if !top.is_empty() {
+            o.push_str("<h3>Top flows</h3><table><tr><th>flow</th><th>drops</th></tr>");
+            for (flow, n) in top.iter().take(10) {
+                let _ = write!(o, "<tr><td>{}</td><td>{n}</td></tr>", esc(flow));
+            }
+            o.push_str("</table>");
+        }
+        o.push_str("</section>");
+    }
+    o.push_str("</body></html>\n");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn report_has_a_chart_per_vip_and_escapes_text() {
+        let mut a = Analyzer::new(["10.200.0.100".to_owned()]);
+        let t = |s: u64| {
+            humantime::format_rfc3339(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000 + s),
+            )
+            .to_string()
+        };
+        let recs = vec![
+            json!({"time": t(0), "kind": "drop", "reason": "NO_SOCKET", "netns": 1, "vip": "10.200.0.100", "dst": "10.200.0.100", "proto": "tcp"}),
+            json!({"time": t(1), "kind": "drop", "reason": "<b>", "netns": 1, "vip": "10.200.0.100", "dst": "10.200.0.100"}),
+        ];
+        for r in &recs {
+            a.add(r);
+        }
+        let d = a.diagnose();
+        let page = html(&a, &d, &recs, "lbtrace report");
+        assert_eq!(page.matches("<svg class=\"chart\"").count(), 1);
+        assert_eq!(page.matches("class=\"bar\"").count(), 2);
+        assert!(!page.contains("<b>") && page.contains("&lt;b&gt;"));
+        assert!(!page.contains("<script"), "self-contained, no scripts");
+        let text = text_timeline(&a, "10.200.0.100", &d);
+        assert!(text.contains("drops 1 [NO_SOCKET 1]"), "{text}");
+    }
+}
