@@ -309,6 +309,15 @@ impl Analyzer {
         all.into_iter().collect()
     }
 
+    /// The MAC that last announced the VIP.
+    pub fn owner(&self, vip: &str) -> Option<String> {
+        self.vips
+            .get(vip)?
+            .changes
+            .last()
+            .map(|c| c.new_mac.clone())
+    }
+
     /// Ownership changes of a VIP: (time, old MAC, new MAC).
     pub fn changes(&self, vip: &str) -> Vec<(f64, Option<String>, String)> {
         self.vips

@@ -452,6 +452,14 @@ pub(crate) fn run_watch<W: Write>(
         ColorMode::Auto => !json && io::stdout().is_terminal(),
     };
     let ring = tracer.take_ring()?;
+    if record.is_some() {
+        let status = serde_json::json!({
+            "kind": "status",
+            "probe": probes::probe_name(tracer.active),
+            "probes": tracer.statuses,
+        });
+        writeln!(out, "{status}")?;
+    }
     eprintln!(
         "lbtrace: tracing drops with {} (ring buffer {} KiB); Ctrl-C to stop",
         probes::probe_name(tracer.active),

@@ -3,6 +3,7 @@
 mod cmd;
 mod daemon;
 mod inspect;
+mod top;
 
 use std::{net::IpAddr, process::ExitCode, time::Duration};
 
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Stream dropped packets live, one line (or JSON object) per drop, then a summary.
     Watch(WatchArgs),
+    /// Full-screen live view of the VIPs (takes the same flags as watch).
+    Top(WatchArgs),
     /// Save the event stream to a file (NDJSON with a header) for diagnose, timeline, report.
     Record {
         /// Where to write the recording.
@@ -251,6 +254,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => daemon::agent(args),
         Command::Watch(args) => cmd::watch(args),
+        Command::Top(args) => top::top(args),
         Command::Record { output, watch } => inspect::record(&output, watch),
         Command::Diagnose { file, watch } => {
             let json = watch.json;

@@ -20,6 +20,10 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // the agent's end-to-end test scrapes it with a real Prometheus
     "prometheus",
+    // `lbtrace top` is driven in it by a test
+    "tmux",
+    // the deploy test runs `systemd-analyze verify` on deploy/lbtrace.service
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -28,6 +32,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub fn setup() -> Result<()> {
     step("setup: prerequisites");
     apt()?;
+    kubectl()?;
     rust()?;
     bpf_linker()?;
     tracefs()?;
@@ -70,6 +75,16 @@ pub fn ensure_apt(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// kubectl for the offline manifest check: any on PATH will do (its `--local` commands work alike
+/// from 1.20 on, and another package may own /usr/bin/kubectl), else Debian's kubernetes-client.
+fn kubectl() -> Result<()> {
+    if succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        eprintln!("    kubectl: present");
+        return Ok(());
+    }
+    ensure_apt(&["kubernetes-client"])
 }
 
 fn rust() -> Result<()> {
