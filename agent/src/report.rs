@@ -6,10 +6,15 @@ use serde_json::Value;
 
 use crate::analysis::{Analyzer, Bucket};
 
+/// `HH:MM:SS` (UTC) of a Unix second; computed, not formatted through a date, so that any
+/// second a recording holds prints (humantime refuses years past 9999).
 fn clock(sec: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec);
-    let s = humantime::format_rfc3339_seconds(t).to_string();
-    s.get(11..19).unwrap_or(&s).to_owned()
+    format!(
+        "{:02}:{:02}:{:02}",
+        sec / 3600 % 24,
+        sec / 60 % 60,
+        sec % 60
+    )
 }
 
 /// One line per non-empty bucket, with ownership moves and findings marked.
@@ -149,7 +154,8 @@ fn chart(a: &Analyzer, vip: &str) -> String {
     let (w, h, left, bottom) = (900.0, 240.0, 40.0, 20.0);
     let plot_w = w - left - 10.0;
     let plot_h = h - bottom - 10.0;
-    let x = |t: u64| left + (t - t0) as f64 / span * plot_w;
+    // A move older than the oldest bucket kept (rolled off a long recording) sits at the left.
+    let x = |t: u64| left + t.saturating_sub(t0) as f64 / span * plot_w;
     let mut svg = format!(
         "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"drops by reason for {}\">",
         esc(vip)
@@ -211,7 +217,7 @@ pub fn html(a: &Analyzer, diagnosis: &[Value], records: &[Value], title: &str) -
         o,
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;margin:2em;color:#222}}h2{{border-bottom:1px solid #ccc}}\
-table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}\
+table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td code{{white-space:pre-wrap;word-break:break-word;font-size:11px}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}\
 .legend span{{margin-right:1em;font-size:12px}}.legend i{{display:inline-block;width:10px;height:10px;margin-right:4px}}\
 .legend i.dash{{border-top:2px dashed #000;height:0;width:14px}}.none{{color:#080}}</style></head><body><h1>{t}</h1>",
         t = esc(title)

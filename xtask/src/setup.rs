@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     // `lbtrace top` is driven in it by a test
     "tmux",
+    // the HTML report is opened in headless Chromium by a test
+    "chromium",
     // the deploy test runs `systemd-analyze verify` on deploy/lbtrace.service
     "systemd",
 ];
