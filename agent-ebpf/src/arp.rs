@@ -4,7 +4,7 @@
 //! `arp_xmit`: the device transmit and receive tracepoints see them, so frames are parsed there.
 
 use agent_common::{
-    ArpRecord, HostKey, NeighRecord, ProbeId, RecordHeader, RecordKind, ARP_FLAG_BRIDGED,
+    ArpRecord, NeighRecord, ProbeId, RecordHeader, RecordKind, ARP_FLAG_BRIDGED,
     ARP_FLAG_GRATUITOUS, DIR_TX, FAMILY_IPV4, FAMILY_IPV6, FEATURE_ARP, FILTER_CT_EVENT,
     FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON, STAT_ARP, STAT_NEIGH,
     STAT_RING_LOST,
@@ -17,12 +17,11 @@ use aya_ebpf::{
 use crate::{
     conf,
     kernel::{netns_inum, read},
-    maps::{stat_inc, ARP_SCRATCH, EVENTS, HOST_FILTER},
-    packet::wakeup_flags,
+    maps::{stat_inc, ARP_SCRATCH, EVENTS},
+    packet::{host_listed, wakeup_flags, ETH_P_IPV6},
 };
 
 const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ARPHRD_ETHER: u16 = 1;
 const ETH_HLEN: u64 = 14;
@@ -47,16 +46,6 @@ fn header(kind: RecordKind, probe: ProbeId) -> RecordHeader {
     }
 }
 
-#[inline(always)]
-fn listed(addr: &[u8; 16], family: u8) -> bool {
-    let key = HostKey {
-        addr: *addr,
-        family,
-        _pad0: [0; 3],
-    };
-    HOST_FILTER.get_ptr(key).is_some()
-}
-
 /// Netns and host filters; `None` when the record is filtered out.
 #[inline(always)]
 fn keep(netns: u32, a: &[u8; 16], b: &[u8; 16], family: u8) -> bool {
@@ -67,7 +56,7 @@ fn keep(netns: u32, a: &[u8; 16], b: &[u8; 16], family: u8) -> bool {
     if filters & FILTER_NETNS != 0 && netns != conf!(filter_netns) {
         return false;
     }
-    if filters & FILTER_HOST != 0 && !listed(a, family) && !listed(b, family) {
+    if filters & FILTER_HOST != 0 && !host_listed(a, family) && !host_listed(b, family) {
         return false;
     }
     true

@@ -86,7 +86,7 @@ pub fn lookup(skb: u64, rec: &mut DropRecord) {
         let key = flow_of(&rec.pkt);
         // SAFETY: the value is copied out at once; LRU entries may be replaced concurrently,
         // which at worst yields another flow's (still valid) bytes.
-        if let Some(nat) = unsafe { NAT.get(&key) } {
+        if let Some(nat) = unsafe { NAT.get(key) } {
             rec.ct_flags = CT_FLAG_NAT_JOIN;
             rec.orig = nat.orig;
             rec.nat_netns = nat.netns;
@@ -136,7 +136,11 @@ pub fn classify(net: u64, netns: u32, cpu: u32) -> u8 {
     };
     let key = CtStatKey { netns, cpu };
     // SAFETY: copied out at once; only this CPU writes this key.
-    let last = unsafe { CT_LAST.get(&key) }.copied().unwrap_or_default();
+    let last = unsafe { CT_LAST.get(key) }.copied().unwrap_or_default();
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, the copies overflow the 512-byte BPF stack"
+    )]
     let _ = CT_LAST.insert(&key, &now, 0);
     if now.insert_failed < last.insert_failed || now.drop < last.drop {
         stat_inc(STAT_CT_NO_BASELINE);
@@ -173,7 +177,13 @@ pub fn learn_nat(skb: u64) {
         _pad0: 0,
     };
     read_tuple(ct + u64::from(conf!(ct_tuple_orig)), &mut value.orig);
-    if NAT.insert(&flow_of(&pkt), &value, 0).is_ok() {
+    let key = flow_of(&pkt);
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, the copies overflow the 512-byte BPF stack"
+    )]
+    let learned = NAT.insert(&key, &value, 0).is_ok();
+    if learned {
         stat_inc(STAT_NAT_LEARNED);
     }
 }

@@ -1,7 +1,7 @@
 //! kfree_skb handling shared by the tp_btf and classic tracepoint programs.
 
 use agent_common::{
-    DropRecord, HostKey, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
+    DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
     FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
     FILTER_REASON, STAT_MATCHED, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
 };
@@ -9,10 +9,8 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
 use crate::{
     conf, conntrack,
-    maps::{
-        array_inc, count_reason, stat_inc, CT_COUNTS, EVENTS, HOST_FILTER, REASON_FILTER, SCRATCH,
-    },
-    packet::{parse_packet, skb_origin, wakeup_flags},
+    maps::{array_inc, count_reason, stat_inc, CT_COUNTS, EVENTS, REASON_FILTER, SCRATCH},
+    packet::{host_listed, parse_packet, skb_origin, wakeup_flags},
 };
 
 #[inline(always)]
@@ -77,16 +75,6 @@ pub fn handle_drop(probe: ProbeId, skb: u64, location: u64, reason: u32) {
     if EVENTS.output::<DropRecord>(&*rec, wakeup_flags()).is_err() {
         stat_inc(STAT_RING_LOST);
     }
-}
-
-#[inline(always)]
-fn host_listed(addr: &[u8; 16], family: u8) -> bool {
-    let key = HostKey {
-        addr: *addr,
-        family,
-        _pad0: [0; 3],
-    };
-    HOST_FILTER.get_ptr(key).is_some()
 }
 
 #[inline(always)]

@@ -1,17 +1,17 @@
 //! Reading an skb: where it came from, and its L3/L4 headers with bounded reads.
 
-use agent_common::{PacketInfo, Tuple, FAMILY_IPV4, FAMILY_IPV6, FAMILY_NONE};
+use agent_common::{HostKey, PacketInfo, Tuple, FAMILY_IPV4, FAMILY_IPV6, FAMILY_NONE};
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     conf,
     kernel::{netns_inum, read},
-    maps::EVENTS,
+    maps::{EVENTS, HOST_FILTER},
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
@@ -172,4 +172,15 @@ pub fn wakeup_flags() -> u64 {
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
     }
+}
+
+/// Whether `addr` of `family` is in the host (or VIP) filter.
+#[inline(always)]
+pub fn host_listed(addr: &[u8; 16], family: u8) -> bool {
+    let key = HostKey {
+        addr: *addr,
+        family,
+        _pad0: [0; 3],
+    };
+    HOST_FILTER.get_ptr(key).is_some()
 }

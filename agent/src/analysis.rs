@@ -144,7 +144,9 @@ fn time_of(v: &Value) -> Option<f64> {
 }
 
 fn rfc3339(t: f64) -> String {
-    let d = std::time::Duration::from_secs_f64(t.max(0.0));
+    // Clamped to what RFC 3339 can write: a time near the end of year 9999 rounds up past it.
+    const LAST: f64 = 253_402_300_799.0;
+    let d = std::time::Duration::from_secs_f64(t.clamp(0.0, LAST));
     humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + d).to_string()
 }
 
@@ -282,12 +284,10 @@ impl Analyzer {
                     st.changes.remove(0);
                 }
             }
-            "neigh" => {
-                if r["old_mac"] != r["new_mac"] {
-                    st.timeline.bucket(sec).neigh_changes += 1;
-                    st.neigh
-                        .push((t, r["new_mac"].as_str().unwrap_or("").to_owned()));
-                }
+            "neigh" if r["old_mac"] != r["new_mac"] => {
+                st.timeline.bucket(sec).neigh_changes += 1;
+                st.neigh
+                    .push((t, r["new_mac"].as_str().unwrap_or("").to_owned()));
             }
             "finding" => match r["finding"].as_str() {
                 Some("flapping") => st.flapping = true,

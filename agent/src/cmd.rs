@@ -460,7 +460,7 @@ pub(crate) fn run_watch<W: Write>(
         });
         writeln!(out, "{status}")?;
     }
-    eprintln!(
+    let banner = format!(
         "lbtrace: tracing drops with {} (ring buffer {} KiB); Ctrl-C to stop",
         probes::probe_name(tracer.active),
         args.ring_size / 1024
@@ -494,7 +494,9 @@ pub(crate) fn run_watch<W: Write>(
         .build()
         .context("starting the event loop")?;
     let started = Instant::now();
-    let (mut reader, mut ring) = rt.block_on(stream(reader, ring, args.duration, &tracer))?;
+    let ready = || eprintln!("{banner}");
+    let (mut reader, mut ring) =
+        rt.block_on(stream(reader, ring, args.duration, &tracer, ready))?;
     // Detach first, then collect what is still in the ring: afterwards the kernel counters and
     // the records read describe the same drops.
     tracer.detach();
@@ -533,6 +535,7 @@ pub(crate) async fn stream<'a, W: Write>(
     ring: RingBuf<MapData>,
     duration: Option<Duration>,
     tracer: &Tracer,
+    ready: impl FnOnce(),
 ) -> anyhow::Result<(Reader<'a, W>, RingBuf<MapData>)> {
     // SAFETY: the ring buffer owns its fd and stays inside the AsyncFd until into_inner below.
     let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -544,6 +547,8 @@ pub(crate) async fn stream<'a, W: Write>(
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // Only now can Ctrl-C stop it cleanly: what says "ready" must come after this.
+    ready();
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
     tokio::pin!(deadline);
@@ -710,7 +715,7 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
             let reasons = DropReasons::from_btf(b).unwrap_or_default();
             match Tracer::load(b, &reasons, &opts) {
                 Ok(mut t) => {
-                    statuses.extend(t.statuses.iter().filter(|s| s.attached).cloned());
+                    statuses.extend(t.statuses.iter().filter(|s| s.tried()).cloned());
                     if features.is_none() {
                         features = Some(t.features.clone());
                     }

@@ -56,8 +56,23 @@ impl Config {
         })
     }
 
-    /// Parses and validates; the error is one line naming the key.
+    /// Parses and validates; the error is one line naming the key (a value's control
+    /// characters, such as a newline in a TOML string, are escaped).
     pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_raw(text).map_err(|e| {
+            e.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn parse_raw(text: &str) -> Result<Self, String> {
         let file: FileConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().lines().next().unwrap_or_default().to_owned();
             match e.span() {

@@ -250,7 +250,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let (mut reader, mut ring) = rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         tokio::spawn(serve(listener, metrics.clone(), last_drain));
-        stream(reader, ring, None, &tracer).await
+        stream(reader, ring, None, &tracer, || {}).await
     })?;
     tracer.detach();
     std::thread::sleep(Duration::from_millis(20));
@@ -314,13 +314,24 @@ async fn respond(
         ),
         ("GET", "/healthz") => {
             let age = unix_now().saturating_sub(last_drain.load(Ordering::Relaxed));
-            if age <= HEALTH_STALE_SECS {
-                ("200 OK", "text/plain", "ok\n".to_owned())
-            } else {
+            let missing = metrics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .missing_collectors();
+            if age > HEALTH_STALE_SECS {
                 (
                     "503 Service Unavailable",
                     "text/plain",
                     format!("ring buffer not drained for {age} s\n"),
+                )
+            } else if missing.is_empty() {
+                ("200 OK", "text/plain", "ok\n".to_owned())
+            } else {
+                // Still healthy: drops are traced; what is missing is said, not restarted for.
+                (
+                    "200 OK",
+                    "text/plain",
+                    format!("ok, degraded: no probe for {}\n", missing.join(", ")),
                 )
             }
         }

@@ -28,16 +28,19 @@ fn load(path: &Path) -> anyhow::Result<Vec<Value>> {
         ))
         .into());
     }
-    if let Some(h) = records.first().filter(|r| r["kind"] == "header") {
-        if h["format"] != "lbtrace-ndjson" || h["version"].as_u64() != Some(1) {
-            return Err(UsageError(format!(
-                "{}: unsupported recording format {} version {}",
-                path.display(),
-                h["format"],
-                h["version"]
-            ))
-            .into());
-        }
+    // Every header, not just a first line that may be the damaged one (or files concatenated).
+    let unsupported = records
+        .iter()
+        .filter(|r| r["kind"] == "header")
+        .find(|h| h["format"] != "lbtrace-ndjson" || h["version"].as_u64() != Some(1));
+    if let Some(h) = unsupported {
+        return Err(UsageError(format!(
+            "{}: unsupported recording format {} version {}",
+            path.display(),
+            h["format"],
+            h["version"]
+        ))
+        .into());
     }
     if bad > 0 {
         eprintln!(

@@ -57,6 +57,26 @@ impl Metrics {
         }
     }
 
+    /// Collectors none of whose probes attached, each with why (for `/healthz`): the agent
+    /// runs without them.
+    pub fn missing_collectors(&self) -> Vec<String> {
+        let mut missing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for p in &self.probes {
+            missing.entry(p.collector).or_default();
+        }
+        for p in &self.probes {
+            if p.attached {
+                missing.remove(p.collector);
+            } else if let (Some(why), Some(m)) = (&p.error, missing.get_mut(p.collector)) {
+                m.push(format!("{}: {why}", p.probe));
+            }
+        }
+        missing
+            .into_iter()
+            .map(|(c, why)| format!("{c} ({})", why.join("; ")))
+            .collect()
+    }
+
     /// The label for `vip`, folding VIPs past the bound into `other`.
     fn vip_label(&mut self, vip: Option<IpAddr>) -> String {
         let Some(vip) = vip else {
@@ -79,14 +99,11 @@ impl Metrics {
         match e {
             Event::Drop(d) => {
                 *self.events.entry("drop").or_default() += 1;
-                match &d.ct.event {
-                    Some(ev) => {
-                        *self
-                            .conntrack
-                            .entry((label.clone(), ct_event_label(ev)))
-                            .or_default() += 1
-                    }
-                    None => {}
+                if let Some(ev) = &d.ct.event {
+                    *self
+                        .conntrack
+                        .entry((label.clone(), ct_event_label(ev)))
+                        .or_default() += 1;
                 }
                 *self
                     .drops

@@ -174,9 +174,9 @@ impl Ownership {
             let macs = vec![previous.as_ref().map_or(owner.mac, |p| p.mac), owner.mac];
             // Alternations of a split brain are not also counted as flapping.
             st.quiet_until
-                .insert("flap", a.ts_ns + as_ns(cfg.flap_window));
+                .insert("flap", a.ts_ns.saturating_add(as_ns(cfg.flap_window)));
             st.quiet_until
-                .insert("split", a.ts_ns + as_ns(cfg.flap_window));
+                .insert("split", a.ts_ns.saturating_add(as_ns(cfg.flap_window)));
             out.push(Update::Found(Finding {
                 finding: FindingKind::SplitBrain,
                 vip: ip,
@@ -192,7 +192,7 @@ impl Ownership {
             }));
         } else if st.recent.len() >= cfg.flap_changes && quiet(st, "flap", a.ts_ns) {
             st.quiet_until
-                .insert("flap", a.ts_ns + as_ns(cfg.flap_window));
+                .insert("flap", a.ts_ns.saturating_add(as_ns(cfg.flap_window)));
             let mut macs: Vec<Mac> = st.changes.iter().map(|c| c.to.mac).collect();
             macs.push(owner.mac);
             macs.sort();

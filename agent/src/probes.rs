@@ -204,6 +204,28 @@ pub struct ProbeStatus {
     pub error: Option<String>,
 }
 
+const NOT_NEEDED: &str = "not needed: a preferred probe is attached";
+const NOT_TRIED: &str = "not tried: --probe-mode";
+
+impl ProbeStatus {
+    /// Attached, or tried and failed (not skipped because of `--probe-mode` or a preferred
+    /// probe): what `doctor` reports.
+    pub fn tried(&self) -> bool {
+        self.error
+            .as_deref()
+            .is_none_or(|e| !e.starts_with(NOT_NEEDED) && !e.starts_with(NOT_TRIED))
+    }
+}
+
+/// Fault injection for tests (undocumented in `--help`): the probes named in this variable
+/// (comma-separated, as `doctor` names them, e.g. `tp_btf/neigh_update`) fail as if the kernel
+/// had refused them, so each fallback and each missing collector can be forced.
+pub const DISABLE_PROBES_ENV: &str = "LBTRACE_DISABLE_PROBES";
+
+fn disabled_by_env(probe: &str) -> bool {
+    std::env::var(DISABLE_PROBES_ENV).is_ok_and(|v| v.split(',').any(|p| p.trim() == probe))
+}
+
 /// Kernel-side filters: applied before a record is reserved.
 #[derive(Clone, Debug, Default)]
 pub struct KernelFilter {
@@ -562,27 +584,12 @@ impl Tracer {
             .load(EBPF_OBJECT)?;
 
         // Filters and baselines go in before anything attaches.
-        {
-            let map = ebpf
-                .map_mut(MAP_REASON_FILTER)
-                .ok_or(ProbeError::MissingMap(MAP_REASON_FILTER))?;
-            let mut m: HashMap<&mut MapData, u32, u8> =
-                HashMap::try_from(map).map_err(map_err(MAP_REASON_FILTER))?;
-            for r in &f.reasons {
-                m.insert(r, 1, 0).map_err(map_err(MAP_REASON_FILTER))?;
-            }
-        }
-        {
-            let map = ebpf
-                .map_mut(MAP_HOST_FILTER)
-                .ok_or(ProbeError::MissingMap(MAP_HOST_FILTER))?;
-            let mut m: HashMap<&mut MapData, HostKey, u8> =
-                HashMap::try_from(map).map_err(map_err(MAP_HOST_FILTER))?;
-            for h in &f.hosts {
-                m.insert(host_key(*h), 1, 0)
-                    .map_err(map_err(MAP_HOST_FILTER))?;
-            }
-        }
+        fill_set(&mut ebpf, MAP_REASON_FILTER, f.reasons.iter().copied())?;
+        fill_set(
+            &mut ebpf,
+            MAP_HOST_FILTER,
+            f.hosts.iter().map(|h| host_key(*h)),
+        )?;
         if ct_stats.is_ok() {
             seed_ct_baselines(&mut ebpf)?;
         }
@@ -598,9 +605,11 @@ impl Tracer {
                     ProbeMode::Tracepoint => !spec.is_btf(),
                 };
                 let skip = if active.contains_key(collector.name) {
-                    Some("not needed: a preferred probe is attached".to_owned())
+                    Some(NOT_NEEDED.to_owned())
                 } else if !allowed {
-                    Some(format!("not tried: --probe-mode {:?}", opts.mode).to_lowercase())
+                    Some(format!("{NOT_TRIED} {:?}", opts.mode).to_lowercase())
+                } else if disabled_by_env(name) {
+                    Some(format!("disabled by {DISABLE_PROBES_ENV}"))
                 } else {
                     None
                 };
@@ -750,6 +759,20 @@ impl Tracer {
             })
             .sum()
     }
+}
+
+/// Puts `keys` into the hash map `name`, used as a set.
+fn fill_set<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    keys: impl Iterator<Item = K>,
+) -> Result<(), ProbeError> {
+    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    let mut set: HashMap<&mut MapData, K, u8> = HashMap::try_from(map).map_err(map_err(name))?;
+    for k in keys {
+        set.insert(k, 1, 0).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 /// Seeds `CT_LAST` with every namespace's current per-CPU conntrack statistics, so that history

@@ -266,7 +266,7 @@ table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td code{{white-spa
             *flows.entry(key).or_default() += 1;
         }
         let mut top: Vec<_> = flows.into_iter().collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1));
+        top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
         if !top.is_empty() {
             o.push_str("<h3>Top flows</h3><table><tr><th>flow</th><th>drops</th></tr>");
             for (flow, n) in top.iter().take(10) {

@@ -166,14 +166,8 @@ impl Watch {
     }
 
     /// Waits for a watch that ends by itself (--duration, --count).
-    pub fn wait(mut self) -> Result<Finished> {
-        let status = self.child.wait()?;
-        let stdout = std::mem::replace(&mut self.stdout, std::thread::spawn(String::new))
-            .join()
-            .unwrap_or_default();
-        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
-            .join()
-            .unwrap_or_default();
+    pub fn wait(self) -> Result<Finished> {
+        let (status, stdout, stderr) = self.wait_raw()?;
         let mut events = Vec::new();
         let mut summary = Value::Null;
         for line in stdout.lines() {

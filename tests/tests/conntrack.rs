@@ -13,7 +13,8 @@ use lbtest::{
 struct Routed {
     client: Netns,
     router: Netns,
-    server: Netns,
+    /// Held so the namespace lives as long as the test.
+    _server: Netns,
 }
 
 fn routed() -> Routed {
@@ -49,7 +50,7 @@ fn routed() -> Routed {
     Routed {
         client,
         router,
-        server,
+        _server: server,
     }
 }
 
@@ -135,7 +136,11 @@ fn full_table_counts_table_full_exactly() {
     let dst: SocketAddr = "10.200.6.2:7".parse().unwrap();
     // Warm up: the router's table holds these unreplied UDP entries for 30 s.
     r.client
-        .run(|| (0..3).for_each(|_| drop(traffic::udp_send(dst, 1, 8).unwrap())))
+        .run(|| {
+            (0..3).for_each(|_| {
+                traffic::udp_send(dst, 1, 8).unwrap();
+            })
+        })
         .unwrap();
     let before = r.router.conntrack_stat("drop").unwrap();
     let w = watch(&r.router, &["--event", "table_full"]);
@@ -143,7 +148,11 @@ fn full_table_counts_table_full_exactly() {
     let guard = SysctlGuard::set("/proc/sys/net/netfilter/nf_conntrack_max", "3").unwrap();
     const FLOWS: u32 = 20;
     r.client
-        .run(|| (0..FLOWS).for_each(|_| drop(traffic::udp_send(dst, 1, 8).unwrap())))
+        .run(|| {
+            (0..FLOWS).for_each(|_| {
+                traffic::udp_send(dst, 1, 8).unwrap();
+            })
+        })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     drop(guard);
