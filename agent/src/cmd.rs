@@ -546,7 +546,12 @@ pub(crate) async fn stream<'a, W: Write>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    // Only the agent reloads on SIGHUP; anything else keeps the default (a closed terminal
+    // ends `watch` and `top`).
+    let mut sighup = match reader.reload {
+        Some(_) => Some(signal(SignalKind::hangup())?),
+        None => None,
+    };
     // Only now can Ctrl-C stop it cleanly: what says "ready" must come after this.
     ready();
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -577,7 +582,7 @@ pub(crate) async fn stream<'a, W: Write>(
                         .kernel(k, reader.ctx.reasons);
                 }
             }
-            _ = sighup.recv() => {
+            Some(_) = async { sighup.as_mut()?.recv().await }, if sighup.is_some() => {
                 if let Some(reload) = reader.reload.as_mut() {
                     match reload() {
                         Ok(vips) => {
