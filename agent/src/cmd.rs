@@ -78,8 +78,8 @@ impl TablePressure {
             let percent = t.entries * 100 / max;
             if percent >= TABLE_WARN_PERCENT {
                 if self.warned.insert(*ns) {
-                    eprintln!(
-                        "lbtrace: warning: conntrack table of netns {ns} is {percent}% full ({} of nf_conntrack_max {max})",
+                    tracing::warn!(
+                        "conntrack table of netns {ns} is {percent}% full ({} of nf_conntrack_max {max})",
                         t.entries
                     );
                 }
@@ -129,6 +129,25 @@ impl TablePressure {
             }
         }
         out
+    }
+}
+
+/// Kernel symbols for locations; without them (unreadable, or addresses hidden without
+/// CAP_SYSLOG) locations print as raw addresses, with a warning.
+pub(crate) fn load_kallsyms() -> Kallsyms {
+    match Kallsyms::load() {
+        Ok(k) if !k.is_empty() => k,
+        Ok(k) => {
+            tracing::warn!("/proc/kallsyms hides addresses (needs CAP_SYSLOG or kptr_restrict=0): locations print as addresses");
+            k
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{}: {e}; locations print as addresses",
+                lbtrace::kallsyms::KALLSYMS
+            );
+            Kallsyms::default()
+        }
     }
 }
 
@@ -420,13 +439,7 @@ pub(crate) fn run_watch<W: Write>(
     if record.is_some() {
         writeln!(out, "{}", header(args, &reasons))?;
     }
-    let kallsyms = Kallsyms::load().unwrap_or_else(|e| {
-        tracing::warn!(
-            "{}: {e}; locations print as addresses",
-            lbtrace::kallsyms::KALLSYMS
-        );
-        Kallsyms::default()
-    });
+    let kallsyms = load_kallsyms();
     let opts = LoadOptions {
         mode: args.probe_mode,
         filter,
@@ -435,6 +448,8 @@ pub(crate) fn run_watch<W: Write>(
         arp: !args.no_arp,
     };
     let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
+    // The parsed BTF is tens of MB; everything needed from it is in the programs now.
+    drop(btf);
     for s in &tracer.statuses {
         match &s.error {
             None => tracing::info!("probe {} attached", s.probe),
@@ -693,7 +708,7 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
         },
     };
     let tracefs = Check::from(
-        probes::tracefs_root().ok_or("not mounted: mount -t tracefs nodev /sys/kernel/tracing"),
+        probes::tracefs_root().ok_or_else(probes::tracefs_problem),
         |p| p.display().to_string(),
     );
     let kallsyms = Check::from(Kallsyms::load(), |k| {

@@ -19,7 +19,6 @@ use lbtrace::{
     attribution::VipSet,
     btf::DropReasons,
     config::Config,
-    kallsyms::Kallsyms,
     metrics::Metrics,
     output::{Clock, Context},
     ownership::{Ownership, OwnershipConfig},
@@ -29,7 +28,10 @@ use lbtrace::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    cmd::{load_btf, require_privileges, stream, unix_now, Reader, TablePressure, UsageError},
+    cmd::{
+        load_btf, load_kallsyms, require_privileges, stream, unix_now, Reader, TablePressure,
+        UsageError,
+    },
     AgentArgs, LogFormat,
 };
 
@@ -169,7 +171,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     privileges::raise_memlock();
     let btf = load_btf()?;
     let reasons = DropReasons::from_btf(&btf)?;
-    let kallsyms = Kallsyms::load().unwrap_or_default();
+    let kallsyms = load_kallsyms();
     let opts = LoadOptions {
         mode: s.probe_mode,
         filter: KernelFilter {
@@ -181,6 +183,8 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         arp: s.arp,
     };
     let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
+    // The parsed BTF is tens of MB; everything needed from it is in the programs now.
+    drop(btf);
     for (what, r) in tracer.features.list() {
         if let Err(e) = r {
             tracing::warn!("{what} unavailable: {e}");

@@ -317,6 +317,24 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_at_the_end_of_time_do_not_overflow_the_windows() {
+        let vip = "10.200.0.100";
+        let mut vips = VipSet::new(vec![vip.parse().unwrap()]);
+        let mut o = Ownership::new(OwnershipConfig::default(), false);
+        for (i, mac) in [0xa, 0xb, 0xa, 0xb, 0xa].into_iter().enumerate() {
+            let mut a = garp(0, mac, vip);
+            a.ts_ns = u64::MAX - 10 + i as u64;
+            o.observe(&a, &mut vips);
+        }
+        assert_eq!(o.findings.len(), 1);
+        // Each owner keeps its own netns: two announcers are not merged into one.
+        let (_, _, changes) = o.owners().next().unwrap();
+        assert!(changes
+            .iter()
+            .all(|c| c.to.netns == u32::from(c.to.mac.0[5])));
+    }
+
+    #[test]
     fn discovery_learns_only_from_gratuitous_announcements() {
         let mut vips = VipSet::default();
         let mut o = Ownership::new(OwnershipConfig::default(), true);

@@ -318,6 +318,18 @@ pub fn tracefs_root() -> Option<PathBuf> {
         .find(|p| p.join("events").is_dir())
 }
 
+/// Why tracefs cannot be used: not mounted, or not readable by this process.
+pub fn tracefs_problem() -> String {
+    for p in TRACEFS {
+        if let Err(e) = fs::read_dir(Path::new(p).join("events")) {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return format!("{p}: permission denied (tracefs is readable by root only)");
+            }
+        }
+    }
+    "not mounted: mount -t tracefs nodev /sys/kernel/tracing".to_owned()
+}
+
 /// Offsets of `fields` in a tracefs `format` file.
 pub fn tracepoint_offsets(format: &str, fields: &[&str]) -> Result<BTreeMap<String, u32>, String> {
     let mut found = BTreeMap::new();
@@ -784,9 +796,17 @@ fn seed_ct_baselines(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         .ok_or(ProbeError::MissingMap(MAP_CT_LAST))?;
     let mut last: HashMap<&mut MapData, CtStatKey, CtStatValue> =
         HashMap::try_from(map).map_err(map_err(MAP_CT_LAST))?;
+    let mut denied = 0;
     for (inode, path) in netns::namespaces() {
-        let Ok(Some(table)) = netns::conntrack_stats(&path) else {
-            continue;
+        let table = match netns::conntrack_stats(&path) {
+            Ok(Some(t)) => t,
+            Ok(None) => continue,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    denied += 1;
+                }
+                continue;
+            }
         };
         for (cpu, row) in table.per_cpu.iter().enumerate() {
             let key = CtStatKey {
@@ -804,6 +824,11 @@ fn seed_ct_baselines(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
                 tracing::debug!("seeding conntrack baseline for netns {inode}: {e}");
             }
         }
+    }
+    if denied > 0 {
+        tracing::warn!(
+            "cannot enter {denied} network namespaces (setns needs CAP_SYS_ADMIN): their conntrack history is unknown, so their first NETFILTER_DROP per CPU may be mislabelled as a conntrack event"
+        );
     }
     Ok(())
 }
