@@ -3,7 +3,12 @@
 //!
 //! Every address used is in 10.200.0.0/16 or fd00:200::/64, or loopback inside a namespace.
 
+pub mod agent;
+pub mod blast;
+pub mod browser;
+pub mod deploy;
 pub mod http;
+pub mod lab;
 pub mod lbtrace;
 pub mod netns;
 pub mod oracle;

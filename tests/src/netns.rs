@@ -19,18 +19,33 @@ pub struct Netns {
 impl Netns {
     /// Creates `lbt<prefix>…` with loopback up.
     pub fn new(prefix: &str) -> Result<Self> {
-        let name = unique(&format!("lbt{prefix}"));
-        sh(Command::new("ip").args(["netns", "add", &name]))?;
+        Self::create(&unique(&format!("lbt{prefix}")))
+    }
+
+    /// Creates the namespace `name` with loopback up.
+    pub fn create(name: &str) -> Result<Self> {
+        sh(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Self::open(name)?;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A handle on an existing namespace; like any handle, it deletes the namespace when
+    /// dropped unless [`Netns::keep`] is called.
+    pub fn open(name: &str) -> Result<Self> {
         let path = format!("/run/netns/{name}");
         let inode = std::fs::metadata(&path)
             .with_context(|| path.clone())?
             .ino();
-        let ns = Self {
-            name,
+        Ok(Self {
+            name: name.to_owned(),
             inode: u32::try_from(inode).context("netns inode above 32 bits")?,
-        };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+        })
+    }
+
+    /// Leaves the namespace in place (a lab that outlives this process).
+    pub fn keep(self) {
+        std::mem::forget(self);
     }
 
     /// `ip -n NAME ARGS`.
@@ -92,21 +107,45 @@ impl Netns {
             .context("no counter in nft output")
     }
 
-    /// Runs `f` on a thread that has entered this namespace: sockets it opens live here.
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live here, and so
+    /// do those of threads it starts.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = File::open(format!("/run/netns/{}", self.name))?;
+        let file = self.file()?;
         std::thread::scope(|s| {
             s.spawn(|| {
-                // SAFETY: setns on this thread only, with an fd to a netns file we hold open.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns: {}", std::io::Error::last_os_error());
-                }
+                enter(&file)?;
                 Ok(f())
             })
             .join()
             .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
         })
     }
+
+    /// Like [`Netns::run`], on a thread that outlives the call.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
+        let file = self.file()?;
+        Ok(std::thread::spawn(move || {
+            enter(&file)?;
+            f()
+        }))
+    }
+
+    fn file(&self) -> Result<File> {
+        let path = format!("/run/netns/{}", self.name);
+        File::open(&path).with_context(|| path)
+    }
+}
+
+/// Moves the calling thread into the namespace `file` refers to.
+fn enter(file: &File) -> Result<()> {
+    // SAFETY: setns on this thread only, with an fd to a netns file we hold open.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

@@ -9,10 +9,11 @@ use std::{
 };
 
 use lbtest::{
+    agent::{bpf_ids_of, loaded, Agent},
     http,
     lbtrace::bin,
     netns::{veth, Netns},
-    require_root, sh, traffic, unique,
+    require_root, traffic, unique,
 };
 use serde_json::Value;
 
@@ -72,74 +73,12 @@ fn nodes() -> Nodes {
     }
 }
 
-struct Agent {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn start(node: &str, ns: &Netns, extra: &[&str]) -> Self {
-        let port = http::free_port().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(bin())
-            .args([
-                "agent",
-                "--node-name",
-                node,
-                "--netns",
-                &ns.inode.to_string(),
-            ])
-            .args(["--metrics-addr", &addr.to_string()])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let a = Self { child, addr };
-        let start = Instant::now();
-        while http::get(a.addr, "/readyz").map(|r| r.0).ok() != Some(200) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "agent for {node} never became ready"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        a
-    }
-
-    fn metric(&self, name_and_labels: &str) -> u64 {
-        let (_, text) = http::get(self.addr, "/metrics").unwrap();
-        text.lines()
-            .find(|l| l.starts_with(name_and_labels))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// SIGTERM, then the exit status and how long the exit took.
-    fn stop(mut self) -> (std::process::ExitStatus, Duration, String) {
-        let t = Instant::now();
-        self.signal(libc::SIGTERM);
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
-        (
-            out.status,
-            t.elapsed(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
+/// An agent for `node`, counting only the namespace `ns`.
+fn start(node: &str, ns: &Netns, extra: &[&str]) -> Agent {
+    let inode = ns.inode.to_string();
+    let mut args = vec!["--node-name", node, "--netns", &inode];
+    args.extend_from_slice(extra);
+    Agent::start(&args, &[]).unwrap_or_else(|e| panic!("agent for {node}: {e:#}"))
 }
 
 fn send(n: &Nodes, vip: &str, count: u32) -> u32 {
@@ -147,35 +86,6 @@ fn send(n: &Nodes, vip: &str, count: u32) -> u32 {
     n.client
         .run(|| traffic::udp_send(dst, count, 16).unwrap())
         .unwrap()
-}
-
-/// IDs of the BPF programs a process holds (from its fds' fdinfo).
-fn programs_of(pid: u32) -> Vec<u64> {
-    let mut ids = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
-        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
-        ids.extend(
-            info.lines()
-                .filter_map(|l| l.strip_prefix("prog_id:"))
-                .filter_map(|v| v.trim().parse::<u64>().ok()),
-        );
-    }
-    ids
-}
-
-/// IDs of all loaded programs (bpftool: the kernel's own list).
-fn loaded_programs() -> Vec<u64> {
-    let out = sh(Command::new("bpftool").args(["-j", "prog", "show"])).unwrap();
-    let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
-    progs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["id"].as_u64())
-        .collect()
 }
 
 struct Prometheus {
@@ -275,8 +185,8 @@ impl Drop for Prometheus {
 fn two_agents_scraped_by_prometheus_count_each_vips_drops() {
     let n = nodes();
     let vips = format!("{VIP1},{VIP2}");
-    let a1 = Agent::start("node1", &n.node1, &["--vip", &vips]);
-    let a2 = Agent::start("node2", &n.node2, &["--vip", &vips]);
+    let a1 = start("node1", &n.node1, &["--vip", &vips]);
+    let a2 = start("node2", &n.node2, &["--vip", &vips]);
     let prom = Prometheus::start(&[a1.addr, a2.addr]);
     let (sent1, sent2) = (send(&n, VIP1, 17), send(&n, VIP2, 29));
     let truth1 = n.node1.nft_counter("ip", "kube", "dropped").unwrap();
@@ -308,15 +218,15 @@ fn two_agents_scraped_by_prometheus_count_each_vips_drops() {
 
     let mut held = Vec::new();
     for a in [a1, a2] {
-        let ids = programs_of(a.child.id());
+        let ids = bpf_ids_of(a.pid(), "prog_id").unwrap();
         assert!(ids.len() >= 4, "the agent holds its programs: {ids:?}");
         held.extend(ids);
-        let (status, took, stderr) = a.stop();
+        let (status, took, stderr) = a.stop().unwrap();
         assert!(status.success(), "agent exited with {status}: {stderr}");
         assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
     }
     std::thread::sleep(Duration::from_millis(200));
-    let loaded = loaded_programs();
+    let loaded = loaded("prog").unwrap();
     let left: Vec<_> = held.iter().filter(|id| loaded.contains(id)).collect();
     assert!(
         left.is_empty(),
@@ -332,7 +242,7 @@ fn sighup_reloads_vips_without_losing_counters() {
     let cfg = dir.join("lbtrace.toml");
     std::fs::write(&cfg, format!("vips = [\"{VIP1}\"]\n")).unwrap();
     let events = dir.join("events.ndjson");
-    let a = Agent::start(
+    let a = start(
         "node1",
         &n.node1,
         &[
@@ -379,7 +289,7 @@ fn sighup_reloads_vips_without_losing_counters() {
     send(&n, VIP2, 2);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(a.metric(&vip2), 6);
-    let (status, _, _) = a.stop();
+    let (status, _, _) = a.stop().unwrap();
     assert!(status.success());
     let lines = std::fs::read_to_string(&events).unwrap();
     let vip2_in_file = lines

@@ -245,11 +245,6 @@ fn without_privileges_one_line_and_nothing_attached() {
         stderr.contains("CAP_BPF") && stderr.contains("CAP_PERFMON"),
         "{stderr}"
     );
-    let progs =
-        lbtest::sh(std::process::Command::new("bpftool").args(["-j", "prog", "show"])).unwrap();
-    let progs = String::from_utf8_lossy(&progs.stdout);
-    assert!(
-        !progs.contains("kfree_skb_btf") && !progs.contains("kfree_skb_tp"),
-        "programs left attached: {progs}"
-    );
+    let new: Vec<_> = lbtrace_programs().difference(&before).copied().collect();
+    assert!(new.is_empty(), "programs left loaded: {new:?}");
 }

@@ -1,6 +1,9 @@
 //! `cargo xtask`: setup, build, test and demo for lbtrace, from a fresh machine.
 
+mod bench;
 mod demo;
+mod fuzz;
+mod lab;
 mod setup;
 mod util;
 
@@ -31,11 +34,36 @@ enum Command {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Build, then stream live drops while a namespace generates some, then the summary.
-    Demo {
-        /// How long to stream, in seconds.
-        #[arg(long, default_value_t = 20)]
-        duration: u64,
+    /// Build, then run the lab's stale-arp and failover-garp scenarios while lbtrace streams
+    /// the drops live, then the per-VIP summary.
+    Demo,
+    /// The namespace lab: list, up, run SCENARIO, down.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab::LabCmd,
+    },
+    /// Fuzz the record decoder, recordings and config parser for about TIME seconds.
+    Fuzz {
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        time: u64,
+    },
+    /// Measure lbtrace's cost against no tracer and bpftrace; writes target/bench/.
+    Bench {
+        /// Shorter runs (under three minutes), same figures.
+        #[arg(long)]
+        quick: bool,
+        /// Also compare with the previous run (kept as target/bench/results.prev.json).
+        #[arg(long)]
+        compare: bool,
+        /// Instead: run the daemon under a steady load for a long time; memory must stay flat.
+        #[arg(long)]
+        soak: bool,
+        /// Soak length in seconds.
+        #[arg(long, default_value_t = 600, requires = "soak")]
+        soak_secs: u64,
+        /// Soak load in drops per second.
+        #[arg(long, default_value_t = 50_000, requires = "soak")]
+        soak_rate: u64,
     },
 }
 
@@ -45,7 +73,22 @@ fn main() {
         Command::Setup => setup::setup(),
         Command::Build => setup::setup().and_then(|()| build().map(|_| ())),
         Command::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
-        Command::Demo { duration } => demo::demo(duration),
+        Command::Demo => demo::demo(),
+        Command::Lab { cmd } => lab::lab(cmd),
+        Command::Fuzz { time } => fuzz::fuzz(time),
+        Command::Bench {
+            quick,
+            compare,
+            soak,
+            soak_secs,
+            soak_rate,
+        } => bench::bench(bench::Opts {
+            quick,
+            compare,
+            soak,
+            soak_secs,
+            soak_rate,
+        }),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

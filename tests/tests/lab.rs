@@ -1,0 +1,54 @@
+//! One end-to-end run per lab scenario (`lbtest::lab`): for each VIP, lbtrace's drops must
+//! match the client's losses (failed attempts plus retransmissions) and the kernel's counter for
+//! the place that drops, the control VIP must show nothing, and nothing of the lab may be left
+//! behind (namespaces, the lowered conntrack limit, its backup).
+
+use lbtest::{
+    lab::{
+        scenarios::{self, Options, Scenario},
+        topology,
+    },
+    require_root, unique,
+};
+
+fn check(scenario: Scenario) {
+    require_root();
+    let conntrack_max = topology::conntrack_max().unwrap();
+    let prefix = unique("lbtlab");
+    let outcome = scenarios::run(
+        scenario,
+        &Options {
+            prefix: prefix.clone(),
+            duration: None,
+        },
+    );
+    let left = topology::leftovers(&prefix, &conntrack_max).unwrap();
+    let outcome = outcome.unwrap();
+    println!("{}", outcome.render());
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(outcome.passed(), "{}", outcome.render());
+}
+
+/// One `#[test]` per scenario, so that each can be run and reported on its own.
+macro_rules! scenario_tests {
+    ($($test:ident: $scenario:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check(Scenario::$scenario);
+            }
+        )*
+    };
+}
+
+scenario_tests! {
+    healthy: Healthy,
+    failover_garp: FailoverGarp,
+    stale_arp: StaleArp,
+    leader_flap: LeaderFlap,
+    endpoint_churn: EndpointChurn,
+    conntrack_snat: ConntrackSnat,
+    conntrack_full: ConntrackFull,
+    mtu_mismatch: MtuMismatch,
+    policy_race: PolicyRace,
+}

@@ -1,0 +1,536 @@
+//! The tracers under comparison, each started, measured and stopped the same way: no tracer,
+//! `lbtrace watch --json` (stdout read and discarded), `lbtrace agent` (Prometheus metrics) and
+//! the bpftrace one-liner.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc::{self, Sender},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::measure;
+
+/// The peer: Debian's bpftrace 0.17 runs the one-liner as written (`args->reason` is the
+/// tracepoint's `enum skb_drop_reason reason` field, printed as its number).
+pub const BPFTRACE_PROGRAM: &str = "tracepoint:skb:kfree_skb { @[args->reason] = count(); }";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    None,
+    Watch,
+    Agent,
+    Bpftrace,
+}
+
+impl Kind {
+    pub const ALL: [Self; 4] = [Self::None, Self::Watch, Self::Agent, Self::Bpftrace];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Watch => "lbtrace-watch",
+            Self::Agent => "lbtrace-agent",
+            Self::Bpftrace => "bpftrace",
+        }
+    }
+
+    /// The command line (after the program), the metrics address standing as `ADDR`.
+    fn args(self, scope: Scope) -> Vec<String> {
+        let (vip, netns) = (scope.vip.to_string(), scope.netns.to_string());
+        let v: Vec<&str> = match self {
+            Self::None => vec![],
+            Self::Watch => vec!["watch", "--json", "--netns", &netns, "--vip", &vip],
+            Self::Agent => vec![
+                "agent",
+                "--metrics-addr",
+                "ADDR",
+                "--netns",
+                &netns,
+                "--vip",
+                &vip,
+            ],
+            Self::Bpftrace => vec!["-e", BPFTRACE_PROGRAM],
+        };
+        v.into_iter().map(str::to_owned).collect()
+    }
+
+    /// What runs, for the report.
+    pub fn command(self, scope: Scope) -> String {
+        let args = self.args(scope).join(" ");
+        match self {
+            Self::None => "(nothing attached)".into(),
+            Self::Watch => format!("lbtrace {args} > pipe (read and discarded)"),
+            Self::Agent => format!("lbtrace {args} (metrics scraped at the end)"),
+            Self::Bpftrace => format!("bpftrace -e '{BPFTRACE_PROGRAM}'"),
+        }
+    }
+
+    pub fn is_lbtrace(self) -> bool {
+        matches!(self, Self::Watch | Self::Agent)
+    }
+}
+
+/// What lbtrace is pointed at: the bench's VIP, in the node namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope {
+    pub vip: Ipv4Addr,
+    pub netns: u32,
+}
+
+/// Whether this build of lbtrace has the `agent` subcommand.
+pub fn agent_available(bin: &Path) -> bool {
+    Command::new(bin)
+        .args(["agent", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Drop counts as a tracer reports them.
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    pub by_reason: BTreeMap<String, u64>,
+    pub seen: Option<u64>,
+    pub delivered: Option<u64>,
+    pub lost: Option<u64>,
+    /// Whether the counts cover only the bench's VIP (lbtrace) or the whole machine (bpftrace).
+    pub scope: &'static str,
+}
+
+/// A marker drop seen on stdout: `(source port, when its line was read)`.
+pub type MarkerSeen = (u16, Instant);
+
+/// Reads a child's output as it comes, keeping only the tail; optionally signals a line
+/// containing `ready`, and reports marker lines (`"dport":PORT,`) with the time they arrived.
+struct Pump {
+    tid: Arc<AtomicU32>,
+    handle: JoinHandle<Vec<u8>>,
+}
+
+const TAIL_KEEP: usize = 64 << 10;
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The number after `key` in a JSON line, e.g. `"sport":` → 40000.
+fn number_after(line: &[u8], key: &[u8]) -> Option<u16> {
+    let at = line.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits: String = line[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|&b| char::from(b))
+        .collect();
+    digits.parse().ok()
+}
+
+impl Pump {
+    fn start(
+        mut stream: impl Read + Send + 'static,
+        ready: Option<(&'static str, Sender<()>)>,
+        markers: Option<(u16, Sender<MarkerSeen>)>,
+    ) -> Self {
+        let tid = Arc::new(AtomicU32::new(0));
+        let tid_w = Arc::clone(&tid);
+        let handle = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_w.store(unsafe { libc::gettid() } as u32, Ordering::Relaxed);
+            let needle = markers.as_ref().map(|(p, _)| format!("\"dport\":{p},"));
+            let mut ready = ready;
+            let mut tail = Vec::with_capacity(2 * TAIL_KEEP);
+            let mut line = Vec::new();
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let now = Instant::now();
+                let chunk = &buf[..n];
+                tail.extend_from_slice(chunk);
+                if tail.len() > 2 * TAIL_KEEP {
+                    tail.drain(..tail.len() - TAIL_KEEP);
+                }
+                if let Some((pattern, tx)) = &ready {
+                    if contains(&tail, pattern.as_bytes()) {
+                        let _ = tx.send(());
+                        ready = None;
+                    }
+                }
+                let (Some(needle), Some((_, tx))) = (&needle, &markers) else {
+                    continue;
+                };
+                for part in chunk.split_inclusive(|&b| b == b'\n') {
+                    line.extend_from_slice(part);
+                    if line.last() != Some(&b'\n') {
+                        break;
+                    }
+                    if contains(&line, needle.as_bytes()) {
+                        if let Some(sport) = number_after(&line, b"\"sport\":") {
+                            let _ = tx.send((sport, now));
+                        }
+                    }
+                    line.clear();
+                }
+            }
+            tail
+        });
+        Self { tid, handle }
+    }
+
+    fn cpu_ns(&self) -> u64 {
+        match self.tid.load(Ordering::Relaxed) {
+            0 => 0,
+            tid => measure::thread_cpu_ns(std::process::id(), tid),
+        }
+    }
+
+    fn finish(self) -> String {
+        String::from_utf8_lossy(&self.handle.join().unwrap_or_default()).into_owned()
+    }
+}
+
+/// A pipe large enough that lbtrace does not block on it between two reads.
+fn widen_pipe(fd: &impl AsRawFd) {
+    // SAFETY: fcntl on a pipe fd we own; failure only leaves the default size.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+}
+
+/// A started tracer (or none).
+pub struct Running {
+    pub kind: Kind,
+    child: Option<Child>,
+    stdout: Option<Pump>,
+    stderr: Option<Pump>,
+    metrics: Option<SocketAddr>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Running {
+    /// Starts `kind` and returns once its probes are attached. `markers`: report stdout lines
+    /// of drops to that port (lbtrace watch only).
+    pub fn start(
+        kind: Kind,
+        bin: &Path,
+        scope: Scope,
+        markers: Option<(u16, Sender<MarkerSeen>)>,
+    ) -> Result<Self> {
+        if kind == Kind::None {
+            return Ok(Self {
+                kind,
+                child: None,
+                stdout: None,
+                stderr: None,
+                metrics: None,
+            });
+        }
+        let metrics = match kind {
+            Kind::Agent => Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+            _ => None,
+        };
+        let mut cmd = Command::new(if kind == Kind::Bpftrace {
+            Path::new("bpftrace")
+        } else {
+            bin
+        });
+        for a in kind.args(scope) {
+            cmd.arg(match metrics {
+                Some(m) if a == "ADDR" => m.to_string(),
+                _ => a,
+            });
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let out = child.stdout.take().context("stdout")?;
+        let err = child.stderr.take().context("stderr")?;
+        widen_pipe(&out);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (out_ready, err_ready) = match kind {
+            Kind::Watch => (None, Some(("lbtrace: tracing", ready_tx))),
+            // bpftrace says this just before it attaches; the grace below covers the attach.
+            Kind::Bpftrace => (Some(("Attaching", ready_tx)), None),
+            _ => (None, None),
+        };
+        let mut running = Self {
+            kind,
+            stdout: Some(Pump::start(out, out_ready, markers)),
+            stderr: Some(Pump::start(err, err_ready, None)),
+            child: Some(child),
+            metrics,
+        };
+        let ready = match metrics {
+            Some(addr) => wait_ready(addr, Duration::from_secs(60)),
+            None => ready_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+        };
+        if !ready {
+            let name = kind.name();
+            let out = running.kill();
+            bail!("{name} did not become ready: {}", out.trim());
+        }
+        if kind == Kind::Bpftrace {
+            std::thread::sleep(Duration::from_millis(750));
+        }
+        Ok(running)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// CPU time our threads spent reading the tracer's output (subtracted from busy time: with
+    /// stdout on /dev/null nobody would read it).
+    pub fn reader_cpu_ns(&self) -> u64 {
+        self.stdout.as_ref().map_or(0, Pump::cpu_ns) + self.stderr.as_ref().map_or(0, Pump::cpu_ns)
+    }
+
+    fn kill(&mut self) -> String {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let err = self.stderr.take().map(Pump::finish).unwrap_or_default();
+        let out = self.stdout.take().map(Pump::finish).unwrap_or_default();
+        format!("{err}{out}")
+    }
+
+    /// Stops the tracer (SIGINT, as a person would) and returns its counts; `names` maps
+    /// drop-reason codes to names (bpftrace prints codes).
+    pub fn stop(mut self, names: &BTreeMap<u32, String>) -> Result<Option<Counts>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let scraped = self.metrics.map(settled_metrics);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not stop within 30 s of SIGINT", self.kind.name());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = self.stdout.take().map(Pump::finish).unwrap_or_default();
+        let err = self.stderr.take().map(Pump::finish).unwrap_or_default();
+        if !status.success() {
+            bail!("{} exited with {status}: {}", self.kind.name(), err.trim());
+        }
+        let counts = match self.kind {
+            Kind::None => return Ok(None),
+            Kind::Watch => lbtrace_summary(&out)?,
+            Kind::Agent => metrics_counts(&scraped.context("no metrics address")??),
+            Kind::Bpftrace => bpftrace_counts(&out, names),
+        };
+        Ok(Some(counts))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.kill();
+        }
+    }
+}
+
+/// The agent binds its port before it loads its probes, but answers only once they are
+/// attached: an answer from /readyz means ready.
+fn wait_ready(addr: SocketAddr, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if http_get(addr, "/readyz").is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The agent refreshes its kernel counters once a second: scrape until they account for every
+/// record delivered or lost and stop moving (3 s at most).
+fn settled_metrics(addr: SocketAddr) -> Result<String> {
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut last_seen = None;
+    loop {
+        let text = http_get(addr, "/metrics")?;
+        let c = metrics_counts(&text);
+        let complete = c.seen == Some(c.delivered.unwrap_or(0) + c.lost.unwrap_or(0));
+        if (complete && last_seen == c.seen) || Instant::now() > end {
+            return Ok(text);
+        }
+        last_seen = c.seen;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `GET path`: the body of a 200 answer.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("metrics: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// The summary object `lbtrace watch --json` prints last.
+fn lbtrace_summary(stdout: &str) -> Result<Counts> {
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("lbtrace printed nothing")?;
+    let v: Value = serde_json::from_str(last).context("lbtrace's last line is not JSON")?;
+    if v["kind"] != "summary" {
+        bail!("lbtrace's last line is not its summary: {last}");
+    }
+    let by_reason = v["drops_by_reason"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Counts {
+        by_reason,
+        seen: v["events_seen"].as_u64(),
+        delivered: v["events_delivered"].as_u64(),
+        lost: v["events_lost"].as_u64(),
+        scope: "netns + VIP (in-kernel filter)",
+    })
+}
+
+/// bpftrace's map as printed on exit: `@[3]: 1234`.
+fn bpftrace_counts(stdout: &str, names: &BTreeMap<u32, String>) -> Counts {
+    let mut by_reason = BTreeMap::new();
+    for l in stdout.lines() {
+        let Some((key, n)) = l
+            .trim()
+            .strip_prefix("@[")
+            .and_then(|r| r.split_once("]: "))
+        else {
+            continue;
+        };
+        let (Ok(code), Ok(n)) = (key.parse::<u32>(), n.trim().parse::<u64>()) else {
+            continue;
+        };
+        let name = names
+            .get(&code)
+            .cloned()
+            .unwrap_or_else(|| code.to_string());
+        *by_reason.entry(name).or_insert(0) += n;
+    }
+    Counts {
+        by_reason,
+        scope: "machine-wide",
+        ..Counts::default()
+    }
+}
+
+/// The samples of metric `name` in Prometheus text: `(labels, value)`.
+fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+    text.lines().filter_map(move |l| {
+        let (labels, value) = l.strip_prefix(name)?.rsplit_once(' ')?;
+        if !labels.is_empty() && !labels.starts_with('{') {
+            return None;
+        }
+        Some((labels, value.parse::<f64>().ok()? as u64))
+    })
+}
+
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    labels.split(&format!("{key}=\"")).nth(1)?.split('"').next()
+}
+
+/// The agent's metrics: exact per-reason counts from `lbtrace_kernel_drops_total`, delivered
+/// drop records from `lbtrace_events_total{kind="drop"}`, lost from `lbtrace_events_lost_total`.
+fn metrics_counts(text: &str) -> Counts {
+    let mut by_reason = BTreeMap::new();
+    for (labels, n) in samples(text, "lbtrace_kernel_drops_total") {
+        if let Some(r) = label(labels, "reason") {
+            *by_reason.entry(r.to_owned()).or_insert(0) += n;
+        }
+    }
+    let delivered = samples(text, "lbtrace_events_total")
+        .filter(|(l, _)| label(l, "kind") == Some("drop"))
+        .map(|(_, n)| n)
+        .sum();
+    let lost = samples(text, "lbtrace_events_lost_total")
+        .map(|(_, n)| n)
+        .sum();
+    Counts {
+        seen: Some(by_reason.values().sum()),
+        by_reason,
+        delivered: Some(delivered),
+        lost: Some(lost),
+        scope: "netns (in-kernel filter)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_the_tracers_print() {
+        let names = BTreeMap::from([(3, "NO_SOCKET".to_owned())]);
+        let b = bpftrace_counts("Attaching 1 probe...\n\n\n@[12]: 5\n@[3]: 100\n", &names);
+        assert_eq!(b.by_reason["NO_SOCKET"], 100);
+        assert_eq!(b.by_reason["12"], 5);
+        let w = lbtrace_summary(
+            "{\"kind\":\"drop\"}\n{\"kind\":\"summary\",\"drops_by_reason\":{\"NO_SOCKET\":7},\"events_seen\":7,\"events_delivered\":6,\"events_lost\":1}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (w.by_reason["NO_SOCKET"], w.seen, w.lost),
+            (7, Some(7), Some(1))
+        );
+        let m = metrics_counts(concat!(
+            "# HELP x\n",
+            "lbtrace_drops_total{vip=\"a\",reason=\"NO_SOCKET\"} 4\n",
+            "lbtrace_kernel_drops_total{reason=\"NO_SOCKET\",node=\"n\"} 6\n",
+            "lbtrace_events_total{kind=\"drop\",node=\"n\"} 5\n",
+            "lbtrace_events_total{kind=\"arp\",node=\"n\"} 9\n",
+            "lbtrace_events_lost_total{cpu=\"0\",node=\"n\"} 1\n",
+        ));
+        assert_eq!(
+            (m.by_reason["NO_SOCKET"], m.seen, m.delivered, m.lost),
+            (6, Some(6), Some(5), Some(1))
+        );
+        assert_eq!(
+            number_after(b"{\"sport\":40123,\"dst\"", b"\"sport\":"),
+            Some(40123)
+        );
+    }
+}
