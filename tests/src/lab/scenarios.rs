@@ -583,6 +583,7 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     let lbtrace_lost = finished.summary["events_lost"].as_u64().unwrap_or(0);
     let mut checks = accounting_checks(&vips, lbtrace_lost);
     checks.extend(scenario.extra_checks(&vips));
+    checks.extend(diagnosis_checks(scenario, &vips, &finished.stdout)?);
     let log = clock.log.into_inner().unwrap_or_default();
     Ok(Outcome {
         scenario,
@@ -592,6 +593,89 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         lbtrace_lost,
         checks,
     })
+}
+
+impl Scenario {
+    /// The cause the diagnosis must name first for the affected VIPs.
+    fn expected_cause(self) -> Option<&'static str> {
+        match self {
+            Scenario::Healthy => None,
+            Scenario::FailoverGarp | Scenario::LeaderFlap => Some("speaker-failover"),
+            Scenario::StaleArp => Some("stale-arp"),
+            Scenario::EndpointChurn => Some("endpoint-churn"),
+            Scenario::ConntrackSnat | Scenario::ConntrackFull => Some("conntrack"),
+            Scenario::MtuMismatch => Some("mtu-mismatch"),
+            Scenario::PolicyRace => Some("policy-race"),
+        }
+    }
+}
+
+/// Runs `lbtrace diagnose` on what `watch --json` recorded: the injected cause must come first
+/// for the affected VIPs and the control VIP must have no finding; for stale ARP, the measured
+/// window must agree with the client's failure window within one bucket (1 s).
+fn diagnosis_checks(scenario: Scenario, vips: &[VipOutcome], stream: &str) -> Result<Vec<Check>> {
+    let file = std::env::temp_dir().join(format!("{}.ndjson", crate::unique("lbtdiag")));
+    std::fs::write(&file, stream)?;
+    let mut args = vec![
+        "diagnose".to_owned(),
+        file.display().to_string(),
+        "--json".to_owned(),
+    ];
+    for v in vips {
+        args.push("--vip".to_owned());
+        args.push(v.vip.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::lbtrace::run(&args);
+    let _ = std::fs::remove_file(&file);
+    let out = out?;
+    ensure!(
+        out.status.success(),
+        "lbtrace diagnose failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by_vip: BTreeMap<String, Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|d| (d["vip"].as_str().unwrap_or("").to_owned(), d))
+        .collect();
+    let mut checks = Vec::new();
+    for v in vips {
+        let d = by_vip.get(&v.vip.to_string());
+        let findings = d
+            .and_then(|d| d["findings"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        let causes: Vec<&str> = findings
+            .iter()
+            .filter_map(|f| f["cause"].as_str())
+            .collect();
+        match (v.role, scenario.expected_cause()) {
+            (Role::Affected, Some(cause)) => {
+                checks.push(Check::new(
+                    causes.first() == Some(&cause),
+                    format!("{}: diagnosis names {cause} first ({causes:?})", v.vip),
+                ));
+                if cause == "stale-arp" {
+                    let window = findings[0]["evidence"]["window_s"].as_f64().unwrap_or(-1.0);
+                    let client = v.loss_span.map_or(0.0, |(a, b)| (b - a).as_secs_f64());
+                    checks.push(Check::new(
+                        (window - client).abs() <= 1.0,
+                        format!("{}: stale-ARP window {window:.1} s vs the client's {client:.1} s (within 1 s)", v.vip),
+                    ));
+                }
+            }
+            (Role::Control, _) | (Role::Affected, None) => checks.push(Check::new(
+                causes.is_empty(),
+                format!(
+                    "{}: no finding for a VIP with nothing wrong ({causes:?})",
+                    v.vip
+                ),
+            )),
+            (Role::Hidden, _) => {}
+        }
+    }
+    Ok(checks)
 }
 
 fn vip_outcome(
