@@ -69,6 +69,8 @@ impl TablePressure {
 
     fn poll(&mut self) {
         self.last = netns::all_conntrack_tables();
+        // The limit is a sysctl: it can change while lbtrace runs.
+        self.max = netns::conntrack_max();
         for (ns, t) in &self.last {
             let peak = self.peak.entry(*ns).or_default();
             *peak = (*peak).max(t.entries);

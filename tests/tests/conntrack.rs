@@ -155,13 +155,27 @@ fn full_table_counts_table_full_exactly() {
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    drop(guard);
+    // Table pressure is read with the limit still low.
     let f = w.stop().unwrap();
+    drop(guard);
     let delta = r.router.conntrack_stat("drop").unwrap() - before;
     assert!(delta > 0, "the table should have been full");
     let events: Vec<_> = conntrack_events(&f, "table_full").collect();
     assert_eq!(events.len() as u64, delta, "{}", f.stdout);
     assert_eq!(f.summary["conntrack_by_event"]["table_full"], delta);
+    // Table pressure: the router's table at its limit, and its per-CPU `drop` counts moved by
+    // exactly the kernel's delta.
+    let table = &f.summary["conntrack_tables"][r.router.inode.to_string()];
+    assert_eq!(table["max"], 3, "{}", f.summary);
+    assert!(table["peak_entries"].as_u64().unwrap() >= 3, "{table}");
+    let drops: u64 = table["drop_per_cpu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(drops, delta, "{table}");
+    assert!(f.stderr.contains("% full"), "a warning line: {}", f.stderr);
     assert!(
         f.events.iter().all(|e| e["kind"] == "conntrack"),
         "--event keeps only conntrack records"
