@@ -129,7 +129,7 @@ const _: () = assert!(size_of::<NatOrigin>() == 48);
 
 /// What conntrack did to a dropped packet ([`DropRecord::ct_event`]).
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CtEvent {
     /// Confirm failed: the tuple clashed with an existing entry (`insert_failed`).
     InsertFailed = 1,
@@ -139,6 +139,24 @@ pub enum CtEvent {
     EarlyDrop = 3,
 }
 pub const CT_EVENT_COUNT: u32 = 4;
+
+impl CtEvent {
+    pub const ALL: [Self; 3] = [Self::InsertFailed, Self::TableFull, Self::EarlyDrop];
+
+    /// The name records, filters and metrics use: the conntrack statistic's own name, except
+    /// `drop`, which says what it means.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InsertFailed => "insert_failed",
+            Self::TableFull => "table_full",
+            Self::EarlyDrop => "early_drop",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+}
 
 impl TryFrom<u8> for CtEvent {
     type Error = u8;

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::Path};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::attribution::parse_vip;
+use crate::pipeline::attribution::parse_vip;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

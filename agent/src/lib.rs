@@ -1,17 +1,14 @@
 //! lbtrace: traces why packets to LoadBalancer IPs are dropped.
 //!
-//! The flow: [`probes`] load and attach the kernel programs (with fallbacks) → [`decode`] turns
-//! ring-buffer records into events → [`attribution`] ties them to VIPs → [`output`] prints them.
+//! A record flows through the modules in this order: [`kernel`] (BTF, symbols, tracefs,
+//! namespaces) configures [`probes`], which load and attach the programs with fallbacks; the
+//! ring's bytes become typed events and then [`event::Record`]s in [`event`]; the [`pipeline`]
+//! attributes them to VIPs and tracks ownership, then hands them to sinks: the [`analysis`]
+//! (timelines, diagnosis) and the [`output`]s (terminal, NDJSON, summary, metrics, HTML).
 pub mod analysis;
-pub mod attribution;
-pub mod btf;
 pub mod config;
-pub mod decode;
-pub mod kallsyms;
-pub mod metrics;
-pub mod netns;
+pub mod event;
+pub mod kernel;
 pub mod output;
-pub mod ownership;
-pub mod privileges;
+pub mod pipeline;
 pub mod probes;
-pub mod report;

@@ -4,13 +4,20 @@
 use std::path::Path;
 
 use lbtrace::{
-    analysis::{Analyzer, COARSE_BUCKETS, FINE_BUCKETS},
-    btf::{BtfError, DropReasons, KernelBtf, VMLINUX_BTF},
-    metrics::Metrics,
-    probes::ProbeStatus,
-    report,
+    analysis::{diagnosis::Evidence, Analyzer, Cause, COARSE_BUCKETS, FINE_BUCKETS},
+    event::{
+        record::{ProbeState, ProbeStatus},
+        Record,
+    },
+    kernel::btf::{BtfError, DropReasons, KernelBtf, VMLINUX_BTF},
+    output::{html, metrics::Metrics, timeline::text_timeline},
 };
 use serde_json::json;
+
+/// A record from its JSON, as a recording holds it.
+fn rec(v: serde_json::Value) -> Record {
+    serde_json::from_value(v).expect("a record")
+}
 
 fn kernel_btf() -> KernelBtf {
     KernelBtf::load(Path::new(VMLINUX_BTF))
@@ -78,13 +85,12 @@ fn btf_files_that_are_not_btf_are_an_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn status(collector: &'static str, probe: &'static str, error: Option<&str>) -> ProbeStatus {
-    ProbeStatus {
-        collector,
-        probe,
-        attached: error.is_none(),
-        error: error.map(str::to_owned),
-    }
+/// A status as the contract writes it: `attached` and `error`.
+fn status(collector: &str, probe: &str, error: Option<&str>) -> ProbeStatus {
+    serde_json::from_value(
+        json!({"collector": collector, "probe": probe, "attached": error.is_none(), "error": error}),
+    )
+    .expect("a probe status")
 }
 
 #[test]
@@ -109,9 +115,11 @@ fn a_collector_without_probes_is_reported_not_fatal() {
     ];
     let tried: Vec<&str> = statuses
         .iter()
-        .filter(|s| s.tried())
-        .map(|s| s.probe)
+        .filter(|s| s.state.tried())
+        .map(|s| &*s.probe)
         .collect();
+    assert_eq!(statuses[1].state, ProbeState::NotNeeded);
+    assert_eq!(statuses[3].state, ProbeState::NotTried("btf".into()));
     assert_eq!(tried, ["tp_btf/kfree_skb", "tp_btf/neigh_update"]);
     let m = Metrics::new("n".into(), statuses, 0);
     assert_eq!(
@@ -141,17 +149,22 @@ fn at(s: u64) -> String {
 fn a_vip_on_two_nodes_is_reported_not_merged() {
     let vip = "10.200.60.100";
     let mut a = Analyzer::new([vip.to_owned()]);
-    a.add(&json!({"time": at(0), "kind": "vip_owner", "vip": vip, "old_mac": null, "new_mac": "02:00:00:00:00:0a", "new_netns": 10}));
-    a.add(&json!({"time": at(1), "kind": "vip_owner", "vip": vip, "old_mac": "02:00:00:00:00:0a", "old_netns": 10, "new_mac": "02:00:00:00:00:0b", "new_netns": 11}));
-    a.add(&json!({"time": at(1), "kind": "finding", "finding": "split-brain", "vip": vip}));
-    a.add(&json!({"time": at(2), "kind": "vip_owner", "vip": vip, "old_mac": "02:00:00:00:00:0b", "old_netns": 11, "new_mac": "02:00:00:00:00:0a", "new_netns": 10}));
+    a.add(&rec(json!({"time": at(0), "kind": "vip_owner", "vip": vip, "old_mac": null, "new_mac": "02:00:00:00:00:0a", "new_netns": 10})));
+    a.add(&rec(json!({"time": at(1), "kind": "vip_owner", "vip": vip, "old_mac": "02:00:00:00:00:0a", "old_netns": 10, "new_mac": "02:00:00:00:00:0b", "new_netns": 11})));
+    a.add(&rec(
+        json!({"time": at(1), "kind": "finding", "finding": "split-brain", "vip": vip}),
+    ));
+    a.add(&rec(json!({"time": at(2), "kind": "vip_owner", "vip": vip, "old_mac": "02:00:00:00:00:0b", "old_netns": 11, "new_mac": "02:00:00:00:00:0a", "new_netns": 10})));
     let d = a.diagnose();
-    let f = &d[0]["findings"][0];
-    assert_eq!(f["cause"], "speaker-failover", "{f}");
-    assert_eq!(f["evidence"]["split_brain"], true);
+    let f = &d[0].findings[0];
+    assert_eq!(f.cause, Cause::SpeakerFailover, "{f:?}");
+    let Evidence::Failover(e) = &f.evidence else {
+        panic!("{f:?}")
+    };
+    assert!(e.split_brain);
     assert_eq!(
-        f["evidence"]["macs"],
-        json!(["02:00:00:00:00:0a", "02:00:00:00:00:0b"])
+        e.macs.iter().collect::<Vec<_>>(),
+        ["02:00:00:00:00:0a", "02:00:00:00:00:0b"]
     );
 }
 
@@ -161,12 +174,14 @@ fn a_vip_on_two_nodes_is_reported_not_merged() {
 fn recordings_past_every_bound_still_report() {
     let vip = "10.200.60.100";
     let mut a = Analyzer::new([vip.to_owned()]);
-    let mut records = vec![
-        json!({"time": at(0), "kind": "vip_owner", "vip": vip, "old_mac": "aa", "old_netns": 1, "new_mac": "bb", "new_netns": 2}),
-    ];
+    let mut records = vec![rec(
+        json!({"time": at(0), "kind": "vip_owner", "vip": vip, "old_mac": "02:00:00:00:00:aa", "old_netns": 1, "new_mac": "02:00:00:00:00:bb", "new_netns": 2}),
+    )];
     let minutes = (FINE_BUCKETS + COARSE_BUCKETS + 10) as u64;
     for m in 0..minutes {
-        records.push(json!({"time": at(60 + m * 60), "kind": "drop", "reason": "NO_SOCKET", "netns": 2, "dst": "10.200.61.2", "vip": vip}));
+        records.push(rec(
+            json!({"time": at(60 + m * 60), "kind": "drop", "reason": "NO_SOCKET", "netns": 2, "dst": "10.200.61.2", "vip": vip}),
+        ));
     }
     for r in &records {
         a.add(r);
@@ -175,7 +190,7 @@ fn recordings_past_every_bound_still_report() {
     assert_eq!(tl.fine.len(), FINE_BUCKETS);
     assert_eq!(tl.coarse.len(), COARSE_BUCKETS);
     let d = a.diagnose();
-    let page = report::html(&a, &d, &records, "long");
+    let page = html::html(&a, &d, &records, "long");
     assert!(page.contains("class=\"failover\""));
-    assert!(report::text_timeline(&a, vip, &d).contains("VIP moved aa -> bb"));
+    assert!(text_timeline(&a, vip, &d).contains("VIP moved 02:00:00:00:00:aa -> 02:00:00:00:00:bb"));
 }

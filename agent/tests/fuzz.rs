@@ -18,18 +18,29 @@ use agent_common::{
     ArpRecord, CtEvent, DropRecord, NeighRecord, ProbeId, RecordKind, FAMILY_IPV4, FAMILY_IPV6,
 };
 use lbtrace::{
-    analysis::{read_records, Analyzer},
-    attribution::{parse_vip, VipSet},
-    btf::DropReasons,
+    analysis::Analyzer,
     config::Config,
-    decode::{decode, ArpOp, DecodeError, Event, L4Proto},
-    kallsyms::Kallsyms,
-    metrics::Metrics,
-    netns::parse_ct_stat,
-    output::{event_line, Clock, Context},
-    ownership::{Ownership, OwnershipConfig},
-    probes::tracepoint_offsets,
-    report,
+    event::{
+        decode::{decode, DecodeError, Event},
+        record::{read_ndjson, Record},
+        values::{ArpOp, L4Proto},
+        Clock, Namer,
+    },
+    kernel::{
+        btf::DropReasons, conntrack::parse_ct_stat, kallsyms::Kallsyms, tracefs::tracepoint_offsets,
+    },
+    output::{
+        html,
+        metrics::{Metrics, MetricsSink},
+        ndjson::NdjsonSink,
+        text::TextSink,
+        timeline::text_timeline,
+    },
+    pipeline::{
+        attribution::{parse_vip, VipSet},
+        ownership::{Ownership, OwnershipConfig},
+        Pipeline,
+    },
 };
 use proptest::{
     prelude::*,
@@ -99,30 +110,42 @@ fn from_bytes<T: Copy>(b: &[u8]) -> T {
     unsafe { b.as_ptr().cast::<T>().read_unaligned() }
 }
 
-/// What the reader does with a record: attribute, track ownership, count, print (both ways).
-fn through_the_reader(event: &Event, vips: &mut VipSet, ownership: &mut Ownership) {
-    let reasons = DropReasons::default();
+/// What the pipeline does with ring bytes, through its real code: decode, name, attribute,
+/// track ownership, then the metrics, NDJSON and terminal sinks. Every NDJSON line must read
+/// back as a record.
+fn through_the_pipeline(bytes: &[u8]) {
     let kallsyms = Kallsyms::parse("ffffffff81000000 T _stext\nffffffff81000100 t tcp_v4_rcv\n");
-    let ctx = Context {
-        reasons: &reasons,
-        kallsyms: &kallsyms,
-        clock: Clock::now(),
+    let namer = Namer::new(DropReasons::default(), kallsyms, Clock::now());
+    let ownership = Ownership::new(OwnershipConfig::default(), true);
+    let metrics = std::sync::Arc::new(std::sync::Mutex::new(Metrics::new(
+        "n".into(),
+        Vec::new(),
+        0,
+    )));
+    let mut m = MetricsSink(metrics.clone());
+    let mut json = NdjsonSink { out: Vec::new() };
+    let mut text = TextSink {
+        out: Vec::new(),
+        colour: true,
     };
-    let updates = match event {
-        Event::Arp(a) => ownership.observe(a, vips),
-        _ => Vec::new(),
-    };
-    let vip = vips.of_event(event);
-    let mut m = Metrics::new("n".into(), Vec::new(), 0);
-    m.record(event, vip, &reasons);
-    for u in &updates {
-        m.ownership(u);
-    }
-    assert!(m.render().contains("lbtrace_events_total"));
-    let line = event_line(&ctx, event, vip, true, false);
-    let v: Value = serde_json::from_str(&line).expect("a JSON line");
-    assert!(v.is_object() && !line.contains('\n'), "{line}");
-    event_line(&ctx, event, vip, false, true);
+    let mut p = Pipeline::new(namer, wide_vips(), ownership)
+        .sink(&mut m)
+        .sink(&mut json)
+        .sink(&mut text);
+    p.process(bytes);
+    let decoded = p.counts.decode_errors == 0;
+    drop(p);
+    assert!(metrics
+        .lock()
+        .unwrap()
+        .render()
+        .contains("lbtrace_events_total"));
+    let out = String::from_utf8(json.out).expect("UTF-8 NDJSON");
+    let (records, bad) = read_ndjson(&out);
+    assert_eq!(bad, 0, "{out}");
+    assert_eq!(records.is_empty(), !decoded, "{out}");
+    assert_eq!(out.lines().count(), records.len());
+    assert!(text.out.is_empty() != decoded);
 }
 
 /// Half of all addresses are VIPs, so attribution paths are taken.
@@ -140,10 +163,8 @@ fn fuzz_decode_arbitrary_bytes() {
         5000,
         prop::collection::vec(any::<u8>(), 0..400),
         |bytes| {
-            let mut vips = wide_vips();
-            let mut ownership = Ownership::new(OwnershipConfig::default(), true);
             match decode(&bytes) {
-                Ok(e) => through_the_reader(&e, &mut vips, &mut ownership),
+                Ok(_) => through_the_pipeline(&bytes),
                 Err(DecodeError::Truncated { len, need, .. }) => {
                     prop_assert!(len < need && len == bytes.len())
                 }
@@ -262,7 +283,7 @@ fn fuzz_decode_valid_records_keep_every_value() {
                 matches!(short, Err(DecodeError::Truncated { .. })),
                 "{short:?}"
             );
-            through_the_reader(&event, &mut wide_vips(), &mut Ownership::default());
+            through_the_pipeline(&bytes);
             Ok(())
         },
     );
@@ -474,7 +495,7 @@ fn damaged(records: &[Value], d: &Damage) -> Vec<u8> {
 /// whatever it holds.
 fn analyze_recording(bytes: &[u8]) {
     let text = String::from_utf8_lossy(bytes);
-    let (records, bad) = read_records(&text);
+    let (records, bad) = read_ndjson(&text);
     let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
     assert_eq!(
         records.len() + bad,
@@ -489,7 +510,7 @@ fn analyze_recording(bytes: &[u8]) {
     // Nothing lost: every drop record with a VIP is in exactly one bucket.
     let attributed = records
         .iter()
-        .filter(|r| r["vip"].is_string() && (r["kind"] == "drop" || r["kind"] == "conntrack"))
+        .filter(|r| matches!(r, Record::Drop(_) | Record::Conntrack(_)) && r.vip().is_some())
         .count() as u64;
     let bucketed: u64 = a
         .vips()
@@ -500,16 +521,16 @@ fn analyze_recording(bytes: &[u8]) {
     assert_eq!(bucketed, attributed);
     let d = a.diagnose();
     for entry in &d {
-        assert!(
-            entry["vip"].is_string() && entry["findings"].is_array(),
-            "{entry}"
-        );
+        // Every diagnosis writes as JSON and reads back the same.
+        let line = serde_json::to_string(entry).unwrap();
+        let back: lbtrace::analysis::VipDiagnosis = serde_json::from_str(&line).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), line);
     }
     for vip in a.vips() {
-        let t = report::text_timeline(&a, &vip, &d);
+        let t = text_timeline(&a, &vip, &d);
         assert!(t.starts_with("timeline for VIP"));
     }
-    let page = report::html(&a, &d, &records, "fuzz <report>");
+    let page = html::html(&a, &d, &records, "fuzz <report>");
     assert!(page.ends_with("</html>\n") && !page.contains("<script") && !page.contains("<report>"));
 }
 
@@ -784,8 +805,8 @@ fn corpus_records() {
             Err(DecodeError::UnknownKind(_)) => "unknown-kind",
         };
         assert_eq!(what, expectation(&p), "{}: {got:?}", p.display());
-        if let Ok(e) = &got {
-            through_the_reader(e, &mut wide_vips(), &mut Ownership::default());
+        if got.is_ok() {
+            through_the_pipeline(&bytes);
         }
     }
 }
@@ -795,7 +816,7 @@ fn corpus_recordings() {
     for p in corpus("recordings") {
         let bytes = fs::read(&p).unwrap();
         analyze_recording(&bytes);
-        let (records, bad) = read_records(&String::from_utf8_lossy(&bytes));
+        let (records, bad) = read_ndjson(&String::from_utf8_lossy(&bytes));
         let expect = expectation(&p);
         let got = match (records.len(), bad) {
             (0, _) => "empty",

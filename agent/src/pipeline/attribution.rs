@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::decode::{Event, Packet};
+use crate::event::Record;
 
 /// The VIPs being watched: single addresses, and address pools (CIDRs, as a MetalLB
 /// `IPAddressPool` lists them) whose every address is a VIP.
@@ -72,22 +72,32 @@ impl VipSet {
         }
     }
 
-    /// The VIP a packet is addressed to or comes from.
-    pub fn of_packet(&self, p: &Packet) -> Option<IpAddr> {
-        self.find(p.dst).or_else(|| self.find(p.src))
+    /// The VIP of a record: its packet's own addresses first (destination, then source),
+    /// then, behind DNAT, the flow's original destination or source from conntrack or the NAT
+    /// map.
+    pub fn of_record(&self, r: &Record) -> Option<IpAddr> {
+        match r {
+            Record::Drop(d) | Record::Conntrack(d) => {
+                self.find(d.dst).or_else(|| self.find(d.src)).or_else(|| {
+                    let orig = d.orig.as_ref()?;
+                    self.find(Some(orig.dst))
+                        .or_else(|| self.find(Some(orig.src)))
+                })
+            }
+            Record::Arp(a) => self.find(a.sender_ip).or_else(|| self.find(a.target_ip)),
+            Record::Neigh(n) => self.find(n.ip),
+            _ => r.vip().and_then(|v| self.of_addr(v)),
+        }
     }
 
-    /// The VIP of an event: its own addresses first, then, behind DNAT, the flow's original
-    /// destination (or source, for replies) from conntrack or the NAT map.
-    pub fn of_event(&self, e: &Event) -> Option<IpAddr> {
-        match e {
-            Event::Drop(d) => self.of_packet(&d.packet).or_else(|| {
-                let orig = d.ct.orig.as_ref()?;
-                self.find(Some(orig.dst))
-                    .or_else(|| self.find(Some(orig.src)))
-            }),
-            Event::Arp(a) => self.find(a.sender_ip).or_else(|| self.find(a.target_ip)),
-            Event::Neigh(n) => self.find(n.ip),
+    /// Sets the record's `vip` from this set.
+    pub fn attribute(&self, r: &mut Record) {
+        let vip = self.of_record(r);
+        match r {
+            Record::Drop(d) | Record::Conntrack(d) => d.vip = vip,
+            Record::Arp(a) => a.vip = vip,
+            Record::Neigh(n) => n.vip = vip,
+            _ => {}
         }
     }
 

@@ -8,15 +8,16 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
+    io,
     net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use crate::{
-    btf::DropReasons,
-    decode::Event,
-    output::ct_event_label,
-    ownership::Update,
-    probes::{KernelCounters, ProbeStatus},
+    event::{record::ProbeStatus, Record},
+    kernel::btf::DropReasons,
+    pipeline::{Housekeeping, Sink},
+    probes::KernelCounters,
 };
 
 pub const MAX_VIP_LABELS: usize = 64;
@@ -62,12 +63,12 @@ impl Metrics {
     pub fn missing_collectors(&self) -> Vec<String> {
         let mut missing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for p in &self.probes {
-            missing.entry(p.collector).or_default();
+            missing.entry(&p.collector).or_default();
         }
         for p in &self.probes {
-            if p.attached {
-                missing.remove(p.collector);
-            } else if let (Some(why), Some(m)) = (&p.error, missing.get_mut(p.collector)) {
+            if p.state.attached() {
+                missing.remove(&*p.collector);
+            } else if let (Some(why), Some(m)) = (p.state.why(), missing.get_mut(&*p.collector)) {
                 m.push(format!("{}: {why}", p.probe));
             }
         }
@@ -94,67 +95,71 @@ impl Metrics {
         "other".into()
     }
 
-    pub fn record(&mut self, e: &Event, vip: Option<IpAddr>, reasons: &DropReasons) {
-        let label = self.vip_label(vip);
-        match e {
-            Event::Drop(d) => {
+    pub fn record(&mut self, r: &Record) {
+        match r {
+            Record::Drop(d) | Record::Conntrack(d) => {
+                let label = self.vip_label(d.vip);
                 *self.events.entry("drop").or_default() += 1;
-                if let Some(ev) = &d.ct.event {
+                if let Some(ev) = &d.event {
                     *self
                         .conntrack
-                        .entry((label.clone(), ct_event_label(ev)))
+                        .entry((label.clone(), ev.to_string()))
                         .or_default() += 1;
                 }
-                *self
-                    .drops
-                    .entry((label, reasons.name(d.reason)))
-                    .or_default() += 1;
+                *self.drops.entry((label, d.reason.to_string())).or_default() += 1;
             }
-            Event::Arp(a) => {
+            Record::Arp(a) => {
+                let label = self.vip_label(a.vip);
                 *self.events.entry("arp").or_default() += 1;
-                if a.tx && !a.bridged && a.announced().is_some() && vip.is_some() {
-                    let macs = self
-                        .announcements
-                        .keys()
-                        .filter(|(v, _)| *v == label)
-                        .count();
-                    let mac = a.sender_mac.to_string();
-                    let key = if macs >= MAX_MAC_LABELS
-                        && !self
-                            .announcements
-                            .contains_key(&(label.clone(), mac.clone()))
-                    {
-                        self.overflow += 1;
-                        (label, "other".to_owned())
-                    } else {
-                        (label, mac)
-                    };
-                    *self.announcements.entry(key).or_default() += 1;
+                if a.announced().is_some() && a.vip.is_some() {
+                    self.announcement(label, a.sender_mac.to_string());
                 }
             }
-            Event::Neigh(_) => *self.events.entry("neigh").or_default() += 1,
+            Record::Neigh(n) => {
+                self.vip_label(n.vip);
+                *self.events.entry("neigh").or_default() += 1;
+            }
+            Record::VipOwner(o) => {
+                let label = self.vip_label(Some(o.vip));
+                if o.old_mac.is_some() {
+                    *self.owner_changes.entry(label.clone()).or_default() += 1;
+                }
+                self.owners.insert(
+                    label,
+                    (o.new_mac.to_string(), o.new_netns.unwrap_or_default()),
+                );
+            }
+            _ => {}
         }
     }
 
-    pub fn ownership(&mut self, u: &Update) {
-        if let Update::Changed { vip, change } = u {
-            let label = self.vip_label(Some(*vip));
-            if change.from.is_some() {
-                *self.owner_changes.entry(label.clone()).or_default() += 1;
-            }
-            self.owners
-                .insert(label, (change.to.mac.to_string(), change.to.netns));
-        }
+    fn announcement(&mut self, label: String, mac: String) {
+        let macs = self
+            .announcements
+            .keys()
+            .filter(|(v, _)| *v == label)
+            .count();
+        let key = if macs >= MAX_MAC_LABELS
+            && !self
+                .announcements
+                .contains_key(&(label.clone(), mac.clone()))
+        {
+            self.overflow += 1;
+            (label, "other".to_owned())
+        } else {
+            (label, mac)
+        };
+        *self.announcements.entry(key).or_default() += 1;
     }
 
     /// Counters the kernel keeps on its own (exact even when the ring overflows).
-    pub fn kernel(&mut self, k: KernelCounters, reasons: &DropReasons) {
+    pub fn kernel(&mut self, k: &KernelCounters, reasons: &DropReasons) {
         for code in k.by_reason.keys() {
             self.reason_names
                 .entry(*code)
                 .or_insert_with(|| reasons.name(*code));
         }
-        self.kernel = k;
+        self.kernel = k.clone();
     }
 
     pub fn conntrack_tables(&mut self, entries: BTreeMap<u32, u64>, max: Option<u64>) {
@@ -164,38 +169,29 @@ impl Metrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
-        let mut o = String::with_capacity(4096);
-        let node = escape(&self.node);
-        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let mut e = Expo {
+            o: String::with_capacity(4096),
+            node: escape(&self.node),
         };
-        family(
-            &mut o,
+        e.family("lbtrace_build_info", "gauge", "Version of this lbtrace.");
+        e.sample(
             "lbtrace_build_info",
-            "gauge",
-            "Version of this lbtrace.",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1,
         );
-        let _ = writeln!(
-            o,
-            "lbtrace_build_info{{version=\"{}\",node=\"{node}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        family(
-            &mut o,
+        e.family(
             "lbtrace_drops_total",
             "counter",
             "Dropped packets delivered, by VIP and kernel drop reason.",
         );
         for ((vip, reason), n) in &self.drops {
-            let _ = writeln!(
-                o,
-                "lbtrace_drops_total{{vip=\"{}\",reason=\"{}\",node=\"{node}\"}} {n}",
-                escape(vip),
-                escape(reason)
+            e.sample(
+                "lbtrace_drops_total",
+                &[("vip", vip), ("reason", reason)],
+                n,
             );
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_kernel_drops_total",
             "counter",
             "Drops counted in the kernel per reason (exact, independent of the ring buffer).",
@@ -206,145 +202,160 @@ impl Metrics {
                 .get(code)
                 .cloned()
                 .unwrap_or_else(|| code.to_string());
-            let _ = writeln!(
-                o,
-                "lbtrace_kernel_drops_total{{reason=\"{}\",node=\"{node}\"}} {n}",
-                escape(&name)
-            );
+            e.sample("lbtrace_kernel_drops_total", &[("reason", &name)], n);
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_conntrack_events_total",
             "counter",
             "Drops caused by conntrack, by VIP and event.",
         );
         for ((vip, event), n) in &self.conntrack {
-            let _ = writeln!(
-                o,
-                "lbtrace_conntrack_events_total{{vip=\"{}\",event=\"{}\",node=\"{node}\"}} {n}",
-                escape(vip),
-                escape(event)
-            );
+            let labels = [("vip", vip.as_str()), ("event", event)];
+            e.sample("lbtrace_conntrack_events_total", &labels, n);
         }
-        family(
-            &mut o,
+        self.render_ownership(&mut e);
+        self.render_health(&mut e);
+        e.o
+    }
+
+    fn render_ownership(&self, e: &mut Expo) {
+        e.family(
             "lbtrace_arp_announcements_total",
             "counter",
             "ARP replies, gratuitous ARPs and neighbour advertisements a host sent for a VIP.",
         );
         for ((vip, mac), n) in &self.announcements {
-            let _ = writeln!(
-                o,
-                "lbtrace_arp_announcements_total{{vip=\"{}\",mac=\"{}\",node=\"{node}\"}} {n}",
-                escape(vip),
-                escape(mac)
-            );
+            let labels = [("vip", vip.as_str()), ("mac", mac)];
+            e.sample("lbtrace_arp_announcements_total", &labels, n);
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_vip_owner_changes_total",
             "counter",
             "Times the MAC announcing a VIP changed.",
         );
         for (vip, n) in &self.owner_changes {
-            let _ = writeln!(
-                o,
-                "lbtrace_vip_owner_changes_total{{vip=\"{}\",node=\"{node}\"}} {n}",
-                escape(vip)
-            );
+            e.sample("lbtrace_vip_owner_changes_total", &[("vip", vip)], n);
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_vip_owner_info",
             "gauge",
             "The MAC (and its netns) announcing each VIP, as seen from this node.",
         );
         for (vip, (mac, netns)) in &self.owners {
-            let _ = writeln!(o, "lbtrace_vip_owner_info{{vip=\"{}\",mac=\"{}\",netns=\"{netns}\",node=\"{node}\"}} 1", escape(vip), escape(mac));
+            let netns = netns.to_string();
+            let labels = [("vip", vip.as_str()), ("mac", mac), ("netns", &netns)];
+            e.sample("lbtrace_vip_owner_info", &labels, 1);
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_conntrack_entries",
             "gauge",
             "Conntrack entries per network namespace.",
         );
         for (ns, n) in &self.conntrack_entries {
-            let _ = writeln!(
-                o,
-                "lbtrace_conntrack_entries{{netns=\"{ns}\",node=\"{node}\"}} {n}"
+            e.sample(
+                "lbtrace_conntrack_entries",
+                &[("netns", &ns.to_string())],
+                n,
             );
         }
         if let Some(max) = self.conntrack_max {
-            family(
-                &mut o,
+            e.family(
                 "lbtrace_conntrack_entries_max",
                 "gauge",
                 "nf_conntrack_max (one limit, compared with each namespace's count).",
             );
-            let _ = writeln!(o, "lbtrace_conntrack_entries_max{{node=\"{node}\"}} {max}");
+            e.sample("lbtrace_conntrack_entries_max", &[], max);
         }
-        family(
-            &mut o,
+    }
+
+    fn render_health(&self, e: &mut Expo) {
+        e.family(
             "lbtrace_events_total",
             "counter",
             "Records delivered from the kernel, by kind.",
         );
         for (kind, n) in &self.events {
-            let _ = writeln!(
-                o,
-                "lbtrace_events_total{{kind=\"{kind}\",node=\"{node}\"}} {n}"
-            );
+            e.sample("lbtrace_events_total", &[("kind", kind)], n);
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_events_lost_total",
             "counter",
             "Records that did not fit in the ring buffer, per CPU.",
         );
         for (cpu, n) in self.kernel.lost_per_cpu.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "lbtrace_events_lost_total{{cpu=\"{cpu}\",node=\"{node}\"}} {n}"
-            );
+            e.sample("lbtrace_events_lost_total", &[("cpu", &cpu.to_string())], n);
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_probe_attached",
             "gauge",
             "1 when the probe is attached.",
         );
         for p in &self.probes {
-            let _ = writeln!(
-                o,
-                "lbtrace_probe_attached{{probe=\"{}\",collector=\"{}\",node=\"{node}\"}} {}",
-                p.probe,
-                p.collector,
-                u8::from(p.attached)
+            let labels = [("probe", &*p.probe), ("collector", &*p.collector)];
+            e.sample(
+                "lbtrace_probe_attached",
+                &labels,
+                u8::from(p.state.attached()),
             );
         }
-        family(
-            &mut o,
+        e.family(
             "lbtrace_label_overflow_total",
             "counter",
             "Events counted under vip=\"other\" or mac=\"other\" because of the label bounds.",
         );
-        let _ = writeln!(
-            o,
-            "lbtrace_label_overflow_total{{node=\"{node}\"}} {}",
-            self.overflow
-        );
-        family(
-            &mut o,
+        e.sample("lbtrace_label_overflow_total", &[], self.overflow);
+        e.family(
             "lbtrace_bpf_maps_bytes",
             "gauge",
             "Bytes of the BPF maps lbtrace created.",
         );
-        let _ = writeln!(
-            o,
-            "lbtrace_bpf_maps_bytes{{node=\"{node}\"}} {}",
-            self.maps_bytes
-        );
-        o
+        e.sample("lbtrace_bpf_maps_bytes", &[], self.maps_bytes);
+    }
+}
+
+/// The text exposition being written: every sample gets the node label last.
+struct Expo {
+    o: String,
+    node: String,
+}
+
+impl Expo {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let _ = write!(self.o, "{name}{{");
+        for (k, v) in labels {
+            let _ = write!(self.o, "{k}=\"{}\",", escape(v));
+        }
+        let _ = writeln!(self.o, "node=\"{}\"}} {value}", self.node);
+    }
+}
+
+/// The agent's metrics, fed every record.
+pub struct MetricsSink(pub Arc<Mutex<Metrics>>);
+
+impl MetricsSink {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Metrics> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Sink for MetricsSink {
+    fn record(&mut self, r: &Record) -> io::Result<()> {
+        self.lock().record(r);
+        Ok(())
+    }
+
+    fn wants_all(&self) -> bool {
+        true
+    }
+
+    fn housekeeping(&mut self, h: &Housekeeping<'_>) {
+        let mut m = self.lock();
+        m.kernel(h.counters, h.reasons);
+        m.conntrack_tables(h.tables.entries(), h.tables.max);
     }
 }
 

@@ -7,11 +7,13 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
-
 use crate::{
-    attribution::VipSet,
-    decode::{ArpEvent, Mac},
+    event::{
+        record::{ArpRec, FindingKind, FindingRec, VipDiscoveredRec, VipOwnerRec},
+        values::{Mac, Name, Time},
+        Record,
+    },
+    pipeline::attribution::VipSet,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -34,49 +36,20 @@ impl Default for OwnershipConfig {
 }
 
 /// The host announcing a VIP.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub mac: Mac,
     pub netns: u32,
-    pub ifname: Option<String>,
+    pub ifname: Option<Name>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct Change {
-    /// CLOCK_BOOTTIME nanoseconds.
-    #[serde(skip)]
-    pub at_ns: u64,
+    pub at: Time,
     pub from: Option<Owner>,
     pub to: Owner,
     /// Gratuitous announcements the new owner sent while it held the VIP.
     pub garps: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FindingKind {
-    Flapping,
-    SplitBrain,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Finding {
-    pub finding: FindingKind,
-    pub vip: IpAddr,
-    #[serde(skip)]
-    pub at_ns: u64,
-    /// The MACs involved.
-    pub macs: Vec<Mac>,
-    pub changes: usize,
-    pub detail: String,
-}
-
-/// What an announcement changed.
-#[derive(Clone, Debug)]
-pub enum Update {
-    Discovered { vip: IpAddr, owner: Owner },
-    Changed { vip: IpAddr, change: Change },
-    Found(Finding),
 }
 
 #[derive(Debug, Default)]
@@ -84,9 +57,9 @@ struct VipState {
     owner: Option<Owner>,
     changes: Vec<Change>,
     /// Times of recent changes, for flapping.
-    recent: VecDeque<u64>,
+    recent: VecDeque<Time>,
     /// Until when findings of each kind are not repeated.
-    quiet_until: BTreeMap<&'static str, u64>,
+    quiet_until: BTreeMap<FindingKind, Time>,
 }
 
 /// Ownership of every VIP seen announced.
@@ -95,7 +68,7 @@ pub struct Ownership {
     cfg: OwnershipConfig,
     discover: bool,
     vips: BTreeMap<IpAddr, VipState>,
-    pub findings: Vec<Finding>,
+    pub findings: Vec<FindingRec>,
     pub discovered: Vec<IpAddr>,
 }
 
@@ -111,37 +84,39 @@ impl Ownership {
         }
     }
 
-    /// Looks at one ARP/NDP event; only a host's own transmitted announcements count (a
-    /// bridge's forwarded copies and received ones do not, so each send counts once).
-    pub fn observe(&mut self, a: &ArpEvent, vips: &mut VipSet) -> Vec<Update> {
+    /// Looks at one ARP/NDP record; only a host's own transmitted announcements count (a
+    /// bridge's forwarded copies and received ones do not, so each send counts once). Returns
+    /// the records of what changed: discoveries, ownership changes, findings.
+    pub fn observe(&mut self, a: &ArpRec, vips: &mut VipSet) -> Vec<Record> {
         let mut out = Vec::new();
-        if !a.tx || a.bridged {
-            return out;
-        }
         let Some(ip) = a.announced() else {
             return out;
         };
+        let now = a.time.unwrap_or_default();
         let owner = Owner {
             mac: a.sender_mac,
             netns: a.netns,
             ifname: a.ifname.clone(),
         };
         if vips.of_addr(ip).is_none() {
-            if !(self.discover && a.gratuitous) {
+            if !(self.discover && a.is_garp()) {
                 return out;
             }
             vips.insert(ip);
             self.discovered.push(ip);
-            out.push(Update::Discovered {
+            out.push(Record::VipDiscovered(VipDiscoveredRec {
+                node: None,
                 vip: ip,
-                owner: owner.clone(),
-            });
+                mac: owner.mac,
+                netns: owner.netns,
+                ifname: owner.ifname.clone(),
+                note: "learned from a gratuitous announcement (--discover-vips)".to_owned(),
+            }));
         }
         let cfg = self.cfg;
         let st = self.vips.entry(ip).or_default();
-        let same = st.owner.as_ref().is_some_and(|o| o.mac == owner.mac);
-        if same {
-            if a.gratuitous {
+        if st.owner.as_ref().is_some_and(|o| o.mac == owner.mac) {
+            if a.is_garp() {
                 if let Some(c) = st.changes.last_mut() {
                     c.garps += 1;
                 }
@@ -150,76 +125,29 @@ impl Ownership {
         }
         let previous = st.owner.replace(owner.clone());
         let change = Change {
-            at_ns: a.ts_ns,
+            at: now,
             from: previous.clone(),
-            to: owner.clone(),
-            garps: u32::from(a.gratuitous),
+            to: owner,
+            garps: u32::from(a.is_garp()),
         };
-        // Split brain: back to the owner before last, within a short window.
-        let back_and_forth = st.changes.last().is_some_and(|last| {
-            a.ts_ns.saturating_sub(last.at_ns) <= as_ns(cfg.split_window)
-                && last.from.as_ref().is_some_and(|f| f.mac == owner.mac)
-        });
-        if previous.is_some() {
-            st.recent.push_back(a.ts_ns);
-            while st
-                .recent
-                .front()
-                .is_some_and(|t| a.ts_ns.saturating_sub(*t) > as_ns(cfg.flap_window))
-            {
-                st.recent.pop_front();
-            }
-        }
-        if back_and_forth && quiet(st, "split", a.ts_ns) {
-            let macs = vec![previous.as_ref().map_or(owner.mac, |p| p.mac), owner.mac];
-            // Alternations of a split brain are not also counted as flapping.
-            st.quiet_until
-                .insert("flap", a.ts_ns.saturating_add(as_ns(cfg.flap_window)));
-            st.quiet_until
-                .insert("split", a.ts_ns.saturating_add(as_ns(cfg.flap_window)));
-            out.push(Update::Found(Finding {
-                finding: FindingKind::SplitBrain,
-                vip: ip,
-                at_ns: a.ts_ns,
-                macs,
-                changes: st.recent.len(),
-                detail: format!(
-                    "two hosts announce {ip} within {:?}: {} and {}",
-                    cfg.split_window,
-                    previous.as_ref().map_or(owner.mac, |p| p.mac),
-                    owner.mac
-                ),
-            }));
-        } else if st.recent.len() >= cfg.flap_changes && quiet(st, "flap", a.ts_ns) {
-            st.quiet_until
-                .insert("flap", a.ts_ns.saturating_add(as_ns(cfg.flap_window)));
-            let mut macs: Vec<Mac> = st.changes.iter().map(|c| c.to.mac).collect();
-            macs.push(owner.mac);
-            macs.sort();
-            macs.dedup();
-            out.push(Update::Found(Finding {
-                finding: FindingKind::Flapping,
-                vip: ip,
-                at_ns: a.ts_ns,
-                macs,
-                changes: st.recent.len(),
-                detail: format!(
-                    "{} ownership changes within {:?}",
-                    st.recent.len(),
-                    cfg.flap_window
-                ),
-            }));
+        if let Some(f) = st.finding(&cfg, ip, &change) {
+            self.findings.push(f.clone());
+            out.push(Record::Finding(f));
         }
         if st.changes.len() >= MAX_CHANGES_KEPT {
             st.changes.remove(0);
         }
-        st.changes.push(change.clone());
-        out.push(Update::Changed { vip: ip, change });
-        for u in &out {
-            if let Update::Found(f) = u {
-                self.findings.push(f.clone());
-            }
-        }
+        out.push(Record::VipOwner(Box::new(VipOwnerRec {
+            node: None,
+            time: Some(now),
+            vip: ip,
+            old_mac: change.from.as_ref().map(|o| o.mac),
+            old_netns: change.from.as_ref().map(|o| o.netns),
+            new_mac: change.to.mac,
+            new_netns: Some(change.to.netns),
+            ifname: change.to.ifname.clone(),
+        })));
+        st.changes.push(change);
         out
     }
 
@@ -231,47 +159,101 @@ impl Ownership {
     }
 }
 
-fn quiet(st: &VipState, key: &str, now: u64) -> bool {
-    st.quiet_until.get(key).is_none_or(|until| now >= *until)
-}
+impl VipState {
+    /// The finding a change makes, if any: back to the owner before last within the split
+    /// window is two speakers at once; enough changes within the flap window is flapping.
+    fn finding(&mut self, cfg: &OwnershipConfig, ip: IpAddr, c: &Change) -> Option<FindingRec> {
+        let now = c.at;
+        let back_and_forth = self.changes.last().is_some_and(|last| {
+            now.since(last.at) <= cfg.split_window
+                && last.from.as_ref().is_some_and(|f| f.mac == c.to.mac)
+        });
+        if c.from.is_some() {
+            self.recent.push_back(now);
+            while self
+                .recent
+                .front()
+                .is_some_and(|t| now.since(*t) > cfg.flap_window)
+            {
+                self.recent.pop_front();
+            }
+        }
+        let from_mac = c.from.as_ref().map_or(c.to.mac, |p| p.mac);
+        let (finding, macs, detail) = if back_and_forth && self.quiet(FindingKind::SplitBrain, now)
+        {
+            // Alternations of a split brain are not also counted as flapping.
+            self.hush(FindingKind::Flapping, now, cfg.flap_window);
+            self.hush(FindingKind::SplitBrain, now, cfg.flap_window);
+            let detail = format!(
+                "two hosts announce {ip} within {:?}: {from_mac} and {}",
+                cfg.split_window, c.to.mac
+            );
+            (FindingKind::SplitBrain, vec![from_mac, c.to.mac], detail)
+        } else if self.recent.len() >= cfg.flap_changes && self.quiet(FindingKind::Flapping, now) {
+            self.hush(FindingKind::Flapping, now, cfg.flap_window);
+            let mut macs: Vec<Mac> = self.changes.iter().map(|c| c.to.mac).collect();
+            macs.push(c.to.mac);
+            macs.sort();
+            macs.dedup();
+            let detail = format!(
+                "{} ownership changes within {:?}",
+                self.recent.len(),
+                cfg.flap_window
+            );
+            (FindingKind::Flapping, macs, detail)
+        } else {
+            return None;
+        };
+        Some(FindingRec {
+            node: None,
+            time: Some(now),
+            finding,
+            vip: ip,
+            macs,
+            changes: self.recent.len(),
+            detail,
+        })
+    }
 
-fn as_ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    fn quiet(&self, kind: FindingKind, now: Time) -> bool {
+        self.quiet_until
+            .get(&kind)
+            .is_none_or(|until| now >= *until)
+    }
+
+    fn hush(&mut self, kind: FindingKind, now: Time, d: Duration) {
+        self.quiet_until.insert(kind, now.plus(d));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::ArpOp;
+    use crate::event::values::{ArpOp, Direction};
 
-    fn garp(t_s: u64, mac: u8, ip: &str) -> ArpEvent {
-        ArpEvent {
-            ts_ns: t_s * 1_000_000_000,
-            cpu: 0,
-            probe: Err(0),
-            netns: u32::from(mac),
-            ifindex: 2,
-            ifname: None,
+    fn garp(t_s: u64, mac: u8, ip: &str) -> ArpRec {
+        ArpRec {
+            time: Some(Time::from_secs_f64(t_s as f64)),
             op: ArpOp::Request,
-            tx: true,
-            bridged: false,
+            direction: Direction::Tx,
+            gratuitous: true,
             sender_ip: ip.parse().ok(),
             sender_mac: Mac([2, 0, 0, 0, 0, mac]),
             target_ip: ip.parse().ok(),
-            target_mac: Mac::default(),
-            eth_dst: Mac([0xff; 6]),
-            ndp_flags: None,
-            gratuitous: true,
+            netns: u32::from(mac),
+            ifindex: 2,
+            ..ArpRec::default()
         }
     }
 
-    fn kinds(u: &[Update]) -> Vec<&'static str> {
+    fn kinds(u: &[Record]) -> Vec<&'static str> {
         u.iter()
             .map(|u| match u {
-                Update::Discovered { .. } => "discovered",
-                Update::Changed { .. } => "changed",
-                Update::Found(f) if f.finding == FindingKind::Flapping => "flapping",
-                Update::Found(_) => "split-brain",
+                Record::VipDiscovered(_) => "discovered",
+                Record::VipOwner(_) => "changed",
+                Record::Finding(f) if f.finding == FindingKind::Flapping => "flapping",
+                Record::Finding(_) => "split-brain",
+                _ => "other",
             })
             .collect()
     }
@@ -321,9 +303,9 @@ mod tests {
         let vip = "10.200.0.100";
         let mut vips = VipSet::new(vec![vip.parse().unwrap()]);
         let mut o = Ownership::new(OwnershipConfig::default(), false);
-        for (i, mac) in [0xa, 0xb, 0xa, 0xb, 0xa].into_iter().enumerate() {
+        for mac in [0xa, 0xb, 0xa, 0xb, 0xa] {
             let mut a = garp(0, mac, vip);
-            a.ts_ns = u64::MAX - 10 + i as u64;
+            a.time = Some(Time::from_secs_f64(f64::MAX));
             o.observe(&a, &mut vips);
         }
         assert_eq!(o.findings.len(), 1);

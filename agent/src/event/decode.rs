@@ -9,6 +9,11 @@ use agent_common::{
     CT_FLAG_NAT_JOIN, CT_FLAG_SNAT, DIR_TX, FAMILY_IPV4, FAMILY_IPV6,
 };
 
+use super::{
+    record::{NDP_OVERRIDE, NDP_SOLICITED},
+    values::{ArpOp, Family, L4Proto, Mac},
+};
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than its {need}-byte {what}")]
@@ -19,70 +24,6 @@ pub enum DecodeError {
     },
     #[error("record kind {0} is unknown to this lbtrace")]
     UnknownKind(u16),
-}
-
-/// Transport protocol; unknown numbers are kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum L4Proto {
-    Tcp,
-    Udp,
-    Icmp,
-    Icmpv6,
-    Sctp,
-    Other(u8),
-}
-
-impl From<u8> for L4Proto {
-    fn from(v: u8) -> Self {
-        match v {
-            6 => Self::Tcp,
-            17 => Self::Udp,
-            1 => Self::Icmp,
-            58 => Self::Icmpv6,
-            132 => Self::Sctp,
-            other => Self::Other(other),
-        }
-    }
-}
-
-impl L4Proto {
-    pub fn number(self) -> u8 {
-        match self {
-            Self::Tcp => 6,
-            Self::Udp => 17,
-            Self::Icmp => 1,
-            Self::Icmpv6 => 58,
-            Self::Sctp => 132,
-            Self::Other(n) => n,
-        }
-    }
-
-    pub fn name(self) -> String {
-        match self {
-            Self::Tcp => "tcp".into(),
-            Self::Udp => "udp".into(),
-            Self::Icmp => "icmp".into(),
-            Self::Icmpv6 => "icmpv6".into(),
-            Self::Sctp => "sctp".into(),
-            Self::Other(n) => format!("proto-{n}"),
-        }
-    }
-
-    /// Parses `tcp`, `udp`, `icmp`, `icmpv6`, `sctp` or a protocol number.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Some(Self::Tcp),
-            "udp" => Some(Self::Udp),
-            "icmp" => Some(Self::Icmp),
-            "icmpv6" | "ipv6-icmp" => Some(Self::Icmpv6),
-            "sctp" => Some(Self::Sctp),
-            other => other.parse::<u8>().ok().map(Self::from),
-        }
-    }
-
-    fn has_ports(self) -> bool {
-        matches!(self, Self::Tcp | Self::Udp | Self::Sctp)
-    }
 }
 
 /// Packet headers as the kernel parsed them; `None` where the packet had no such field.
@@ -121,12 +62,8 @@ impl Packet {
         }
     }
 
-    pub fn family(&self) -> Option<&'static str> {
-        match self.src {
-            Some(IpAddr::V4(_)) => Some("ipv4"),
-            Some(IpAddr::V6(_)) => Some("ipv6"),
-            None => None,
-        }
+    pub fn family(&self) -> Option<Family> {
+        self.src.map(Family::of)
     }
 }
 
@@ -215,75 +152,15 @@ pub struct DropEvent {
     pub ct: Conntrack,
 }
 
-/// A link-layer (MAC) address.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    pub fn is_zero(&self) -> bool {
-        self.0 == [0; 6]
-    }
-
-    pub fn is_broadcast(&self) -> bool {
-        self.0 == [0xff; 6]
+fn arp_op(family: u8, op: u16) -> ArpOp {
+    match (family, op) {
+        (FAMILY_IPV4, 1) => ArpOp::Request,
+        (FAMILY_IPV4, 2) => ArpOp::Reply,
+        (FAMILY_IPV6, 135) => ArpOp::Solicitation,
+        (FAMILY_IPV6, 136) => ArpOp::Advertisement,
+        (_, other) => ArpOp::Other(other),
     }
 }
-
-impl std::fmt::Display for Mac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl serde::Serialize for Mac {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// ARP operation or NDP message; unknown values are kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ArpOp {
-    Request,
-    Reply,
-    /// IPv6 neighbour solicitation.
-    Solicitation,
-    /// IPv6 neighbour advertisement.
-    Advertisement,
-    Other(u16),
-}
-
-impl ArpOp {
-    fn decode(family: u8, op: u16) -> Self {
-        match (family, op) {
-            (FAMILY_IPV4, 1) => Self::Request,
-            (FAMILY_IPV4, 2) => Self::Reply,
-            (FAMILY_IPV6, 135) => Self::Solicitation,
-            (FAMILY_IPV6, 136) => Self::Advertisement,
-            (_, other) => Self::Other(other),
-        }
-    }
-
-    pub fn name(self) -> String {
-        match self {
-            Self::Request => "request".into(),
-            Self::Reply => "reply".into(),
-            Self::Solicitation => "neighbor-solicitation".into(),
-            Self::Advertisement => "neighbor-advertisement".into(),
-            Self::Other(n) => format!("op-{n}"),
-        }
-    }
-}
-
-/// NA flags on the wire.
-pub const NDP_ROUTER: u8 = 0x80;
-pub const NDP_SOLICITED: u8 = 0x40;
-pub const NDP_OVERRIDE: u8 = 0x20;
 
 /// An ARP packet or IPv6 neighbour solicitation/advertisement.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,42 +185,6 @@ pub struct ArpEvent {
     /// An announcement nobody asked for: ARP with sender IP = target IP, an ARP reply to the
     /// broadcast address, or an unsolicited neighbour advertisement with the override flag.
     pub gratuitous: bool,
-}
-
-impl ArpEvent {
-    /// The address this packet announces a MAC for, if it is an announcement (a reply,
-    /// advertisement or gratuitous ARP): the ARP sender, or the NDP target.
-    pub fn announced(&self) -> Option<IpAddr> {
-        match self.op {
-            ArpOp::Reply => self.sender_ip,
-            ArpOp::Advertisement => self.target_ip,
-            ArpOp::Request if self.gratuitous => self.sender_ip,
-            _ => None,
-        }
-    }
-}
-
-/// `NUD_*` states (a stable UAPI), by name.
-pub fn nud_state_name(state: u8) -> String {
-    const NAMES: [(u8, &str); 8] = [
-        (0x01, "INCOMPLETE"),
-        (0x02, "REACHABLE"),
-        (0x04, "STALE"),
-        (0x08, "DELAY"),
-        (0x10, "PROBE"),
-        (0x20, "FAILED"),
-        (0x40, "NOARP"),
-        (0x80, "PERMANENT"),
-    ];
-    if state == 0 {
-        return "NONE".into();
-    }
-    let names: Vec<&str> = NAMES
-        .iter()
-        .filter(|(bit, _)| state & bit != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    names.join("|")
 }
 
 /// A neighbour-cache update.
@@ -421,7 +262,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         RecordKind::Arp => {
             let r: ArpRecord = read_pod(bytes, "arp record")?;
-            let op = ArpOp::decode(r.family, r.op);
+            let op = arp_op(r.family, r.op);
             let eth_dst = Mac(r.eth_dst);
             let ndp_flags = (op == ArpOp::Advertisement).then_some(r.ndp_flags);
             let gratuitous = r.flags & ARP_FLAG_GRATUITOUS != 0
@@ -517,7 +358,7 @@ mod tests {
         };
         assert!(a.gratuitous && a.tx && !a.bridged);
         assert_eq!(a.op, ArpOp::Request);
-        assert_eq!(a.announced(), Some("10.200.0.100".parse().unwrap()));
+        assert_eq!(a.sender_ip, Some("10.200.0.100".parse().unwrap()));
         assert_eq!(a.sender_mac.to_string(), "02:00:00:00:00:0b");
 
         let mut na = ArpRecord::default();
@@ -530,7 +371,7 @@ mod tests {
             panic!("not ndp")
         };
         assert!(a.gratuitous);
-        assert_eq!(a.announced(), Some("fd00:200::100".parse().unwrap()));
+        assert_eq!(a.target_ip, Some("fd00:200::100".parse().unwrap()));
         na.ndp_flags = NDP_OVERRIDE | NDP_SOLICITED;
         let Ok(Event::Arp(a)) = decode(&as_bytes(&na)) else {
             panic!("not ndp")
@@ -539,8 +380,6 @@ mod tests {
             !a.gratuitous,
             "a solicited advertisement answers a question"
         );
-        assert_eq!(nud_state_name(0x04), "STALE");
-        assert_eq!(nud_state_name(0), "NONE");
     }
 
     #[test]

@@ -4,110 +4,99 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    io::{self, Write},
+    io,
     os::fd::AsRawFd,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
-use lbtrace::analysis::Analyzer;
+use super::{common::trace, WatchArgs};
+use lbtrace::{
+    analysis::Analyzer,
+    event::Record,
+    output::timeline::number,
+    pipeline::{Sink, Stop},
+};
 use ratatui::{
-    crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers},
+    crossterm::event::{self, Event as TermEvent, KeyCode, KeyEvent, KeyEventKind, KeyModifiers},
     layout::{Constraint, Layout},
     style::{Modifier, Style, Stylize},
     text::Line,
     widgets::{Block, Paragraph, Row, Table, TableState},
     Frame,
 };
-use serde_json::Value;
-
-use crate::{cmd::run_watch, WatchArgs};
 
 /// Seconds of history in a sparkline.
 const SPARK_SECS: u64 = 30;
 /// Recent lines kept per VIP for the detail pane.
 const RECENT: usize = 12;
 
-/// What the watch pipeline feeds: every JSON record, analysed as it comes.
+/// What the pipeline feeds: every record, analysed as it comes.
 #[derive(Default)]
 struct State {
     analyzer: Analyzer,
     recent: BTreeMap<String, VecDeque<String>>,
-    partial: Vec<u8>,
     probe: String,
 }
 
-/// A writer for `run_watch`: parses each NDJSON line into the shared state.
+/// The pipeline's sink for `top`: typed records into the shared state.
 struct Feed(Arc<Mutex<State>>);
 
-impl Write for Feed {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl Sink for Feed {
+    fn record(&mut self, r: &Record) -> io::Result<()> {
         let mut st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        st.partial.extend_from_slice(buf);
-        while let Some(pos) = st.partial.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = st.partial.drain(..=pos).collect();
-            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
-                continue;
-            };
-            if v["kind"] == "status" {
-                st.probe = v["probe"].as_str().unwrap_or("?").to_owned();
-            }
-            st.analyzer.add(&v);
-            if let Some(vip) = v["vip"].as_str() {
-                let text = describe(&v);
-                let q = st.recent.entry(vip.to_owned()).or_default();
-                q.push_back(text);
-                if q.len() > RECENT {
-                    q.pop_front();
-                }
+        if let Record::Status(s) = r {
+            st.probe = s.probe.to_string();
+        }
+        st.analyzer.add(r);
+        if let (Some(vip), Some(text)) = (r.vip(), describe(r)) {
+            let q = st.recent.entry(vip.to_string()).or_default();
+            q.push_back(text);
+            if q.len() > RECENT {
+                q.pop_front();
             }
         }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
 
-fn describe(v: &Value) -> String {
-    let time = v["time"].as_str().unwrap_or("");
-    let time = time.get(11..23).unwrap_or(time);
-    match v["kind"].as_str().unwrap_or("") {
-        "drop" | "conntrack" => format!(
+/// The detail pane's line of a record.
+fn describe(r: &Record) -> Option<String> {
+    let time = r.time().unwrap_or_default().to_string();
+    let time = time.get(11..23).unwrap_or(&time).to_owned();
+    let port = |p: Option<u16>| p.map_or("null".to_owned(), |p| p.to_string());
+    let ip = |a: Option<std::net::IpAddr>| a.map_or("-".to_owned(), |a| a.to_string());
+    Some(match r {
+        Record::Drop(d) | Record::Conntrack(d) => format!(
             "{time} {} {} {}:{} -> {}:{} netns {}",
-            v["event"]
-                .as_str()
-                .unwrap_or(v["reason"].as_str().unwrap_or("?")),
-            v["proto"].as_str().unwrap_or("-"),
-            v["src"].as_str().unwrap_or("-"),
-            v["sport"],
-            v["dst"].as_str().unwrap_or("-"),
-            v["dport"],
-            v["netns"]
+            d.event.map_or(d.reason.to_string(), |e| e.to_string()),
+            d.proto.map_or("-".to_owned(), |p| p.to_string()),
+            ip(d.src),
+            port(d.sport),
+            ip(d.dst),
+            port(d.dport),
+            d.netns
         ),
-        "arp" => format!(
+        Record::Arp(a) => format!(
             "{time} {}{} {} {} is-at {}",
-            if v["gratuitous"] == true { "GARP " } else { "" },
-            v["direction"].as_str().unwrap_or(""),
-            v["op"].as_str().unwrap_or(""),
-            v["sender_ip"].as_str().unwrap_or("-"),
-            v["sender_mac"].as_str().unwrap_or("-")
+            if a.gratuitous { "GARP " } else { "" },
+            a.direction,
+            a.op,
+            ip(a.sender_ip),
+            a.sender_mac
         ),
-        "vip_owner" => format!(
+        Record::VipOwner(o) => format!(
             "{time} OWNER {} -> {}",
-            v["old_mac"].as_str().unwrap_or("none"),
-            v["new_mac"].as_str().unwrap_or("?")
+            o.old_mac.map_or("none".to_owned(), |m| m.to_string()),
+            o.new_mac
         ),
-        "neigh" => format!(
+        Record::Neigh(n) => format!(
             "{time} NEIGH {} {} -> {} {}",
-            v["old_mac"].as_str().unwrap_or("-"),
-            v["old_state"].as_str().unwrap_or(""),
-            v["new_mac"].as_str().unwrap_or("-"),
-            v["new_state"].as_str().unwrap_or("")
+            n.old_mac, n.old_state, n.new_mac, n.new_state
         ),
-        other => format!("{time} {other}"),
-    }
+        Record::Finding(f) => format!("{time} {} {}", f.finding.as_str(), f.detail),
+        _ => return None,
+    })
 }
 
 fn sparkline(values: &[u64]) -> String {
@@ -129,6 +118,38 @@ struct View {
     paused: Option<Vec<[String; 7]>>,
 }
 
+impl View {
+    /// Acts on a key; true when it quits. `rows_now` gives what pausing freezes.
+    fn key(&mut self, key: KeyEvent, rows_now: impl FnOnce() -> Vec<[String; 7]>) -> bool {
+        if self.editing_filter {
+            match key.code {
+                KeyCode::Enter | KeyCode::Esc => self.editing_filter = false,
+                KeyCode::Backspace => {
+                    self.filter.pop();
+                }
+                KeyCode::Char(c) => self.filter.push(c),
+                _ => {}
+            }
+            return false;
+        }
+        match key.code {
+            KeyCode::Char('q') | KeyCode::Esc => return true,
+            KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => return true,
+            KeyCode::Down | KeyCode::Char('j') => self.selected += 1,
+            KeyCode::Up | KeyCode::Char('k') => self.selected = self.selected.saturating_sub(1),
+            KeyCode::Char('/') => self.editing_filter = true,
+            KeyCode::Char('p') => {
+                self.paused = match self.paused.take() {
+                    Some(_) => None,
+                    None => Some(rows_now()),
+                };
+            }
+            _ => {}
+        }
+        false
+    }
+}
+
 /// One table row per VIP: vip, sparkline, drops/s, total, top reason, owner, last move, finding.
 fn rows(st: &State, now: u64) -> Vec<[String; 7]> {
     let diagnosis = st.analyzer.diagnose();
@@ -147,16 +168,19 @@ fn rows(st: &State, now: u64) -> Vec<[String; 7]> {
                 .max_by_key(|(_, n)| **n)
                 .map_or("-".to_owned(), |(r, n)| format!("{r} ({n})"));
             let changes = st.analyzer.changes(&vip);
-            let owner = st.analyzer.owner(&vip).unwrap_or_else(|| "-".into());
+            let owner = st
+                .analyzer
+                .owner(&vip)
+                .map_or_else(|| "-".into(), |m| m.to_string());
             let last_move = changes.last().map_or("-".to_owned(), |(t, _, _)| {
                 format!("{}s ago", now.saturating_sub(*t as u64))
             });
             let finding = diagnosis
                 .iter()
-                .find(|d| d["vip"] == vip.as_str())
-                .and_then(|d| d["findings"].get(0).cloned())
+                .find(|d| d.vip == vip)
+                .and_then(|d| d.findings.first())
                 .map_or("-".to_owned(), |f| {
-                    format!("{} {}", f["cause"].as_str().unwrap_or("?"), f["confidence"])
+                    format!("{} {}", f.cause.as_str(), number(f.confidence))
                 });
             [
                 vip,
@@ -175,14 +199,8 @@ fn rows(st: &State, now: u64) -> Vec<[String; 7]> {
         .collect()
 }
 
-fn draw(f: &mut Frame<'_>, st: &State, view: &mut View, rows_now: &[[String; 7]]) {
-    let [head, table_area, detail, help] = Layout::vertical([
-        Constraint::Length(1),
-        Constraint::Min(5),
-        Constraint::Length(RECENT as u16 + 2),
-        Constraint::Length(1),
-    ])
-    .areas(f.area());
+/// The top line: what is traced, paused, the filter being typed.
+fn title(st: &State, view: &View) -> String {
     let status = if view.paused.is_some() {
         " [paused]"
     } else {
@@ -197,18 +215,23 @@ fn draw(f: &mut Frame<'_>, st: &State, view: &mut View, rows_now: &[[String; 7]]
             if view.editing_filter { "_" } else { "" }
         )
     };
-    f.render_widget(
-        Paragraph::new(Line::from(format!(
-            "lbtrace top — {}{status}{filter}",
-            if st.probe.is_empty() {
-                "starting".to_owned()
-            } else {
-                format!("tracing with {}", st.probe)
-            }
-        )))
-        .bold(),
-        head,
-    );
+    let probe = if st.probe.is_empty() {
+        "starting".to_owned()
+    } else {
+        format!("tracing with {}", st.probe)
+    };
+    format!("lbtrace top — {probe}{status}{filter}")
+}
+
+fn draw(f: &mut Frame<'_>, st: &State, view: &mut View, rows_now: &[[String; 7]]) {
+    let [head, table_area, detail, help] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(5),
+        Constraint::Length(RECENT as u16 + 2),
+        Constraint::Length(1),
+    ])
+    .areas(f.area());
+    f.render_widget(Paragraph::new(Line::from(title(st, view))).bold(), head);
     let visible: Vec<&[String; 7]> = rows_now
         .iter()
         .filter(|r| view.filter.is_empty() || r[0].contains(&view.filter))
@@ -286,14 +309,18 @@ pub fn top(args: WatchArgs) -> anyhow::Result<()> {
             .watch(&v.to_string());
     }
     // Fail before touching the terminal when lbtrace cannot trace at all.
-    crate::cmd::require_privileges()?;
-    let feed = Feed(state.clone());
+    super::common::require_privileges()?;
+    let mut feed = Feed(state.clone());
+    let stop = Stop::new();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let r = run_watch(&args, feed, true, Some(()));
-        let _ = done_tx.send(());
-        r
-    });
+    let worker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let r = trace(&args, vec![&mut feed], true, &stop);
+            let _ = done_tx.send(());
+            r
+        })
+    };
     // Messages on stderr would tear the full-screen view: park them until the end.
     let log = std::fs::File::create("/dev/null")?;
     // SAFETY: duplicating and replacing fd 2; `Restore` puts it back.
@@ -331,45 +358,21 @@ pub fn top(args: WatchArgs) -> anyhow::Result<()> {
         if key.kind != KeyEventKind::Press {
             continue;
         }
-        if view.editing_filter {
-            match key.code {
-                KeyCode::Enter | KeyCode::Esc => view.editing_filter = false,
-                KeyCode::Backspace => {
-                    view.filter.pop();
-                }
-                KeyCode::Char(c) => view.filter.push(c),
-                _ => {}
-            }
-            continue;
-        }
-        match key.code {
-            KeyCode::Char('q') | KeyCode::Esc => break,
-            KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => break,
-            KeyCode::Down | KeyCode::Char('j') => view.selected += 1,
-            KeyCode::Up | KeyCode::Char('k') => view.selected = view.selected.saturating_sub(1),
-            KeyCode::Char('/') => view.editing_filter = true,
-            KeyCode::Char('p') => {
-                view.paused = match view.paused.take() {
-                    Some(_) => None,
-                    None => {
-                        let st = state.lock().unwrap_or_else(PoisonError::into_inner);
-                        Some(rows(&st, now))
-                    }
-                };
-            }
-            _ => {}
+        if view.key(key, || {
+            rows(&state.lock().unwrap_or_else(PoisonError::into_inner), now)
+        }) {
+            break;
         }
     }
     drop(terminal);
     drop(restore);
     if !finished {
-        // The watch ends like on Ctrl-C: detach, drain, summarize.
-        // SAFETY: signalling ourselves; the watch's handler takes it.
-        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        // The pipeline ends as on Ctrl-C: detach, drain, summarize.
+        stop.stop();
     }
-    let (summary, _, _) = worker
+    let (summary, _) = worker
         .join()
-        .map_err(|_| anyhow::anyhow!("the watch thread panicked"))??;
-    summary.write(&mut io::stderr(), false)?;
+        .map_err(|_| anyhow::anyhow!("the tracing thread panicked"))??;
+    summary.write_text(&mut io::stderr())?;
     Ok(())
 }

@@ -1,0 +1,457 @@
+//! The diagnosis: per VIP, each cause that the samples and ownership changes support, with its
+//! evidence and what to do, most likely first. One function per cause.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{OwnerChange, Sample, VipState};
+use crate::event::values::Time;
+
+/// What the diagnosis can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    Conntrack,
+    MtuMismatch,
+    StaleArp,
+    SpeakerFailover,
+    EndpointChurn,
+    PolicyRace,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Conntrack => "conntrack",
+            Self::MtuMismatch => "mtu-mismatch",
+            Self::StaleArp => "stale-arp",
+            Self::SpeakerFailover => "speaker-failover",
+            Self::EndpointChurn => "endpoint-churn",
+            Self::PolicyRace => "policy-race",
+        }
+    }
+}
+
+/// Counts by a key (reason, netns, backend, ...).
+pub type Counts = BTreeMap<String, u64>;
+
+/// Fields are in name order: the JSON reads the same as it always has.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConntrackEvidence {
+    pub drops: usize,
+    pub events: Counts,
+    pub netns: Counts,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MtuEvidence {
+    pub drops: usize,
+    pub functions: Counts,
+    pub reasons: Counts,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StaleArpEvidence {
+    pub client_updates_seen: usize,
+    pub drops_at_old_owner: usize,
+    pub garps_sent: u64,
+    pub moved_at: Option<Time>,
+    pub new_mac: Option<String>,
+    pub old_mac: Option<String>,
+    pub old_owner_netns: Counts,
+    pub reasons: Counts,
+    pub window_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoveEvidence {
+    pub from: Option<String>,
+    pub garps: u64,
+    pub time: Time,
+    pub to: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailoverEvidence {
+    pub changes: Vec<MoveEvidence>,
+    pub drops_near_changes: usize,
+    pub flapping: bool,
+    pub macs: BTreeSet<String>,
+    pub ownership_changes: usize,
+    pub split_brain: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChurnEvidence {
+    pub backends: Counts,
+    pub bursts: usize,
+    pub drops: usize,
+    pub reasons: Counts,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyEvidence {
+    pub backends: Counts,
+    pub drops: usize,
+    pub netns: Counts,
+    pub stopped: bool,
+}
+
+/// The evidence of a finding; its shape follows the cause.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Evidence {
+    Conntrack(ConntrackEvidence),
+    Mtu(MtuEvidence),
+    StaleArp(StaleArpEvidence),
+    Failover(FailoverEvidence),
+    Churn(ChurnEvidence),
+    Policy(PolicyEvidence),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub cause: Cause,
+    pub confidence: f64,
+    pub evidence: Evidence,
+    pub first_seen: Time,
+    pub hint: String,
+    pub last_seen: Time,
+}
+
+impl Finding {
+    fn new(
+        cause: Cause,
+        confidence: f64,
+        span: (f64, f64),
+        evidence: Evidence,
+        hint: &str,
+    ) -> Self {
+        Self {
+            cause,
+            confidence: (confidence * 100.0).round() / 100.0,
+            evidence,
+            first_seen: Time::from_secs_f64(span.0),
+            hint: hint.to_owned(),
+            last_seen: Time::from_secs_f64(span.1),
+        }
+    }
+}
+
+/// A VIP's findings, most likely first (none: nothing wrong was seen).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipDiagnosis {
+    pub findings: Vec<Finding>,
+    pub vip: String,
+}
+
+fn span(samples: &[&Sample]) -> (f64, f64) {
+    let first = samples.iter().map(|s| s.t).fold(f64::INFINITY, f64::min);
+    let last = samples
+        .iter()
+        .map(|s| s.t)
+        .fold(f64::NEG_INFINITY, f64::max);
+    (first, last)
+}
+
+fn count_by(samples: &[&Sample], key: impl Fn(&Sample) -> String) -> Counts {
+    let mut m = BTreeMap::new();
+    for s in samples {
+        *m.entry(key(s)).or_default() += 1;
+    }
+    m
+}
+
+/// Groups times into bursts separated by more than `gap` seconds.
+fn bursts(samples: &[&Sample], gap: f64) -> usize {
+    let mut ts: Vec<f64> = samples.iter().map(|s| s.t).collect();
+    ts.sort_by(f64::total_cmp);
+    ts.windows(2).filter(|w| w[1] - w[0] > gap).count() + usize::from(!ts.is_empty())
+}
+
+/// Reasons a backend gives when nothing listens or its process went away mid-stream.
+fn endpoint_gone(s: &Sample) -> bool {
+    &*s.reason == "NO_SOCKET"
+        || (&*s.reason == "NOT_SPECIFIED"
+            && matches!(s.function.as_str(), "tcp_v4_rcv" | "tcp_v6_rcv"))
+        || &*s.reason == "TCP_RESET"
+}
+
+fn too_big(s: &Sample) -> bool {
+    &*s.reason == "PKT_TOO_BIG"
+        || matches!(
+            s.function.as_str(),
+            "ip_fragment" | "ip6_fragment" | "ip_do_fragment"
+        )
+        || s.icmp == Some((3, 4))
+}
+
+fn reasons(samples: &[&Sample]) -> Counts {
+    count_by(samples, |s| s.reason.to_string())
+}
+
+fn netns(samples: &[&Sample]) -> Counts {
+    count_by(samples, |s| s.netns.to_string())
+}
+
+fn backends(samples: &[&Sample]) -> Counts {
+    count_by(samples, |s| s.dst.clone())
+}
+
+pub(super) fn diagnose_vip(vip: &str, st: &VipState, end: f64) -> Vec<Finding> {
+    let all: Vec<&Sample> = st.samples.iter().collect();
+    let mut out: Vec<Finding> = [
+        conntrack(&all),
+        mtu_mismatch(&all),
+        endpoint_churn(&all),
+        policy_race(&all, end),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let stale = stale_arp(vip, st, &all);
+    let stale_conf = stale.as_ref().map_or(0.0, |f| f.confidence);
+    // Keep the order the findings were made in for equal confidences: stale ARP and failover
+    // came after MTU and before churn.
+    let at = out
+        .iter()
+        .position(|f| matches!(f.cause, Cause::EndpointChurn | Cause::PolicyRace))
+        .unwrap_or(out.len());
+    let failover = speaker_failover(st, &all, stale_conf);
+    out.splice(at..at, stale.into_iter().chain(failover));
+    out.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+    out
+}
+
+fn conntrack(all: &[&Sample]) -> Option<Finding> {
+    let ct: Vec<&Sample> = all
+        .iter()
+        .copied()
+        .filter(|s| s.ct_event.is_some())
+        .collect();
+    if ct.is_empty() {
+        return None;
+    }
+    let events = count_by(&ct, |s| {
+        s.ct_event.map(|e| e.to_string()).unwrap_or_default()
+    });
+    let hint = if events.contains_key("table_full") {
+        "the conntrack table is full: raise nf_conntrack_max (and the hash size), or shorten timeouts of idle flows"
+    } else {
+        "conntrack entries clash after SNAT: use externalTrafficPolicy: Local (no SNAT), or fully random SNAT port allocation (--random-fully)"
+    };
+    let evidence = Evidence::Conntrack(ConntrackEvidence {
+        drops: ct.len(),
+        events,
+        netns: netns(&ct),
+    });
+    Some(Finding::new(
+        Cause::Conntrack,
+        0.95,
+        span(&ct),
+        evidence,
+        hint,
+    ))
+}
+
+fn mtu_mismatch(all: &[&Sample]) -> Option<Finding> {
+    let mtu: Vec<&Sample> = all.iter().copied().filter(|s| too_big(s)).collect();
+    if mtu.is_empty() {
+        return None;
+    }
+    let evidence = Evidence::Mtu(MtuEvidence {
+        drops: mtu.len(),
+        functions: count_by(&mtu, |s| s.function.clone()),
+        reasons: reasons(&mtu),
+    });
+    Some(Finding::new(
+        Cause::MtuMismatch,
+        0.9,
+        span(&mtu),
+        evidence,
+        "packets larger than a hop's MTU are dropped (DF set): check the overlay/VXLAN MTU (typically 1450) against the pods' and nodes' MTU, and that ICMP fragmentation-needed is not filtered",
+    ))
+}
+
+/// Stale ARP: traffic for the VIP still reaches a node that announced it before and drops
+/// there: after a move to another owner, or with "not my address" (the VIP left it silently).
+fn stale_arp(vip: &str, st: &VipState, all: &[&Sample]) -> Option<Finding> {
+    let moves: Vec<&OwnerChange> = st.changes.iter().filter(|c| c.old_mac.is_some()).collect();
+    let owner_at = |t: f64| st.changes.iter().rev().find(|c| c.t <= t);
+    let stale: Vec<&Sample> = all
+        .iter()
+        .copied()
+        .filter(|s| s.ct_event.is_none() && !s.behind_dnat && s.dst == vip)
+        .filter(|s| {
+            let Some(o) = owner_at(s.t) else {
+                return false;
+            };
+            let moved_on = st
+                .changes
+                .iter()
+                .any(|c| c.t > o.t && c.new_mac != o.new_mac);
+            let at_owner = o.new_netns.map(u64::from) == Some(s.netns);
+            let at_old = moves
+                .iter()
+                .any(|c| c.t <= s.t && c.old_netns.map(u64::from) == Some(s.netns));
+            (at_owner && (moved_on || &*s.reason == "IP_INADDRERRORS")) || at_old
+        })
+        .collect();
+    if stale.is_empty() {
+        return None;
+    }
+    let (first, last) = span(&stale);
+    // The move these drops follow, or the one that ended them.
+    let change = moves
+        .iter()
+        .rev()
+        .find(|c| c.t <= first)
+        .or_else(|| moves.iter().find(|c| c.t >= first))
+        .copied();
+    let window = match change {
+        Some(c) if c.t > first => c.t - first,
+        Some(c) => last - c.t,
+        None => last - first,
+    };
+    let garps = change.map_or(0, |c| c.garps);
+    let updated = change.map_or(0, |c| {
+        st.neigh
+            .iter()
+            .filter(|(t, mac)| *t >= c.t && *mac == c.new_mac)
+            .count()
+    });
+    let confidence = if garps == 0 || window > 3.0 {
+        0.9
+    } else {
+        0.45
+    };
+    let evidence = Evidence::StaleArp(StaleArpEvidence {
+        client_updates_seen: updated,
+        drops_at_old_owner: stale.len(),
+        garps_sent: garps,
+        moved_at: change.map(|c| Time::from_secs_f64(c.t)),
+        new_mac: change.map(|c| c.new_mac.to_string()),
+        old_mac: change
+            .and_then(|c| c.old_mac)
+            .or_else(|| owner_at(first).map(|o| o.new_mac))
+            .map(|m| m.to_string()),
+        old_owner_netns: netns(&stale),
+        reasons: reasons(&stale),
+        window_s: (window * 10.0).round() / 10.0,
+    });
+    Some(Finding::new(
+        Cause::StaleArp,
+        confidence,
+        (first, last),
+        evidence,
+        "clients kept the old owner's MAC after the VIP moved: make the speaker send gratuitous ARP / unsolicited NA on failover, lower the clients' neighbour timers (base_reachable_time_ms, gc_stale_time), or let the old node forward (externalTrafficPolicy: Cluster)",
+    ))
+}
+
+fn speaker_failover(st: &VipState, all: &[&Sample], stale_conf: f64) -> Option<Finding> {
+    let moves: Vec<&OwnerChange> = st.changes.iter().filter(|c| c.old_mac.is_some()).collect();
+    let (first, last) = (moves.first()?.t, moves.last()?.t);
+    let near = all
+        .iter()
+        .filter(|s| moves.iter().any(|c| s.t >= c.t - 1.0 && s.t <= c.t + 10.0))
+        .count();
+    let flapping = st.flapping || st.split_brain || moves.len() >= 3;
+    // Repeated moves explain the drops after each of them better than stale caches do.
+    let mut conf: f64 = if flapping { 0.9 } else { 0.6 };
+    if near > 0 {
+        conf += 0.05;
+    }
+    if stale_conf >= 0.9 && !flapping {
+        conf = 0.5;
+    }
+    let evidence = Evidence::Failover(FailoverEvidence {
+        changes: moves
+            .iter()
+            .map(|c| MoveEvidence {
+                from: c.old_mac.map(|m| m.to_string()),
+                garps: c.garps,
+                time: Time::from_secs_f64(c.t),
+                to: c.new_mac.to_string(),
+            })
+            .collect(),
+        drops_near_changes: near,
+        flapping: st.flapping || moves.len() >= 3,
+        macs: moves
+            .iter()
+            .flat_map(|c| {
+                [
+                    c.old_mac.map(|m| m.to_string()).unwrap_or_default(),
+                    c.new_mac.to_string(),
+                ]
+            })
+            .collect(),
+        ownership_changes: moves.len(),
+        split_brain: st.split_brain,
+    });
+    let hint = if st.split_brain {
+        "two speakers announce the VIP at once (split brain): check the speakers' memberlist/leader election and that only one node holds the VIP"
+    } else if flapping {
+        "the VIP's leader keeps moving: check speaker health, node readiness flapping and memberlist timeouts"
+    } else {
+        "the VIP moved between nodes; loss right after a move is expected to be short when the new speaker sends gratuitous ARP"
+    };
+    Some(Finding::new(
+        Cause::SpeakerFailover,
+        conf,
+        (first, last),
+        evidence,
+        hint,
+    ))
+}
+
+fn endpoint_churn(all: &[&Sample]) -> Option<Finding> {
+    let churn: Vec<&Sample> = all
+        .iter()
+        .copied()
+        .filter(|s| s.behind_dnat && s.ct_event.is_none() && endpoint_gone(s))
+        .collect();
+    if churn.is_empty() {
+        return None;
+    }
+    let n = bursts(&churn, 2.0);
+    let evidence = Evidence::Churn(ChurnEvidence {
+        backends: backends(&churn),
+        bursts: n,
+        drops: churn.len(),
+        reasons: reasons(&churn),
+    });
+    Some(Finding::new(
+        Cause::EndpointChurn,
+        if n >= 2 { 0.85 } else { 0.7 },
+        span(&churn),
+        evidence,
+        "a backend behind the VIP had no listener while it still got traffic: check readiness probes and that endpoints are removed before the process stops (preStop, terminationGracePeriod)",
+    ))
+}
+
+fn policy_race(all: &[&Sample], end: f64) -> Option<Finding> {
+    let policy: Vec<&Sample> = all
+        .iter()
+        .copied()
+        .filter(|s| s.behind_dnat && s.ct_event.is_none() && &*s.reason == "NETFILTER_DROP")
+        .collect();
+    if policy.is_empty() {
+        return None;
+    }
+    let (first, last) = span(&policy);
+    let stopped = last < end - 2.0;
+    let evidence = Evidence::Policy(PolicyEvidence {
+        backends: backends(&policy),
+        drops: policy.len(),
+        netns: netns(&policy),
+        stopped,
+    });
+    Some(Finding::new(
+        Cause::PolicyRace,
+        if stopped { 0.85 } else { 0.5 },
+        (first, last),
+        evidence,
+        "traffic reached a new backend before its network policy allowed it: gate readiness on policy programming, or allow the service's traffic before the pod becomes an endpoint",
+    ))
+}

@@ -1,0 +1,218 @@
+//! `lbtrace agent`: the node daemon. Metrics for Prometheus, health, an optional rotated event
+//! file, SIGHUP to reload the VIP list, SIGTERM/SIGINT to detach and exit.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use lbtrace::{
+    config::Config,
+    event::{Clock, Namer},
+    kernel::{btf::DropReasons, privileges},
+    output::{
+        http,
+        metrics::{Metrics, MetricsSink},
+        ndjson::{EventFileSink, RotatingFile},
+    },
+    pipeline::{
+        attribution::VipSet,
+        ownership::{Ownership, OwnershipConfig},
+        Pipeline, Sink, Stop,
+    },
+    probes::{probe_name, KernelFilter, LoadOptions, ProbeMode, Tracer},
+};
+
+use super::{
+    common::{load_btf, load_kallsyms, log_probes, require_privileges, UsageError},
+    AgentArgs, LogFormat,
+};
+
+/// The default keeps metrics on the node itself; all interfaces must be asked for.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+const DEFAULT_EVENTS_MAX_BYTES: u64 = 64 << 20;
+
+/// Flags (and their `LBTRACE_*` variables) over the config file over defaults.
+struct Settings {
+    vips: Vec<IpNet>,
+    metrics_addr: SocketAddr,
+    node: String,
+    netns: Option<u32>,
+    log_json: bool,
+    events_file: Option<PathBuf>,
+    events_max_bytes: u64,
+    probe_mode: ProbeMode,
+    ring_size: u32,
+    arp: bool,
+    discover_vips: bool,
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
+    let file = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| UsageError(e.to_string()))?,
+        None => Config::default(),
+    };
+    let f = &file.file;
+    let mut vips = args.vips.clone();
+    if vips.is_empty() {
+        vips = file.vips.clone();
+    }
+    let metrics_addr = match (&args.metrics_addr, file.metrics_addr) {
+        (Some(a), _) => *a,
+        (None, Some(a)) => a,
+        (None, None) => DEFAULT_METRICS_ADDR.parse()?,
+    };
+    let probe_mode = match (args.probe_mode, f.probe_mode.as_deref()) {
+        (Some(m), _) => m,
+        (None, Some(m)) => m.parse().map_err(UsageError)?,
+        (None, None) => ProbeMode::Auto,
+    };
+    Ok(Settings {
+        vips,
+        metrics_addr,
+        node: args
+            .node_name
+            .clone()
+            .or_else(|| f.node_name.clone())
+            .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(hostname),
+        netns: args.netns.or(f.netns),
+        log_json: match args.log_format {
+            Some(l) => l == LogFormat::Json,
+            None => f.log_format.as_deref() == Some("json"),
+        },
+        events_file: args
+            .events_file
+            .clone()
+            .or_else(|| f.events_file.as_ref().map(PathBuf::from)),
+        events_max_bytes: args
+            .events_max_bytes
+            .or(f.events_max_bytes)
+            .unwrap_or(DEFAULT_EVENTS_MAX_BYTES),
+        probe_mode,
+        ring_size: args.ring_size.or(f.ring_size).unwrap_or(4 << 20),
+        arp: !(args.no_arp || f.no_arp == Some(true)),
+        discover_vips: args.discover_vips || f.discover_vips == Some(true),
+    })
+}
+
+pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let s = settings(&args)?;
+    crate::init_logging(s.log_json, "info");
+    require_privileges()?;
+    // Bind before loading anything: a taken port is a usage error, with nothing left behind.
+    let listener = std::net::TcpListener::bind(s.metrics_addr).map_err(|e| {
+        UsageError(format!(
+            "cannot listen on {} for metrics: {e}",
+            s.metrics_addr
+        ))
+    })?;
+    listener.set_nonblocking(true)?;
+    privileges::raise_memlock();
+    let btf = load_btf()?;
+    let reasons = DropReasons::from_btf(&btf)?;
+    let opts = LoadOptions {
+        mode: s.probe_mode,
+        filter: KernelFilter {
+            netns: s.netns,
+            ..KernelFilter::default()
+        },
+        ring_bytes: s.ring_size,
+        wakeup_bytes: u64::from(s.ring_size / 4),
+        arp: s.arp,
+    };
+    let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
+    // The parsed BTF is tens of MB; everything needed from it is in the programs now.
+    drop(btf);
+    log_probes(&tracer);
+    let metrics = Arc::new(Mutex::new(Metrics::new(
+        s.node.clone(),
+        tracer.statuses.clone(),
+        tracer.maps_bytes(),
+    )));
+    let mut metrics_sink = MetricsSink(metrics.clone());
+    let mut events = match &s.events_file {
+        Some(p) => Some(EventFileSink::new(
+            RotatingFile::open(p, s.events_max_bytes)
+                .with_context(|| format!("opening the event file {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut sinks: Vec<&mut dyn Sink> = vec![&mut metrics_sink];
+    if let Some(e) = events.as_mut() {
+        sinks.push(e);
+    }
+    let namer = Namer::new(reasons, load_kallsyms(), Clock::now());
+    let mut p = Pipeline::new(
+        namer,
+        VipSet::from_nets(s.vips.clone()),
+        Ownership::new(OwnershipConfig::default(), s.discover_vips),
+    );
+    p.sinks = sinks;
+    p.node = Some(s.node.as_str().into());
+    p.reload = Some(reload(&args));
+    serve_on_a_thread(listener, metrics, p.last_drain.clone());
+    tracing::info!(
+        node = %s.node,
+        metrics = %s.metrics_addr,
+        probe = probe_name(tracer.active),
+        vips = s.vips.len(),
+        "lbtrace agent running"
+    );
+    let (summary, _) = p.run(&mut tracer, None, &Stop::new(), || {})?;
+    tracing::info!(
+        delivered = summary.events_delivered,
+        "lbtrace agent stopped; programs detached"
+    );
+    Ok(())
+}
+
+/// The HTTP endpoints run on a thread of their own: the pipeline's loop owns the main one. The
+/// thread ends with the process.
+fn serve_on_a_thread(
+    listener: std::net::TcpListener,
+    metrics: Arc<Mutex<Metrics>>,
+    last_drain: Arc<std::sync::atomic::AtomicU64>,
+) {
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return tracing::error!("metrics endpoint: {e}"),
+        };
+        rt.block_on(async {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => http::serve(l, metrics, last_drain).await,
+                Err(e) => tracing::error!("metrics endpoint: {e}"),
+            }
+        });
+    });
+}
+
+/// SIGHUP: VIPs given as flags win, as at start; otherwise the file is read again.
+fn reload(args: &AgentArgs) -> lbtrace::pipeline::Reload {
+    let config_path = args.config.clone();
+    let flag_vips = args.vips.clone();
+    Box::new(move || {
+        if !flag_vips.is_empty() {
+            return Ok(VipSet::from_nets(flag_vips.clone()));
+        }
+        let vips = match &config_path {
+            Some(p) => Config::load(p)?.vips,
+            None => Vec::new(),
+        };
+        Ok(VipSet::from_nets(vips))
+    })
+}

@@ -1,0 +1,196 @@
+//! What the tracing subcommands share: privileges, loading the kernel's facts and programs,
+//! and running the pipeline with the sinks a subcommand chose.
+
+use std::{
+    io::{self, IsTerminal},
+    path::Path,
+};
+
+use anyhow::Context as _;
+use lbtrace::{
+    event::{
+        record::{Header, Status, FORMAT, FORMAT_VERSION},
+        values::Time,
+        Clock, Namer, Record,
+    },
+    kernel::{
+        btf::{DropReasons, KernelBtf, VMLINUX_BTF},
+        kallsyms::{Kallsyms, KALLSYMS},
+        privileges,
+        tracefs::read_opt,
+    },
+    output::summary::Summary,
+    pipeline::{
+        attribution::VipSet,
+        ownership::{Ownership, OwnershipConfig},
+        Pipeline, Selection, Sink, Stop,
+    },
+    probes::{probe_name, KernelFilter, LoadOptions, Tracer},
+};
+
+use super::{ColorMode, WatchArgs};
+
+/// An error the user can fix (bad input, missing privileges): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Kernel symbols for locations; without them (unreadable, or addresses hidden without
+/// CAP_SYSLOG) locations print as raw addresses, with a warning.
+pub(crate) fn load_kallsyms() -> Kallsyms {
+    match Kallsyms::load() {
+        Ok(k) if !k.is_empty() => k,
+        Ok(k) => {
+            tracing::warn!("/proc/kallsyms hides addresses (needs CAP_SYSLOG or kptr_restrict=0): locations print as addresses");
+            k
+        }
+        Err(e) => {
+            tracing::warn!("{KALLSYMS}: {e}; locations print as addresses");
+            Kallsyms::default()
+        }
+    }
+}
+
+pub(crate) fn load_btf() -> anyhow::Result<KernelBtf> {
+    KernelBtf::load(Path::new(VMLINUX_BTF)).context("this kernel does not expose BTF")
+}
+
+pub(crate) fn require_privileges() -> anyhow::Result<()> {
+    let missing = privileges::missing_for_tracing(privileges::effective());
+    if !missing.is_empty() {
+        return Err(UsageError(format!(
+            "lbtrace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load its probes; missing {}: run as root or grant them",
+            missing.join(", ")
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Resolves `--reason` names against this kernel's list.
+fn reason_codes(reasons: &DropReasons, names: &[String]) -> anyhow::Result<Vec<u32>> {
+    names
+        .iter()
+        .map(|n| {
+            reasons.code(n).ok_or_else(|| {
+                let valid: Vec<&str> = reasons.iter().map(|(_, n)| n).collect();
+                UsageError(format!(
+                    "unknown drop reason `{n}`; this kernel has: {}",
+                    valid.join(", ")
+                ))
+                .into()
+            })
+        })
+        .collect()
+}
+
+/// A file under /proc, trimmed (empty when unreadable).
+pub(crate) fn proc_text(path: &str) -> String {
+    read_opt(Path::new(path))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// First line of a recording: what `diagnose`, `timeline` and `report` need to know.
+fn header(args: &WatchArgs, reasons: &DropReasons) -> Record {
+    Record::Header(Box::new(Header {
+        format: FORMAT.to_owned(),
+        version: FORMAT_VERSION,
+        lbtrace: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel: proc_text("/proc/sys/kernel/osrelease"),
+        hostname: proc_text("/proc/sys/kernel/hostname"),
+        started: Some(Time::now()),
+        vips: args.vips.iter().chain(&args.tag_vips).copied().collect(),
+        drop_reasons: reasons.iter().map(|(c, n)| (c, n.into())).collect(),
+    }))
+}
+
+/// Logs which probes attached and which features are missing.
+pub(crate) fn log_probes(tracer: &Tracer) {
+    for s in &tracer.statuses {
+        match s.state.why() {
+            None => tracing::info!("probe {} attached", s.probe),
+            Some(e) => tracing::info!("probe {} not attached: {e}", s.probe),
+        }
+    }
+    for (what, f) in tracer.features.list() {
+        if let lbtrace::probes::Feature::Off(e) = f {
+            tracing::warn!("{what} unavailable: {e}");
+        }
+    }
+}
+
+/// Whether the terminal stream is coloured.
+pub(crate) fn colour(args: &WatchArgs) -> bool {
+    match args.color {
+        ColorMode::Always => true,
+        ColorMode::Never => false,
+        ColorMode::Auto => !args.json && io::stdout().is_terminal(),
+    }
+}
+
+/// Loads the programs with `args`' filters and runs the pipeline into `sinks` until the watch
+/// ends. With `recording`, the sinks first get the header and status records. Returns the
+/// summary and whether a stream's reader went away.
+pub(crate) fn trace(
+    args: &WatchArgs,
+    sinks: Vec<&mut dyn Sink>,
+    recording: bool,
+    stop: &Stop,
+) -> anyhow::Result<(Summary, bool)> {
+    require_privileges()?;
+    privileges::raise_memlock();
+    let btf = load_btf()?;
+    let reasons = DropReasons::from_btf(&btf)?;
+    let filter = KernelFilter {
+        reasons: reason_codes(&reasons, &args.reasons)?,
+        // --vip keeps drops from or to a VIP; with --host the VIP check happens in userspace.
+        hosts: if args.hosts.is_empty() {
+            args.vips.clone()
+        } else {
+            args.hosts.clone()
+        },
+        port: args.port,
+        proto: args.proto,
+        netns: args.netns,
+        ct_events: args.events.clone(),
+    };
+    let header = recording.then(|| header(args, &reasons));
+    let opts = LoadOptions {
+        mode: args.probe_mode,
+        filter,
+        ring_bytes: args.ring_size,
+        wakeup_bytes: u64::from(args.ring_size / 4),
+        arp: !args.no_arp,
+    };
+    let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
+    // The parsed BTF is tens of MB; everything needed from it is in the programs now.
+    drop(btf);
+    log_probes(&tracer);
+    let namer = Namer::new(reasons, load_kallsyms(), Clock::now());
+    let vips = VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect());
+    let mut p = Pipeline::new(
+        namer,
+        vips,
+        Ownership::new(OwnershipConfig::default(), args.discover_vips),
+    );
+    p.selection = Selection {
+        vips_only: !args.vips.is_empty(),
+        limit: args.count,
+    };
+    p.sinks = sinks;
+    if let Some(h) = header {
+        p.announce(&h);
+        p.announce(&Record::Status(Status {
+            probe: probe_name(tracer.active).into(),
+            probes: tracer.statuses.clone(),
+        }));
+    }
+    let banner = format!(
+        "lbtrace: tracing drops with {} (ring buffer {} KiB); Ctrl-C to stop",
+        probe_name(tracer.active),
+        args.ring_size / 1024
+    );
+    p.run(&mut tracer, args.duration, stop, || eprintln!("{banner}"))
+}

@@ -1,0 +1,128 @@
+//! `lbtrace diagnose`: the likely cause per VIP, live (`--duration`) or from recordings.
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use lbtrace::{
+    analysis::{Analyzer, VipDiagnosis},
+    event::record::{read_ndjson, Record},
+    output::timeline::number,
+    pipeline::Stop,
+};
+
+use super::{
+    common::{trace, UsageError},
+    WatchArgs,
+};
+
+/// Reads a recording (or the agent's event file); unreadable lines are skipped and counted.
+pub(crate) fn load(path: &Path) -> anyhow::Result<Vec<Record>> {
+    let bytes =
+        fs::read(path).map_err(|e| UsageError(format!("cannot read {}: {e}", path.display())))?;
+    let (records, bad) = read_ndjson(&String::from_utf8_lossy(&bytes));
+    if records.is_empty() {
+        return Err(UsageError(format!(
+            "{} holds no lbtrace records ({bad} unreadable lines)",
+            path.display()
+        ))
+        .into());
+    }
+    // Every header, not just a first line that may be the damaged one (or files concatenated).
+    let unsupported = records.iter().find_map(|r| match r {
+        Record::Header(h) if !h.supported() => Some(h),
+        _ => None,
+    });
+    if let Some(h) = unsupported {
+        return Err(UsageError(format!(
+            "{}: unsupported recording format {:?} version {}",
+            path.display(),
+            h.format,
+            h.version
+        ))
+        .into());
+    }
+    if bad > 0 {
+        eprintln!(
+            "lbtrace: warning: skipped {bad} unreadable lines of {}",
+            path.display()
+        );
+    }
+    Ok(records)
+}
+
+/// The analysis of `records`, with `vips` watched even when nothing happened to them.
+pub(crate) fn analyze(records: &[Record], vips: &[String]) -> Analyzer {
+    let mut a = Analyzer::new(vips.iter().cloned());
+    for r in records {
+        a.add(r);
+    }
+    a
+}
+
+/// Keeps the diagnosis of `vips` only (all when empty).
+pub(crate) fn select(diagnosis: Vec<VipDiagnosis>, vips: &[String]) -> Vec<VipDiagnosis> {
+    if vips.is_empty() {
+        return diagnosis;
+    }
+    diagnosis
+        .into_iter()
+        .filter(|d| vips.contains(&d.vip))
+        .collect()
+}
+
+fn print_diagnosis(diagnosis: &[VipDiagnosis], json: bool) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    for d in diagnosis {
+        if json {
+            serde_json::to_writer(&mut out, d)?;
+            writeln!(out)?;
+            continue;
+        }
+        if d.findings.is_empty() {
+            writeln!(out, "VIP {}: no finding", d.vip)?;
+        }
+        for (i, f) in d.findings.iter().enumerate() {
+            writeln!(
+                out,
+                "VIP {} #{}: {} (confidence {}) from {} to {}\n    evidence: {}\n    hint: {}",
+                d.vip,
+                i + 1,
+                f.cause.as_str(),
+                number(f.confidence),
+                f.first_seen,
+                f.last_seen,
+                serde_json::to_string(&f.evidence)?,
+                f.hint
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub fn diagnose(file: Option<PathBuf>, args: WatchArgs) -> anyhow::Result<()> {
+    let vips: Vec<String> = args
+        .vips
+        .iter()
+        .chain(&args.tag_vips)
+        .map(ToString::to_string)
+        .collect();
+    let a = match file {
+        Some(f) => analyze(&load(&f)?, &vips),
+        None => {
+            if args.duration.is_none() {
+                return Err(UsageError(
+                    "live diagnose needs --duration SECS (or give a recording FILE)".into(),
+                )
+                .into());
+            }
+            // Live: the records `record` would write go straight into the same analysis.
+            let mut a = Analyzer::new(vips.iter().cloned());
+            trace(&args, vec![&mut a], true, &Stop::new())?;
+            a
+        }
+    };
+    print_diagnosis(&select(a.diagnose(), &vips), args.json)
+}

@@ -1,0 +1,252 @@
+//! The `lbtrace` command line: flags, one file per subcommand, and the errors users can fix.
+
+mod agent;
+mod common;
+mod diagnose;
+mod doctor;
+mod record;
+mod report;
+mod timeline;
+mod top;
+mod watch;
+
+use std::{net::IpAddr, time::Duration};
+
+use agent_common::CtEvent;
+use clap::{Args, Parser, Subcommand};
+use lbtrace::{event::values::L4Proto, pipeline::attribution::parse_vip, probes::ProbeMode};
+
+pub use common::UsageError;
+
+#[derive(Parser)]
+#[command(
+    name = "lbtrace",
+    version,
+    about = "Trace why packets to Kubernetes LoadBalancer IPs are dropped, with eBPF",
+    long_about = "lbtrace hooks the kernel's drop points (kfree_skb drop reasons) with eBPF and \
+                  explains, per LoadBalancer IP, what dropped, where and why."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Stream dropped packets live, one line (or JSON object) per drop, then a summary.
+    Watch(WatchArgs),
+    /// Full-screen live view of the VIPs (takes the same flags as watch).
+    Top(WatchArgs),
+    /// Save the event stream to a file (NDJSON with a header) for diagnose, timeline, report.
+    Record {
+        /// Where to write the recording.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: std::path::PathBuf,
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// Name the likely cause per VIP: live (--duration) or from a recording.
+    Diagnose {
+        /// A recording (from `record` or the agent's --events-file); live when absent.
+        file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// Print a VIP's timeline from a recording.
+    Timeline {
+        file: std::path::PathBuf,
+        /// The VIP.
+        #[arg(long, value_name = "IP")]
+        vip: IpAddr,
+    },
+    /// Write a self-contained HTML report from a recording.
+    Report {
+        file: std::path::PathBuf,
+        /// Where to write the HTML page.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: std::path::PathBuf,
+        /// Only these VIPs (repeatable).
+        #[arg(long = "vip", value_name = "IP")]
+        vips: Vec<IpAddr>,
+    },
+    /// List this kernel's drop reasons with their codes (from BTF).
+    Reasons {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run as the node daemon: Prometheus metrics, health, optional event file.
+    Agent(AgentArgs),
+    /// Check the kernel, BTF, tracefs, capabilities, and which probes attach.
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Print NDJSON: one object per event, then one summary object.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Keep only drops with this reason (repeatable), e.g. NO_SOCKET; see `lbtrace reasons`.
+    #[arg(long = "reason", value_name = "NAME")]
+    pub(crate) reasons: Vec<String>,
+    /// Keep only packets from or to this address (repeatable).
+    #[arg(long = "host", value_name = "IP")]
+    pub(crate) hosts: Vec<IpAddr>,
+    /// Keep only packets from or to this port.
+    #[arg(long, value_name = "N")]
+    pub(crate) port: Option<u16>,
+    /// Keep only this transport protocol: tcp, udp, icmp, icmpv6, sctp or a number.
+    #[arg(long, value_name = "P", value_parser = parse_proto)]
+    pub(crate) proto: Option<L4Proto>,
+    /// Keep only drops in the network namespace with this inode (see `ls -l /proc/PID/ns/net`).
+    #[arg(long, value_name = "INODE")]
+    pub(crate) netns: Option<u32>,
+    /// Keep only drops caused by this conntrack event (repeatable): insert_failed, table_full,
+    /// early_drop.
+    #[arg(long = "event", value_name = "EVENT", value_parser = parse_ct_event)]
+    pub(crate) events: Vec<CtEvent>,
+    /// A LoadBalancer IP to watch (repeatable): keeps drops from or to it, also behind DNAT,
+    /// and tags them.
+    #[arg(long = "vip", value_name = "IP")]
+    pub(crate) vips: Vec<IpAddr>,
+    /// A LoadBalancer IP to attribute events to without selecting them (repeatable).
+    #[arg(long = "tag-vip", value_name = "IP")]
+    pub(crate) tag_vips: Vec<IpAddr>,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub(crate) duration: Option<Duration>,
+    /// Stop after printing this many events.
+    #[arg(long, value_name = "N")]
+    pub(crate) count: Option<u64>,
+    /// Do not record ARP, IPv6 neighbour discovery or neighbour-cache updates.
+    #[arg(long)]
+    pub(crate) no_arp: bool,
+    /// Learn VIPs from the gratuitous announcements seen (as a MetalLB speaker makes them).
+    #[arg(long)]
+    pub(crate) discover_vips: bool,
+    /// Which hooks to use: tp_btf first (auto), or only one kind (btf, tracepoint).
+    #[arg(long, default_value_t = ProbeMode::Auto, value_parser = parse_probe_mode)]
+    pub(crate) probe_mode: ProbeMode,
+    /// Ring buffer size in bytes (a power of two, at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
+    pub(crate) ring_size: u32,
+    /// Colour the output: auto (only on a terminal), always or never.
+    #[arg(long, value_enum, default_value_t = ColorMode::Auto)]
+    pub(crate) color: ColorMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every flag is also an `LBTRACE_*` environment variable and a key of the config file
+/// (flags and variables win over the file).
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// TOML config file (keys: vips, metrics_addr, node_name, netns, log_format, events_file,
+    /// events_max_bytes, probe_mode, ring_size, no_arp, discover_vips).
+    #[arg(long, env = "LBTRACE_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<std::path::PathBuf>,
+    /// Where to serve /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
+    #[arg(long, env = "LBTRACE_METRICS_ADDR", value_name = "ADDR:PORT")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Node name on every record and metric [default: $NODE_NAME, else the hostname].
+    #[arg(long, env = "LBTRACE_NODE_NAME", value_name = "NAME")]
+    pub(crate) node_name: Option<String>,
+    /// LoadBalancer IPs or pools (CIDR) to attribute to (repeatable, or comma-separated).
+    #[arg(long = "vip", env = "LBTRACE_VIP", value_name = "IP|CIDR", value_delimiter = ',', value_parser = parse_vip_arg)]
+    pub(crate) vips: Vec<ipnet::IpNet>,
+    /// Only this network namespace (inode).
+    #[arg(long, env = "LBTRACE_NETNS", value_name = "INODE")]
+    pub(crate) netns: Option<u32>,
+    /// Log format.
+    #[arg(long, env = "LBTRACE_LOG_FORMAT", value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
+    /// Also write every event as NDJSON to this file (for `diagnose` and `report`).
+    #[arg(long, env = "LBTRACE_EVENTS_FILE", value_name = "PATH")]
+    pub(crate) events_file: Option<std::path::PathBuf>,
+    /// Rotate the event file to PATH.1 past this size [default: 64 MiB].
+    #[arg(long, env = "LBTRACE_EVENTS_MAX_BYTES", value_name = "BYTES")]
+    pub(crate) events_max_bytes: Option<u64>,
+    /// Which hooks to use: auto, btf or tracepoint.
+    #[arg(long, env = "LBTRACE_PROBE_MODE", value_parser = parse_probe_mode)]
+    pub(crate) probe_mode: Option<ProbeMode>,
+    /// Ring buffer size in bytes (a power of two, at least 4096) [default: 4 MiB].
+    #[arg(long, env = "LBTRACE_RING_SIZE", value_name = "BYTES", value_parser = parse_ring_size)]
+    pub(crate) ring_size: Option<u32>,
+    /// Do not record ARP, neighbour discovery or neighbour updates.
+    #[arg(long, env = "LBTRACE_NO_ARP")]
+    pub(crate) no_arp: bool,
+    /// Learn VIPs from gratuitous announcements.
+    #[arg(long, env = "LBTRACE_DISCOVER_VIPS")]
+    pub(crate) discover_vips: bool,
+}
+
+fn parse_vip_arg(s: &str) -> Result<ipnet::IpNet, String> {
+    parse_vip(s)
+}
+
+fn parse_probe_mode(s: &str) -> Result<ProbeMode, String> {
+    s.parse()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorMode {
+    Auto,
+    Always,
+    Never,
+}
+
+fn parse_proto(s: &str) -> Result<L4Proto, String> {
+    L4Proto::parse(s)
+        .ok_or_else(|| format!("`{s}` is not tcp, udp, icmp, icmpv6, sctp or a protocol number"))
+}
+
+fn parse_ct_event(s: &str) -> Result<CtEvent, String> {
+    CtEvent::from_name(s)
+        .ok_or_else(|| format!("`{s}` is not insert_failed, table_full or early_drop"))
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(format!("`{s}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size in bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => agent::agent(args),
+        Command::Watch(args) => watch::watch(args),
+        Command::Top(args) => top::top(args),
+        Command::Record { output, watch } => record::record(&output, watch),
+        Command::Diagnose { file, watch } => diagnose::diagnose(file, watch),
+        Command::Timeline { file, vip } => timeline::timeline(&file, &vip.to_string()),
+        Command::Report { file, output, vips } => {
+            let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
+            report::report(&file, &output, &vips)
+        }
+        Command::Reasons { json } => doctor::reasons(json),
+        Command::Doctor { json } => doctor::doctor(json),
+    }
+}

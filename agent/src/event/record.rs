@@ -1,0 +1,455 @@
+//! [`Record`]: the one definition of lbtrace's JSON contract. `watch --json`, `record`, the
+//! agent's event file and every reader of a recording go through these types; nothing else
+//! writes or parses that JSON.
+//!
+//! Readers are lenient where old or hand-made recordings may differ: missing fields take their
+//! defaults and unknown kinds read as [`Record::Unknown`]. A line whose fields have the wrong
+//! type does not read at all and is counted by the reader.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::values::{
+    ArpOp, ConntrackEvent, Direction, Family, L4Proto, Mac, Name, NudState, TcpFlags, Time,
+};
+
+/// The recording format this lbtrace writes and reads.
+pub const FORMAT: &str = "lbtrace-ndjson";
+pub const FORMAT_VERSION: u64 = 1;
+
+/// Reads NDJSON records; lines that are not records (not JSON, or fields of the wrong type)
+/// are counted, not fatal. Blank lines are neither.
+pub fn read_ndjson(text: &str) -> (Vec<Record>, usize) {
+    let mut bad = 0;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) => out.push(r),
+            Err(_) => bad += 1,
+        }
+    }
+    (out, bad)
+}
+
+/// One line of lbtrace's NDJSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// First line of a recording.
+    Header(Box<Header>),
+    /// Which probes attached (second line of a recording).
+    Status(Status),
+    /// A packet the kernel freed with a drop reason.
+    Drop(Box<DropRec>),
+    /// A drop that conntrack caused (same fields; `event` says which).
+    Conntrack(Box<DropRec>),
+    Arp(Box<ArpRec>),
+    Neigh(Box<NeighRec>),
+    VipOwner(Box<VipOwnerRec>),
+    VipDiscovered(VipDiscoveredRec),
+    Finding(FindingRec),
+    Summary(Box<crate::output::summary::Summary>),
+    /// A kind from another version of lbtrace: read, and passed over.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Record {
+    /// The VIP the record is attributed to.
+    pub fn vip(&self) -> Option<IpAddr> {
+        match self {
+            Self::Drop(d) | Self::Conntrack(d) => d.vip,
+            Self::Arp(a) => a.vip,
+            Self::Neigh(n) => n.vip,
+            Self::VipOwner(o) => Some(o.vip),
+            Self::VipDiscovered(d) => Some(d.vip),
+            Self::Finding(f) => Some(f.vip),
+            Self::Header(_) | Self::Status(_) | Self::Summary(_) | Self::Unknown => None,
+        }
+    }
+
+    pub fn time(&self) -> Option<Time> {
+        match self {
+            Self::Drop(d) | Self::Conntrack(d) => d.time,
+            Self::Arp(a) => a.time,
+            Self::Neigh(n) => n.time,
+            Self::VipOwner(o) => o.time,
+            Self::Finding(f) => f.time,
+            _ => None,
+        }
+    }
+
+    /// Events (not the header, status or summary lines around them).
+    pub fn is_event(&self) -> bool {
+        !matches!(
+            self,
+            Self::Header(_) | Self::Status(_) | Self::Summary(_) | Self::Unknown
+        )
+    }
+
+    /// Labels the record with the node it was seen on.
+    pub fn set_node(&mut self, node: &Name) {
+        let slot = match self {
+            Self::Drop(d) | Self::Conntrack(d) => &mut d.node,
+            Self::Arp(a) => &mut a.node,
+            Self::Neigh(n) => &mut n.node,
+            Self::VipOwner(o) => &mut o.node,
+            Self::VipDiscovered(d) => &mut d.node,
+            Self::Finding(f) => &mut f.node,
+            _ => return,
+        };
+        *slot = Some(node.clone());
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Header {
+    pub format: String,
+    pub version: u64,
+    pub lbtrace: String,
+    pub kernel: String,
+    pub hostname: String,
+    pub started: Option<Time>,
+    pub vips: Vec<IpAddr>,
+    /// Reason code → name, as the recording kernel's BTF had them.
+    #[serde(with = "super::values::number_keys")]
+    pub drop_reasons: BTreeMap<u32, Name>,
+}
+
+impl Header {
+    pub fn supported(&self) -> bool {
+        self.format == FORMAT && self.version == FORMAT_VERSION
+    }
+}
+
+/// Outcome of one attach attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "ProbeStatusJson", from = "ProbeStatusJson")]
+pub struct ProbeStatus {
+    pub collector: Name,
+    pub probe: Name,
+    pub state: ProbeState,
+}
+
+/// What became of a probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeState {
+    Attached,
+    /// Tried, and the kernel (or its BTF, or tracefs) refused it.
+    Failed(String),
+    /// A preferred probe of the same collector is attached.
+    NotNeeded,
+    /// `--probe-mode` excludes its kind of hook.
+    NotTried(String),
+    /// Forced off for a test.
+    Disabled(String),
+}
+
+impl ProbeState {
+    pub fn attached(&self) -> bool {
+        matches!(self, Self::Attached)
+    }
+
+    /// Attached, or tried and failed (forced off counts as failed): what `doctor` reports.
+    pub fn tried(&self) -> bool {
+        matches!(self, Self::Attached | Self::Failed(_) | Self::Disabled(_))
+    }
+
+    /// Why the probe is not attached, as one line.
+    pub fn why(&self) -> Option<String> {
+        match self {
+            Self::Attached => None,
+            Self::Failed(e) => Some(e.clone()),
+            Self::NotNeeded => Some(NOT_NEEDED.to_owned()),
+            Self::NotTried(mode) => Some(format!("{NOT_TRIED} {mode}")),
+            Self::Disabled(by) => Some(format!("{DISABLED} {by}")),
+        }
+    }
+}
+
+const NOT_NEEDED: &str = "not needed: a preferred probe is attached";
+const NOT_TRIED: &str = "not tried: --probe-mode";
+const DISABLED: &str = "disabled by";
+
+/// The contract's form of a probe status: `attached` and `error`.
+#[derive(Serialize, Deserialize)]
+struct ProbeStatusJson {
+    collector: Name,
+    probe: Name,
+    attached: bool,
+    error: Option<String>,
+}
+
+impl From<ProbeStatus> for ProbeStatusJson {
+    fn from(s: ProbeStatus) -> Self {
+        Self {
+            collector: s.collector,
+            probe: s.probe,
+            attached: s.state.attached(),
+            error: s.state.why(),
+        }
+    }
+}
+
+impl From<ProbeStatusJson> for ProbeStatus {
+    fn from(j: ProbeStatusJson) -> Self {
+        let state = match (j.attached, j.error) {
+            (true, _) => ProbeState::Attached,
+            (false, None) => ProbeState::Failed(String::new()),
+            (false, Some(e)) => {
+                if e == NOT_NEEDED {
+                    ProbeState::NotNeeded
+                } else if let Some(mode) = e.strip_prefix(NOT_TRIED) {
+                    ProbeState::NotTried(mode.trim().to_owned())
+                } else if let Some(by) = e.strip_prefix(DISABLED) {
+                    ProbeState::Disabled(by.trim().to_owned())
+                } else {
+                    ProbeState::Failed(e)
+                }
+            }
+        };
+        Self {
+            collector: j.collector,
+            probe: j.probe,
+            state,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Status {
+    /// The drop probe in use.
+    pub probe: Name,
+    pub probes: Vec<ProbeStatus>,
+}
+
+/// One direction of a conntrack entry (or a pre-NAT flow).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub proto: L4Proto,
+}
+
+/// A dropped packet, where and why, and the VIP it belongs to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DropRec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    pub time: Option<Time>,
+    /// Set when conntrack caused the drop (then the kind is `conntrack`).
+    pub event: Option<ConntrackEvent>,
+    pub reason: Name,
+    pub reason_code: u32,
+    /// `function+0xoff`, or the address when symbols are hidden.
+    pub location: Name,
+    pub cpu: u32,
+    pub netns: u32,
+    pub ifindex: u32,
+    pub ifname: Option<Name>,
+    pub family: Option<Family>,
+    pub proto: Option<L4Proto>,
+    pub src: Option<IpAddr>,
+    pub sport: Option<u16>,
+    pub dst: Option<IpAddr>,
+    pub dport: Option<u16>,
+    pub len: u32,
+    /// Ethertype from `skb->protocol`: only the terminal line shows it (for non-IP drops).
+    #[serde(skip)]
+    pub l3_proto: u16,
+    pub tcp_flags: Option<TcpFlags>,
+    pub icmp_type: Option<u8>,
+    pub icmp_code: Option<u8>,
+    /// The conntrack entry's original direction, or the pre-DNAT flow from the NAT map.
+    pub orig: Option<Flow>,
+    pub reply: Option<Flow>,
+    /// With `orig` from the NAT map: the namespace where the DNAT happened.
+    pub nat_netns: Option<u32>,
+    pub vip: Option<IpAddr>,
+}
+
+impl DropRec {
+    /// The function part of `location`.
+    pub fn function(&self) -> &str {
+        self.location.split('+').next().unwrap_or("")
+    }
+
+    /// `reason`, or `CT:event` when conntrack caused the drop: the label a person reads.
+    pub fn label(&self) -> String {
+        match &self.event {
+            Some(e) => format!("CT:{e}"),
+            None => self.reason.to_string(),
+        }
+    }
+}
+
+/// NA flags as on the wire.
+pub const NDP_ROUTER: u8 = 0x80;
+pub const NDP_SOLICITED: u8 = 0x40;
+pub const NDP_OVERRIDE: u8 = 0x20;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NdpFlags {
+    pub router: bool,
+    pub solicited: bool,
+    #[serde(rename = "override")]
+    pub override_: bool,
+}
+
+impl NdpFlags {
+    pub fn from_wire(f: u8) -> Self {
+        Self {
+            router: f & NDP_ROUTER != 0,
+            solicited: f & NDP_SOLICITED != 0,
+            override_: f & NDP_OVERRIDE != 0,
+        }
+    }
+}
+
+/// An ARP packet or IPv6 neighbour solicitation/advertisement (`family` tells them apart).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ArpRec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    pub time: Option<Time>,
+    pub family: Family,
+    pub op: ArpOp,
+    /// An announcement nobody asked for: ARP with sender IP = target IP, an ARP reply to the
+    /// broadcast address, or an unsolicited neighbour advertisement with the override flag.
+    pub gratuitous: bool,
+    pub direction: Direction,
+    /// A copy the bridge forwarded, not a host's own transmission.
+    pub bridged: bool,
+    pub sender_ip: Option<IpAddr>,
+    pub sender_mac: Mac,
+    /// ARP target protocol address, or the NDP target address.
+    pub target_ip: Option<IpAddr>,
+    pub target_mac: Mac,
+    pub ndp_flags: Option<NdpFlags>,
+    pub ifname: Option<Name>,
+    pub ifindex: u32,
+    pub netns: u32,
+    pub vip: Option<IpAddr>,
+}
+
+impl ArpRec {
+    /// The address this packet announces a MAC for, when it is a host's own announcement: its
+    /// transmitted (not bridged) ARP reply, neighbour advertisement or gratuitous ARP.
+    ///
+    /// This is the one rule of what an announcement is; ownership, metrics and the analysis
+    /// all ask it.
+    pub fn announced(&self) -> Option<IpAddr> {
+        if self.direction != Direction::Tx || self.bridged {
+            return None;
+        }
+        match self.op {
+            ArpOp::Reply => self.sender_ip,
+            ArpOp::Advertisement => self.target_ip,
+            ArpOp::Request if self.gratuitous => self.sender_ip,
+            _ => None,
+        }
+    }
+
+    /// A gratuitous announcement (the kind a speaker sends on failover).
+    pub fn is_garp(&self) -> bool {
+        self.gratuitous && self.announced().is_some()
+    }
+}
+
+/// A neighbour-cache update.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NeighRec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    pub time: Option<Time>,
+    pub ip: Option<IpAddr>,
+    pub old_mac: Mac,
+    pub new_mac: Mac,
+    pub old_state: NudState,
+    pub new_state: NudState,
+    pub ifname: Option<Name>,
+    pub ifindex: u32,
+    /// `None` when the hook could not tell (the classic tracepoint).
+    pub netns: Option<u32>,
+    pub vip: Option<IpAddr>,
+}
+
+/// The MAC announcing a VIP changed (`old_mac` is null at the first sighting).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipOwnerRec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    #[serde(default)]
+    pub time: Option<Time>,
+    pub vip: IpAddr,
+    #[serde(default)]
+    pub old_mac: Option<Mac>,
+    #[serde(default)]
+    pub old_netns: Option<u32>,
+    pub new_mac: Mac,
+    #[serde(default)]
+    pub new_netns: Option<u32>,
+    #[serde(default)]
+    pub ifname: Option<Name>,
+}
+
+/// A VIP learned from an announcement (`--discover-vips`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipDiscoveredRec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    pub vip: IpAddr,
+    pub mac: Mac,
+    #[serde(default)]
+    pub netns: u32,
+    #[serde(default)]
+    pub ifname: Option<Name>,
+    #[serde(default)]
+    pub note: String,
+}
+
+/// What ownership tracking finds on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FindingKind {
+    Flapping,
+    SplitBrain,
+}
+
+impl FindingKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Flapping => "flapping",
+            Self::SplitBrain => "split-brain",
+        }
+    }
+}
+
+/// A flapping or split-brain finding, as it happens (and in the summary, without a time).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FindingRec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+    pub finding: FindingKind,
+    pub vip: IpAddr,
+    /// The MACs involved.
+    #[serde(default)]
+    pub macs: Vec<Mac>,
+    #[serde(default)]
+    pub changes: usize,
+    #[serde(default)]
+    pub detail: String,
+}

@@ -1,0 +1,10 @@
+//! Where records end up: terminal lines, NDJSON, the summary, metrics and their HTTP endpoint,
+//! text timelines and the HTML report.
+
+pub mod html;
+pub mod http;
+pub mod metrics;
+pub mod ndjson;
+pub mod summary;
+pub mod text;
+pub mod timeline;

@@ -1,0 +1,242 @@
+//! The closing summary of a run: the kernel's exact counters next to what was delivered, drops
+//! per VIP, conntrack table pressure, ownership and findings.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    event::{
+        record::FindingRec,
+        values::{Mac, Name, Time},
+        Record,
+    },
+    kernel::conntrack::TableReport,
+    pipeline::Pipeline,
+    probes::{probe_name, KernelCounters, Tracer},
+};
+
+/// Delivered drops per VIP and reason (or `conntrack:event`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipCounts(pub BTreeMap<String, BTreeMap<String, u64>>);
+
+impl VipCounts {
+    pub fn add(&mut self, r: &Record) {
+        let (Record::Drop(d) | Record::Conntrack(d)) = r else {
+            return;
+        };
+        let Some(vip) = d.vip else {
+            return;
+        };
+        let label = match &d.event {
+            Some(e) => format!("conntrack:{e}"),
+            None => d.reason.to_string(),
+        };
+        *self
+            .0
+            .entry(vip.to_string())
+            .or_default()
+            .entry(label)
+            .or_default() += 1;
+    }
+}
+
+/// One ownership change of a VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerChange {
+    pub from: Option<Mac>,
+    pub garps: u32,
+    pub time: Time,
+    pub to: Mac,
+    pub to_netns: u32,
+}
+
+/// Who announces a VIP now, and how it got there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OwnerSummary {
+    pub changes: Vec<OwnerChange>,
+    pub garps_total: u32,
+    pub ifname: Option<Name>,
+    pub mac: Option<Mac>,
+    pub netns: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    pub duration_s: f64,
+    pub probe: Name,
+    /// From the kernel's exact per-reason counters, not from delivered records.
+    pub drops_by_reason: BTreeMap<String, u64>,
+    pub events_seen: u64,
+    pub events_delivered: u64,
+    pub events_lost: u64,
+    pub lost_by_cpu: BTreeMap<String, u64>,
+    pub events_printed: u64,
+    pub decode_errors: u64,
+    /// Conntrack-caused drops per event, from the kernel's exact counters.
+    pub conntrack_by_event: BTreeMap<String, u64>,
+    /// DNAT translations learned, and drops attributed through them.
+    pub nat_learned: u64,
+    pub nat_joined: u64,
+    /// Drops per VIP (records delivered and attributed).
+    pub drops_by_vip: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Per netns: conntrack table pressure and per-CPU counter movement while watching.
+    #[serde(with = "crate::event::values::number_keys")]
+    pub conntrack_tables: BTreeMap<u32, TableReport>,
+    /// ARP/NDP and neighbour records seen by the kernel (included in `events_seen`).
+    pub arp_events: u64,
+    pub neigh_events: u64,
+    /// Who announces each VIP, its ownership changes and findings.
+    pub vip_owners: BTreeMap<String, OwnerSummary>,
+    pub findings: Vec<FindingRec>,
+    /// VIPs learned from gratuitous announcements (`--discover-vips`).
+    pub discovered_vips: Vec<String>,
+}
+
+impl Summary {
+    /// The summary of a finished run.
+    pub fn build(
+        p: &mut Pipeline<'_>,
+        tracer: &Tracer,
+        k: &KernelCounters,
+        duration: Duration,
+    ) -> Self {
+        let reasons = p.namer.reasons();
+        let counts = p.counts;
+        Self {
+            duration_s: (duration.as_secs_f64() * 1000.0).round() / 1000.0,
+            probe: probe_name(tracer.active).into(),
+            drops_by_reason: k
+                .by_reason
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(r, n)| (reasons.name(*r), *n))
+                .collect(),
+            events_seen: k.matched + k.arp + k.neigh,
+            events_delivered: counts.delivered,
+            events_lost: k.lost(),
+            lost_by_cpu: k
+                .lost_per_cpu
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(c, n)| (c.to_string(), *n))
+                .collect(),
+            events_printed: counts.printed,
+            decode_errors: counts.decode_errors,
+            conntrack_by_event: k
+                .ct_events
+                .iter()
+                .map(|(e, n)| (e.as_str().to_owned(), *n))
+                .collect(),
+            nat_learned: k.nat_learned,
+            nat_joined: k.nat_joined,
+            drops_by_vip: p.take_vip_counts().0,
+            conntrack_tables: p.tables.finish(),
+            arp_events: k.arp,
+            neigh_events: k.neigh,
+            vip_owners: owners(p),
+            findings: p
+                .ownership
+                .findings
+                .iter()
+                .map(|f| FindingRec {
+                    time: None,
+                    ..f.clone()
+                })
+                .collect(),
+            discovered_vips: p
+                .ownership
+                .discovered
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }
+    }
+
+    /// The summary for a person.
+    pub fn write_text(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(
+            out,
+            "--- lbtrace summary ({:.1}s, probe {}) ---",
+            self.duration_s, self.probe
+        )?;
+        let mut by_count: Vec<_> = self.drops_by_reason.iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (reason, n) in by_count {
+            writeln!(out, "{n:>10}  {reason}")?;
+        }
+        for (event, n) in self.conntrack_by_event.iter().filter(|(_, n)| **n > 0) {
+            writeln!(out, "{n:>10}  conntrack {event}")?;
+        }
+        for (vip, owner) in &self.vip_owners {
+            writeln!(
+                out,
+                "vip {vip}: announced by {} (netns {}), {} ownership change(s)",
+                owner.mac.map_or("?".to_owned(), |m| m.to_string()),
+                owner.netns.map_or("null".to_owned(), |n| n.to_string()),
+                owner.changes.len()
+            )?;
+        }
+        for f in &self.findings {
+            writeln!(
+                out,
+                "finding: {} for vip {}: {}",
+                f.finding.as_str(),
+                f.vip,
+                f.detail
+            )?;
+        }
+        for (vip, reasons) in &self.drops_by_vip {
+            let total: u64 = reasons.values().sum();
+            let detail: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            writeln!(out, "vip {vip}: {total} drops ({})", detail.join(", "))?;
+        }
+        writeln!(
+            out,
+            "events: {} seen by the kernel, {} delivered, {} lost (ring buffer full){}",
+            self.events_seen,
+            self.events_delivered,
+            self.events_lost,
+            if self.decode_errors > 0 {
+                format!(", {} undecodable", self.decode_errors)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// Ownership per VIP for the summary.
+fn owners(p: &Pipeline<'_>) -> BTreeMap<String, OwnerSummary> {
+    p.ownership
+        .owners()
+        .map(|(vip, owner, changes)| {
+            let summary = OwnerSummary {
+                changes: changes
+                    .iter()
+                    .filter_map(|c| {
+                        Some(OwnerChange {
+                            from: Some(c.from.as_ref()?.mac),
+                            garps: c.garps,
+                            time: c.at,
+                            to: c.to.mac,
+                            to_netns: c.to.netns,
+                        })
+                    })
+                    .collect(),
+                garps_total: changes.iter().map(|c| c.garps).sum(),
+                ifname: owner.and_then(|o| o.ifname.clone()),
+                mac: owner.map(|o| o.mac),
+                netns: owner.map(|o| o.netns),
+            };
+            (vip.to_string(), summary)
+        })
+        .collect()
+}

@@ -1,0 +1,109 @@
+//! A VIP's timeline as text: one line per non-empty bucket, moves and findings marked.
+
+use std::fmt::Write as _;
+
+use crate::{
+    analysis::{Analyzer, Bucket, Finding, VipDiagnosis},
+    event::values::Mac,
+};
+
+/// A number as JSON writes it (`0.9`, `11.0`): the form the diagnosis always printed.
+pub fn number(x: f64) -> String {
+    serde_json::to_string(&x).unwrap_or_default()
+}
+
+/// `HH:MM:SS` (UTC) of a Unix second; computed, not formatted through a date, so that any
+/// second a recording holds prints (humantime refuses years past 9999).
+pub fn clock(sec: u64) -> String {
+    format!(
+        "{:02}:{:02}:{:02}",
+        sec / 3600 % 24,
+        sec / 60 % 60,
+        sec % 60
+    )
+}
+
+/// One line per non-empty bucket, with ownership moves and findings marked.
+pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "timeline for VIP {vip}");
+    let Some(tl) = a.timeline(vip) else {
+        let _ = writeln!(o, "  (no events for this VIP)");
+        return o;
+    };
+    let changes = a.changes(vip);
+    let mut moves = changes.iter().peekable();
+    for (start, width, b) in tl.buckets() {
+        while let Some(m) = moves.next_if(|(t, _, _)| *t as u64 <= start) {
+            move_line(&mut o, m);
+        }
+        let parts = bucket_parts(b);
+        if !parts.is_empty() {
+            let w = if width > 1 {
+                format!(" ({width}s)")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(o, "{}{w}  {}", clock(start), parts.join("; "));
+        }
+    }
+    for m in moves {
+        move_line(&mut o, m);
+    }
+    let findings: Vec<&Finding> = diagnosis
+        .iter()
+        .filter(|d| d.vip == vip)
+        .flat_map(|d| &d.findings)
+        .collect();
+    if findings.is_empty() {
+        let _ = writeln!(o, "no finding");
+    }
+    for f in findings {
+        let _ = writeln!(
+            o,
+            "finding: {} (confidence {}) {} .. {}: {}",
+            f.cause.as_str(),
+            number(f.confidence),
+            f.first_seen,
+            f.last_seen,
+            f.hint
+        );
+    }
+    o
+}
+
+fn move_line(o: &mut String, (t, from, to): &(f64, Option<Mac>, Mac)) {
+    let _ = writeln!(
+        o,
+        "{}  >>> VIP moved {} -> {to}",
+        clock(*t as u64),
+        from.map_or("?".to_owned(), |m| m.to_string())
+    );
+}
+
+/// What a bucket holds, as parts of its line.
+fn bucket_parts(b: &Bucket) -> Vec<String> {
+    let join = |items: Vec<String>| items.join(", ");
+    let mut parts = Vec::new();
+    if b.drops > 0 {
+        let reasons = b.drops_by_reason.iter().map(|(r, n)| format!("{r} {n}"));
+        let netns = b.drops_by_netns.iter().map(|(ns, n)| format!("{ns}:{n}"));
+        parts.push(format!(
+            "drops {} [{}] netns [{}]",
+            b.drops,
+            join(reasons.collect()),
+            join(netns.collect())
+        ));
+    }
+    if !b.conntrack.is_empty() {
+        let ev = b.conntrack.iter().map(|(e, n)| format!("{e} {n}"));
+        parts.push(format!("conntrack [{}]", join(ev.collect())));
+    }
+    if b.garps > 0 {
+        parts.push(format!("garp {}", b.garps));
+    }
+    if b.neigh_changes > 0 {
+        parts.push(format!("client neighbour updates {}", b.neigh_changes));
+    }
+    parts
+}

@@ -1,0 +1,85 @@
+//! Counters the programs keep on their own: exact, whatever the ring buffer loses.
+
+use std::collections::BTreeMap;
+
+use agent_common::{
+    CtEvent, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_STATS, STAT_ARP, STAT_CT_NO_BASELINE,
+    STAT_MATCHED, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH, STAT_READ_ERRORS, STAT_RING_LOST,
+    STAT_SEEN,
+};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+
+use super::{map_err, ProbeError, Tracer};
+
+/// Counters kept by the kernel independently of the ring buffer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Drops that passed the filters, per reason code.
+    pub by_reason: BTreeMap<u32, u64>,
+    /// Records that did not fit in the ring buffer, per CPU.
+    pub lost_per_cpu: Vec<u64>,
+    pub seen: u64,
+    pub matched: u64,
+    pub read_errors: u64,
+    /// Conntrack-caused drops that passed the filters, per event.
+    pub ct_events: BTreeMap<CtEvent, u64>,
+    pub ct_no_baseline: u64,
+    pub nat_learned: u64,
+    pub nat_joined: u64,
+    /// ARP/NDP and neighbour records that passed the filters.
+    pub arp: u64,
+    pub neigh: u64,
+}
+
+impl KernelCounters {
+    pub fn lost(&self) -> u64 {
+        self.lost_per_cpu.iter().sum()
+    }
+}
+
+impl Tracer {
+    fn per_cpu_array(&self, name: &'static str) -> Result<Vec<Vec<u64>>, ProbeError> {
+        let map = self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+        arr.iter()
+            .map(|v| v.map(|per_cpu| per_cpu.to_vec()).map_err(map_err(name)))
+            .collect()
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters, ProbeError> {
+        let mut out = KernelCounters::default();
+        let map = self
+            .ebpf
+            .map(MAP_DROP_COUNTS)
+            .ok_or(ProbeError::MissingMap(MAP_DROP_COUNTS))?;
+        let counts: PerCpuHashMap<&MapData, u32, u64> =
+            PerCpuHashMap::try_from(map).map_err(map_err(MAP_DROP_COUNTS))?;
+        for item in counts.iter() {
+            let (reason, per_cpu) = item.map_err(map_err(MAP_DROP_COUNTS))?;
+            out.by_reason.insert(reason, per_cpu.iter().sum());
+        }
+        let stats = self.per_cpu_array(MAP_STATS)?;
+        let total = |idx: u32| stats.get(idx as usize).map_or(0, |v| v.iter().sum());
+        out.lost_per_cpu = stats
+            .get(STAT_RING_LOST as usize)
+            .cloned()
+            .unwrap_or_default();
+        out.seen = total(STAT_SEEN);
+        out.matched = total(STAT_MATCHED);
+        out.read_errors = total(STAT_READ_ERRORS);
+        out.ct_no_baseline = total(STAT_CT_NO_BASELINE);
+        out.nat_learned = total(STAT_NAT_LEARNED);
+        out.nat_joined = total(STAT_NAT_JOINED);
+        out.arp = total(STAT_ARP);
+        out.neigh = total(STAT_NEIGH);
+        for (idx, per_cpu) in self.per_cpu_array(MAP_CT_COUNTS)?.iter().enumerate() {
+            let event = u8::try_from(idx)
+                .ok()
+                .and_then(|i| CtEvent::try_from(i).ok());
+            if let Some(e) = event {
+                out.ct_events.insert(e, per_cpu.iter().sum());
+            }
+        }
+        Ok(out)
+    }
+}

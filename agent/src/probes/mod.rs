@@ -1,0 +1,339 @@
+//! Loading the kernel programs and attaching them, with a fallback table chosen at run time.
+//!
+//! Like retis's collectors: each hook is tried in order of preference; one that cannot run on
+//! this kernel is skipped with its reason, and the drop collector as a whole fails only when none
+//! of its hooks attaches. Every attempt is kept for `doctor`.
+
+mod collectors;
+mod counters;
+mod filters;
+pub mod offsets;
+
+use std::collections::BTreeMap;
+
+use agent_common::{
+    ProbeConfig, ProbeId, FEATURE_ARP, FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, GLOBAL_CONFIG,
+    MAP_EVENTS, MAP_HOST_FILTER, MAP_REASON_FILTER,
+};
+use aya::{
+    maps::{MapData, RingBuf},
+    Ebpf, EbpfLoader,
+};
+pub use collectors::error_chain;
+use collectors::{attach_btf, attach_tracepoint, disabled_by_env, Hook, COLLECTORS};
+pub use collectors::{probe_name, ProbeMode, DISABLE_PROBES_ENV};
+pub use counters::KernelCounters;
+pub use filters::KernelFilter;
+use filters::{fill_set, host_key, seed_ct_baselines};
+use offsets::{
+    arp_offsets, conntrack_offsets, ct_stat_offsets, kernel_offsets, tracepoint_layouts,
+};
+
+use crate::{
+    event::record::{ProbeState, ProbeStatus},
+    kernel::btf::{DropReasons, KernelBtf},
+};
+
+/// The kernel object, built by `agent/build.rs` and embedded so the binary runs on its own.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Btf(#[from] crate::kernel::btf::BtfError),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("no drop probe could attach: {0}")]
+    NoProbe(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub mode: ProbeMode,
+    pub filter: KernelFilter,
+    /// Ring buffer size in bytes: a power of two, a multiple of the page size.
+    pub ring_bytes: u32,
+    /// Wake the reader when this many bytes wait (0: on every record).
+    pub wakeup_bytes: u64,
+    /// Record ARP/NDP and neighbour updates.
+    pub arp: bool,
+}
+
+/// Whether a feature works on this kernel, and why not.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "Result<(), String>")]
+pub enum Feature {
+    On,
+    Off(String),
+}
+
+impl From<Feature> for Result<(), String> {
+    fn from(f: Feature) -> Self {
+        match f {
+            Feature::On => Ok(()),
+            Feature::Off(why) => Err(why),
+        }
+    }
+}
+
+impl<E: std::fmt::Display> From<Result<(), E>> for Feature {
+    fn from(r: Result<(), E>) -> Self {
+        match r {
+            Ok(()) => Self::On,
+            Err(e) => Self::Off(e.to_string()),
+        }
+    }
+}
+
+impl Feature {
+    pub fn is_on(&self) -> bool {
+        matches!(self, Self::On)
+    }
+
+    /// On only when `self` is and every collector it needs has a probe attached.
+    fn needs(&self, active: &BTreeMap<&str, ProbeId>, collectors: &[&str]) -> Self {
+        match (self, collectors.iter().find(|c| !active.contains_key(**c))) {
+            (Self::Off(why), _) => Self::Off(why.clone()),
+            (Self::On, Some(c)) => Self::Off(format!("no {c} probe attached")),
+            (Self::On, None) => Self::On,
+        }
+    }
+}
+
+/// What this kernel lets lbtrace do beyond the drop probe itself.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Features {
+    /// Conntrack-caused drops are classified (insert_failed, table_full, early_drop).
+    pub conntrack_events: Feature,
+    /// DNAT translations are learned to attribute drops behind them.
+    pub nat_attribution: Feature,
+    /// ARP and IPv6 neighbour discovery are seen on transmit and receive.
+    pub arp: Feature,
+    /// Neighbour-cache updates are seen.
+    pub neighbours: Feature,
+}
+
+impl Features {
+    pub fn list(&self) -> [(&'static str, &Feature); 4] {
+        [
+            ("conntrack drop classification", &self.conntrack_events),
+            ("DNAT attribution", &self.nat_attribution),
+            ("ARP/NDP", &self.arp),
+            ("neighbour updates", &self.neighbours),
+        ]
+    }
+}
+
+/// What the configuration found this kernel offers, before anything attaches.
+struct Offered {
+    layouts: BTreeMap<&'static str, Result<(), String>>,
+    conntrack: Feature,
+    ct_stats: Feature,
+    arp: Feature,
+}
+
+/// Fills `cfg` with this kernel's offsets, the features it allows, and the filters.
+fn configure(
+    btf: &KernelBtf,
+    reasons: &DropReasons,
+    opts: &LoadOptions,
+    cfg: &mut ProbeConfig,
+) -> Result<Offered, ProbeError> {
+    kernel_offsets(btf, cfg)?;
+    let layouts = tracepoint_layouts(cfg);
+    let conntrack = Feature::from(conntrack_offsets(btf, cfg));
+    let ct_stats = match (&conntrack, reasons.code("NETFILTER_DROP")) {
+        (Feature::Off(e), _) => Feature::Off(e.clone()),
+        (Feature::On, None) => Feature::Off("this kernel has no NETFILTER_DROP reason".into()),
+        (Feature::On, Some(code)) => {
+            cfg.reason_netfilter_drop = code;
+            Feature::from(ct_stat_offsets(btf, cfg))
+        }
+    };
+    let arp = if opts.arp {
+        Feature::from(arp_offsets(btf, cfg))
+    } else {
+        Feature::Off("disabled (--no-arp)".to_owned())
+    };
+    for (feature, bit) in [
+        (&ct_stats, FEATURE_CT_STATS),
+        (&conntrack, FEATURE_NAT_CAPTURE),
+        (&arp, FEATURE_ARP),
+    ] {
+        if feature.is_on() {
+            cfg.features |= bit;
+        }
+    }
+    opts.filter.configure(cfg);
+    cfg.wakeup_bytes = opts.wakeup_bytes;
+    Ok(Offered {
+        layouts,
+        conntrack,
+        ct_stats,
+        arp,
+    })
+}
+
+pub struct Tracer {
+    ebpf: Ebpf,
+    pub statuses: Vec<ProbeStatus>,
+    /// The drop probe in use.
+    pub active: ProbeId,
+    pub features: Features,
+}
+
+/// Per collector, the first probe that attaches (as `mode` allows); every attempt's outcome.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    btf: Option<&aya::Btf>,
+    mode: ProbeMode,
+    offered: &Offered,
+) -> Result<(Vec<ProbeStatus>, BTreeMap<&'static str, ProbeId>), ProbeError> {
+    let mut statuses = Vec::new();
+    let mut active = BTreeMap::new();
+    for collector in COLLECTORS {
+        for spec in collector.probes {
+            let name = probe_name(spec.id);
+            let state = if active.contains_key(collector.name) {
+                ProbeState::NotNeeded
+            } else if !mode.allows(spec) {
+                ProbeState::NotTried(mode.to_string())
+            } else if disabled_by_env(name) {
+                ProbeState::Disabled(DISABLE_PROBES_ENV.to_owned())
+            } else {
+                let result = match spec.hook {
+                    Hook::BtfTracepoint { function } => match btf {
+                        Some(kbtf) => attach_btf(ebpf, spec.program, function, kbtf),
+                        None => Err("kernel BTF unavailable to the loader".to_owned()),
+                    },
+                    Hook::Tracepoint { category, name } => {
+                        match offered.layouts.get(format!("{category}/{name}").as_str()) {
+                            Some(Err(e)) => Err(e.clone()),
+                            _ => attach_tracepoint(ebpf, spec.program, category, name),
+                        }
+                    }
+                };
+                match result {
+                    Ok(()) => ProbeState::Attached,
+                    Err(e) => ProbeState::Failed(e),
+                }
+            };
+            if state.attached() {
+                active.insert(collector.name, spec.id);
+            }
+            statuses.push(ProbeStatus {
+                collector: collector.name.into(),
+                probe: name.into(),
+                state,
+            });
+        }
+        if collector.required && !active.contains_key(collector.name) {
+            let why = statuses
+                .iter()
+                .filter(|s| &*s.collector == collector.name)
+                .filter_map(|s| s.state.why().map(|e| format!("{}: {e}", s.probe)))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ProbeError::NoProbe(why));
+        }
+    }
+    Ok((statuses, active))
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {
+    move |source| ProbeError::Map { name, source }
+}
+
+impl Tracer {
+    /// Loads the object with this kernel's offsets and the filters, then attaches, per collector,
+    /// the first probe that works (as `mode` allows).
+    pub fn load(
+        btf: &KernelBtf,
+        reasons: &DropReasons,
+        opts: &LoadOptions,
+    ) -> Result<Self, ProbeError> {
+        let mut cfg = ProbeConfig::zeroed();
+        let offered = configure(btf, reasons, opts, &mut cfg)?;
+        let aya_btf = aya::Btf::from_sys_fs().ok();
+        let mut ebpf = EbpfLoader::new()
+            .btf(aya_btf.as_ref())
+            .override_global(GLOBAL_CONFIG, &cfg, true)
+            .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+            .load(EBPF_OBJECT)?;
+
+        // Filters and baselines go in before anything attaches.
+        let f = &opts.filter;
+        fill_set(&mut ebpf, MAP_REASON_FILTER, f.reasons.iter().copied())?;
+        fill_set(
+            &mut ebpf,
+            MAP_HOST_FILTER,
+            f.hosts.iter().map(|h| host_key(*h)),
+        )?;
+        if offered.ct_stats.is_on() {
+            seed_ct_baselines(&mut ebpf)?;
+        }
+        let (statuses, active) = attach_all(&mut ebpf, aya_btf.as_ref(), opts.mode, &offered)?;
+        Ok(Self {
+            ebpf,
+            statuses,
+            active: active["drops"],
+            features: Features {
+                nat_attribution: offered.conntrack.needs(&active, &["xmit"]),
+                arp: offered.arp.needs(&active, &["xmit", "rx"]),
+                neighbours: offered.arp.needs(&active, &["neigh"]),
+                conntrack_events: offered.ct_stats,
+            },
+        })
+    }
+
+    /// Takes the ring buffer for the reader.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(ProbeError::MissingMap(MAP_EVENTS))?;
+        RingBuf::try_from(map).map_err(map_err(MAP_EVENTS))
+    }
+
+    /// Detaches and unloads every program.
+    pub fn detach(&mut self) {
+        for (_, prog) in self.ebpf.programs_mut() {
+            match prog {
+                aya::programs::Program::BtfTracePoint(p) => {
+                    let _ = p.unload();
+                }
+                aya::programs::Program::TracePoint(p) => {
+                    let _ = p.unload();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Total bytes of the maps this tracer created.
+    pub fn maps_bytes(&self) -> u64 {
+        self.ebpf
+            .maps()
+            .filter_map(|(_, m)| {
+                let d = match m {
+                    aya::maps::Map::RingBuf(d)
+                    | aya::maps::Map::PerCpuHashMap(d)
+                    | aya::maps::Map::PerCpuArray(d)
+                    | aya::maps::Map::HashMap(d)
+                    | aya::maps::Map::LruHashMap(d)
+                    | aya::maps::Map::Array(d) => d,
+                    _ => return None,
+                };
+                let info = d.info().ok()?;
+                Some(u64::from(info.max_entries()) * u64::from(info.value_size().max(1)))
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,130 @@
+//! Where the programs find what they read: struct offsets from this kernel's BTF and record
+//! layouts of the classic tracepoints from tracefs, written into [`ProbeConfig`].
+
+use std::collections::BTreeMap;
+
+use agent_common::ProbeConfig;
+
+use crate::kernel::{
+    btf::{BtfError, KernelBtf},
+    tracefs::tracepoint_fields,
+};
+
+/// Record layouts of the classic tracepoints (the fallback hooks).
+pub(super) fn tracepoint_layouts(
+    cfg: &mut ProbeConfig,
+) -> BTreeMap<&'static str, Result<(), String>> {
+    let mut out = BTreeMap::new();
+    out.insert(
+        "skb/kfree_skb",
+        tracepoint_fields("skb", "kfree_skb", &["skbaddr", "location", "reason"]).map(|o| {
+            cfg.tp_skbaddr = o["skbaddr"];
+            cfg.tp_location = o["location"];
+            cfg.tp_reason = o["reason"];
+        }),
+    );
+    out.insert(
+        "net/net_dev_start_xmit",
+        tracepoint_fields("net", "net_dev_start_xmit", &["skbaddr"]).map(|o| {
+            cfg.tp_xmit_skbaddr = o["skbaddr"];
+        }),
+    );
+    out.insert(
+        "net/netif_receive_skb",
+        tracepoint_fields("net", "netif_receive_skb", &["skbaddr"]).map(|o| {
+            cfg.tp_rx_skbaddr = o["skbaddr"];
+        }),
+    );
+    const NEIGH: &[&str] = &[
+        "family",
+        "dev",
+        "lladdr",
+        "nud_state",
+        "primary_key4",
+        "primary_key6",
+        "new_lladdr",
+        "new_state",
+        "update_flags",
+    ];
+    out.insert(
+        "neigh/neigh_update",
+        tracepoint_fields("neigh", "neigh_update", NEIGH).map(|o| {
+            cfg.tp_neigh_family = o["family"];
+            cfg.tp_neigh_dev = o["dev"];
+            cfg.tp_neigh_lladdr = o["lladdr"];
+            cfg.tp_neigh_nud_state = o["nud_state"];
+            cfg.tp_neigh_key4 = o["primary_key4"];
+            cfg.tp_neigh_key6 = o["primary_key6"];
+            cfg.tp_neigh_new_lladdr = o["new_lladdr"];
+            cfg.tp_neigh_new_state = o["new_state"];
+            cfg.tp_neigh_update_flags = o["update_flags"];
+        }),
+    );
+    out
+}
+
+/// Struct offsets the drop programs need, from this kernel's BTF.
+pub fn kernel_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
+    cfg.skb_head = btf.member_offset("sk_buff", "head")?;
+    cfg.skb_len = btf.member_offset("sk_buff", "len")?;
+    cfg.skb_protocol = btf.member_offset("sk_buff", "protocol")?;
+    cfg.skb_network_header = btf.member_offset("sk_buff", "network_header")?;
+    cfg.skb_dev = btf.member_offset("sk_buff", "dev")?;
+    cfg.skb_sk = btf.member_offset("sk_buff", "sk")?;
+    cfg.dev_ifindex = btf.member_offset("net_device", "ifindex")?;
+    // possible_net_t is a typedef of an anonymous struct: walk through it by member name.
+    cfg.dev_nd_net = btf.member_offset("net_device", "nd_net.net")?;
+    cfg.dev_name = btf.member_offset("net_device", "name")?;
+    cfg.sk_net = btf.member_offset("sock", "__sk_common.skc_net.net")?;
+    cfg.net_inum = btf.member_offset("net", "ns.inum")?;
+    Ok(())
+}
+
+/// Offsets for conntrack: the entry an skb carries and its tuples. Absent when conntrack is not
+/// built in (its types then live in a module's BTF).
+pub fn conntrack_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
+    cfg.skb_nfct = btf.member_offset("sk_buff", "_nfct")?;
+    cfg.ct_status = btf.member_offset("nf_conn", "status")?;
+    let hash = btf.member_offset("nf_conn", "tuplehash")?;
+    let tuple_in_hash = btf.member_offset("nf_conntrack_tuple_hash", "tuple")?;
+    cfg.ct_tuple_orig = hash + tuple_in_hash;
+    cfg.ct_tuple_reply = cfg.ct_tuple_orig + btf.struct_size("nf_conntrack_tuple_hash")?;
+    cfg.tuple_src_addr = btf.member_offset("nf_conntrack_tuple", "src.u3")?;
+    cfg.tuple_src_port = btf.member_offset("nf_conntrack_tuple", "src.u")?;
+    cfg.tuple_l3num = btf.member_offset("nf_conntrack_tuple", "src.l3num")?;
+    cfg.tuple_dst_addr = btf.member_offset("nf_conntrack_tuple", "dst.u3")?;
+    cfg.tuple_dst_port = btf.member_offset("nf_conntrack_tuple", "dst.u")?;
+    cfg.tuple_protonum = btf.member_offset("nf_conntrack_tuple", "dst.protonum")?;
+    Ok(())
+}
+
+/// Offsets for ARP/NDP frames and neighbour entries.
+pub fn arp_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
+    cfg.skb_data = btf.member_offset("sk_buff", "data")?;
+    cfg.skb_mac_header = btf.member_offset("sk_buff", "mac_header")?;
+    cfg.dev_type = btf.member_offset("net_device", "type")?;
+    cfg.dev_priv_flags = btf.member_offset("net_device", "priv_flags")?;
+    cfg.priv_flag_bridge_port = btf
+        .enum_values("netdev_priv_flags")?
+        .into_iter()
+        .find(|(_, n)| n == "IFF_BRIDGE_PORT")
+        .and_then(|(v, _)| u32::try_from(v).ok())
+        .unwrap_or(0);
+    cfg.neigh_dev = btf.member_offset("neighbour", "dev")?;
+    cfg.neigh_tbl = btf.member_offset("neighbour", "tbl")?;
+    cfg.tbl_family = btf.member_offset("neigh_table", "family")?;
+    cfg.neigh_primary_key = btf.member_offset("neighbour", "primary_key")?;
+    cfg.neigh_ha = btf.member_offset("neighbour", "ha")?;
+    cfg.neigh_nud_state = btf.member_offset("neighbour", "nud_state")?;
+    Ok(())
+}
+
+/// Offsets for the per-CPU conntrack statistics of a namespace.
+pub fn ct_stat_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
+    cfg.net_ct_stat = btf.member_offset("net", "ct.stat")?;
+    cfg.stat_insert_failed = btf.member_offset("ip_conntrack_stat", "insert_failed")?;
+    cfg.stat_drop = btf.member_offset("ip_conntrack_stat", "drop")?;
+    cfg.stat_early_drop = btf.member_offset("ip_conntrack_stat", "early_drop")?;
+    cfg.array_pptrs = btf.member_offset("bpf_array", "pptrs")?;
+    Ok(())
+}
