@@ -7,7 +7,6 @@ use agent_common::{
     ArpRecord, NeighRecord, ProbeId, RecordHeader, RecordKind, ARP_FLAG_BRIDGED,
     ARP_FLAG_GRATUITOUS, DIR_TX, FAMILY_IPV4, FAMILY_IPV6, FEATURE_ARP, FILTER_CT_EVENT,
     FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON, STAT_ARP, STAT_NEIGH,
-    STAT_RING_LOST,
 };
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
@@ -17,8 +16,8 @@ use aya_ebpf::{
 use crate::{
     conf,
     kernel::{netns_inum, read},
-    maps::{stat_inc, ARP_SCRATCH, EVENTS},
-    packet::{host_listed, wakeup_flags, ETH_P_IPV6},
+    maps::{stat_inc, submit, ARP_SCRATCH},
+    packet::{host_listed, ETH_P_IPV6},
 };
 
 const ETH_P_ARP: u16 = 0x0806;
@@ -160,9 +159,7 @@ fn try_handle_frame(skb: u64, direction: u8, probe: ProbeId) -> Result<(), i32> 
     }
     rec.header = header(RecordKind::Arp, probe);
     stat_inc(STAT_ARP);
-    if EVENTS.output::<ArpRecord>(&*rec, wakeup_flags()).is_err() {
-        stat_inc(STAT_RING_LOST);
-    }
+    submit(rec);
     Ok(())
 }
 
@@ -172,9 +169,7 @@ fn emit_neigh(rec: &NeighRecord) {
         return;
     }
     stat_inc(STAT_NEIGH);
-    if EVENTS.output::<NeighRecord>(rec, wakeup_flags()).is_err() {
-        stat_inc(STAT_RING_LOST);
-    }
+    submit(rec);
 }
 
 #[inline(always)]

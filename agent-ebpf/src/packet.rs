@@ -1,13 +1,12 @@
 //! Reading an skb: where it came from, and its L3/L4 headers with bounded reads.
 
 use agent_common::{HostKey, PacketInfo, Tuple, FAMILY_IPV4, FAMILY_IPV6, FAMILY_NONE};
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     conf,
     kernel::{netns_inum, read},
-    maps::{EVENTS, HOST_FILTER},
+    maps::HOST_FILTER,
 };
 
 pub const ETH_P_IP: u16 = 0x0800;
@@ -159,19 +158,6 @@ pub fn skip_ipv6_ext(mut next: u8, mut at: u64) -> Result<Option<(u8, u64)>, i32
         }
     }
     Ok(None)
-}
-
-/// Wake the reader only once enough bytes wait; below that its timer collects them.
-#[inline(always)]
-pub fn wakeup_flags() -> u64 {
-    if conf!(wakeup_bytes) == 0 {
-        return 0;
-    }
-    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= conf!(wakeup_bytes) {
-        u64::from(BPF_RB_FORCE_WAKEUP)
-    } else {
-        u64::from(BPF_RB_NO_WAKEUP)
-    }
 }
 
 /// Whether `addr` of `family` is in the host (or VIP) filter.
