@@ -7,28 +7,57 @@ use agent_common::{
     ArpRecord, NeighRecord, ProbeId, RecordHeader, RecordKind, ARP_FLAG_BRIDGED,
     ARP_FLAG_GRATUITOUS, DIR_TX, FAMILY_IPV4, FAMILY_IPV6, FEATURE_ARP, FILTER_CT_EVENT,
     FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON, STAT_ARP, STAT_NEIGH,
-    STAT_RING_LOST,
 };
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
     programs::TracePointContext,
 };
+use network_types::{
+    arp::ArpHdr,
+    eth::{EthHdr, EtherType},
+    icmp::Icmpv6Hdr,
+    ip::Ipv6Hdr,
+    vlan::VlanHdr,
+};
 
 use crate::{
     conf,
     kernel::{netns_inum, read},
-    maps::{stat_inc, ARP_SCRATCH, EVENTS},
-    packet::{host_listed, wakeup_flags, ETH_P_IPV6},
+    maps::{stat_inc, submit, ARP_SCRATCH},
+    packet::{host_listed, ETH_ARP, ETH_IPV6, ETH_VLAN, ICMPV6},
 };
 
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_8021Q: u16 = 0x8100;
+/// `dev->type` of Ethernet devices.
 const ARPHRD_ETHER: u16 = 1;
-const ETH_HLEN: u64 = 14;
+/// NDP message types (RFC 4861), absent from network-types 0.2.0's `Icmpv6Type`.
 const ICMPV6_NS: u8 = 135;
 const ICMPV6_NA: u8 = 136;
+/// NDP option types carrying a link-layer address.
+const ND_OPT_SOURCE_LLADDR: u8 = 1;
+const ND_OPT_TARGET_LLADDR: u8 = 2;
+/// NDP requires hop limit 255: the message was not forwarded.
+const NDP_HOP_LIMIT: u8 = 255;
 const AF_INET: i32 = 2;
 const AF_INET6: i32 = 10;
+
+/// A neighbour solicitation or advertisement with its first option (RFC 4861), read as one
+/// block; network-types 0.2.0 has no NDP layout.
+#[repr(C)]
+struct NdpMsg {
+    /// For an advertisement the first data byte holds the R, S and O flags.
+    icmp: Icmpv6Hdr,
+    target: [u8; 16],
+    opt: NdpLladdrOpt,
+}
+
+/// A link-layer address option for Ethernet: length 1 (8 octets).
+#[repr(C)]
+struct NdpLladdrOpt {
+    kind: u8,
+    /// In 8-octet units.
+    len: u8,
+    lladdr: [u8; 6],
+}
 
 /// Filters that only make sense for drops exclude neighbour records altogether.
 const DROP_ONLY_FILTERS: u32 = FILTER_REASON | FILTER_PORT | FILTER_PROTO | FILTER_CT_EVENT;
@@ -69,9 +98,10 @@ pub fn handle_frame(skb: u64, direction: u8, probe: ProbeId) {
     if conf!(features) & FEATURE_ARP == 0 {
         return;
     }
-    let proto = u16::from_be(read::<u16>(skb, conf!(skb_protocol)).unwrap_or(0));
+    // Network byte order, compared with EtherTypes in the same order.
+    let proto = read::<u16>(skb, conf!(skb_protocol)).unwrap_or(0);
     // Most packets are neither: leave after one read.
-    if proto != ETH_P_ARP && proto != ETH_P_IPV6 && proto != 0 {
+    if proto != ETH_ARP && proto != ETH_IPV6 && proto != 0 {
         return;
     }
     let _ = try_handle_frame(skb, direction, probe);
@@ -89,12 +119,12 @@ fn try_handle_frame(skb: u64, direction: u8, probe: ProbeId) -> Result<(), i32> 
         let head = read::<u64>(skb, conf!(skb_head))?;
         head + u64::from(read::<u16>(skb, conf!(skb_mac_header))?)
     };
-    let ethhdr = read::<[u8; 14]>(eth, 0)?;
-    let mut ethertype = u16::from_be_bytes([ethhdr[12], ethhdr[13]]);
-    let mut l3 = eth + ETH_HLEN;
-    if ethertype == ETH_P_8021Q {
-        ethertype = u16::from_be(read::<u16>(eth, 16)?);
-        l3 += 4;
+    let ethhdr = read::<EthHdr>(eth, 0)?;
+    let mut ethertype = ethhdr.ether_type;
+    let mut l3 = eth + EthHdr::LEN as u64;
+    if ethertype == ETH_VLAN {
+        ethertype = read::<VlanHdr>(l3, 0)?.ether_type;
+        l3 += VlanHdr::LEN as u64;
     }
     let Some(rec) = ARP_SCRATCH.get_ptr_mut(0) else {
         return Ok(());
@@ -102,45 +132,51 @@ fn try_handle_frame(skb: u64, direction: u8, probe: ProbeId) -> Result<(), i32> 
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
     *rec = ArpRecord::default();
-    rec.eth_dst.copy_from_slice(&ethhdr[..6]);
+    rec.eth_dst = ethhdr.dst_addr;
     match ethertype {
-        ETH_P_ARP => {
-            // htype, ptype, hlen, plen, oper, sha, spa, tha, tpa (Ethernet/IPv4 only)
-            let a = read::<[u8; 28]>(l3, 0)?;
-            if a[4] != 6 || a[5] != 4 || u16::from_be_bytes([a[2], a[3]]) != 0x0800 {
+        ETH_ARP => {
+            // Ethernet/IPv4 only: the fixed layout of `ArpHdr`.
+            let a = read::<ArpHdr>(l3, 0)?;
+            if a.hlen != 6 || a.plen != 4 || a.ptype() != u16::from_be(EtherType::Ipv4 as u16) {
                 return Ok(());
             }
-            rec.op = u16::from_be_bytes([a[6], a[7]]);
-            rec.sender_mac.copy_from_slice(&a[8..14]);
-            rec.sender_ip[..4].copy_from_slice(&a[14..18]);
-            rec.target_mac.copy_from_slice(&a[18..24]);
-            rec.target_ip[..4].copy_from_slice(&a[24..28]);
+            rec.op = a.oper();
+            rec.sender_mac = a.sha;
+            rec.sender_ip[..4].copy_from_slice(&a.spa);
+            rec.target_mac = a.tha;
+            rec.target_ip[..4].copy_from_slice(&a.tpa);
             rec.family = FAMILY_IPV4;
-            if a[14..18] == a[24..28] {
+            if a.spa == a.tpa {
                 rec.flags |= ARP_FLAG_GRATUITOUS;
             }
         }
-        ETH_P_IPV6 => {
-            let ip = read::<[u8; 40]>(l3, 0)?;
-            // next header ICMPv6, hop limit 255 as NDP requires
-            if ip[6] != 58 || ip[7] != 255 {
+        ETH_IPV6 => {
+            let ip = read::<Ipv6Hdr>(l3, 0)?;
+            if ip.next_hdr != ICMPV6 || ip.hop_limit != NDP_HOP_LIMIT {
                 return Ok(());
             }
-            // type, code, checksum, flags+reserved, target, first option (type, len, lladdr)
-            let icmp = read::<[u8; 32]>(l3 + 40, 0)?;
-            if icmp[0] != ICMPV6_NS && icmp[0] != ICMPV6_NA {
+            let ndp = read::<NdpMsg>(l3 + Ipv6Hdr::LEN as u64, 0)?;
+            let kind = ndp.icmp.type_;
+            if kind != ICMPV6_NS && kind != ICMPV6_NA {
                 return Ok(());
             }
-            rec.op = u16::from(icmp[0]);
+            rec.op = u16::from(kind);
             rec.family = FAMILY_IPV6;
-            rec.ndp_flags = if icmp[0] == ICMPV6_NA { icmp[4] } else { 0 };
-            rec.sender_ip.copy_from_slice(&ip[8..24]);
-            rec.target_ip.copy_from_slice(&icmp[8..24]);
-            // Source (1) or target (2) link-layer address option, else the Ethernet source.
-            if (icmp[24] == 1 || icmp[24] == 2) && icmp[25] == 1 {
-                rec.sender_mac.copy_from_slice(&icmp[26..32]);
+            rec.ndp_flags = if kind == ICMPV6_NA {
+                ndp.icmp.data[0]
             } else {
-                rec.sender_mac.copy_from_slice(&ethhdr[6..12]);
+                0
+            };
+            rec.sender_ip = ip.src_addr;
+            rec.target_ip = ndp.target;
+            // A link-layer address option names the sender, else the Ethernet source does.
+            let opt = &ndp.opt;
+            if (opt.kind == ND_OPT_SOURCE_LLADDR || opt.kind == ND_OPT_TARGET_LLADDR)
+                && opt.len == 1
+            {
+                rec.sender_mac = opt.lladdr;
+            } else {
+                rec.sender_mac = ethhdr.src_addr;
             }
         }
         _ => return Ok(()),
@@ -160,9 +196,7 @@ fn try_handle_frame(skb: u64, direction: u8, probe: ProbeId) -> Result<(), i32> 
     }
     rec.header = header(RecordKind::Arp, probe);
     stat_inc(STAT_ARP);
-    if EVENTS.output::<ArpRecord>(&*rec, wakeup_flags()).is_err() {
-        stat_inc(STAT_RING_LOST);
-    }
+    submit(rec);
     Ok(())
 }
 
@@ -172,9 +206,7 @@ fn emit_neigh(rec: &NeighRecord) {
         return;
     }
     stat_inc(STAT_NEIGH);
-    if EVENTS.output::<NeighRecord>(rec, wakeup_flags()).is_err() {
-        stat_inc(STAT_RING_LOST);
-    }
+    submit(rec);
 }
 
 #[inline(always)]

@@ -3,14 +3,14 @@
 use agent_common::{
     DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
     FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
-    FILTER_REASON, STAT_MATCHED, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
+    FILTER_REASON, STAT_MATCHED, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_SEEN,
 };
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
 use crate::{
     conf, conntrack,
-    maps::{array_inc, count_reason, stat_inc, CT_COUNTS, EVENTS, REASON_FILTER, SCRATCH},
-    packet::{host_listed, parse_packet, skb_origin, wakeup_flags},
+    maps::{array_inc, count_reason, stat_inc, submit, CT_COUNTS, REASON_FILTER, SCRATCH},
+    packet::{host_listed, parse_packet, skb_origin},
 };
 
 #[inline(always)]
@@ -72,9 +72,7 @@ pub fn handle_drop(probe: ProbeId, skb: u64, location: u64, reason: u32) {
     rec.netns = origin.netns;
     rec.ifname = origin.ifname;
     rec.ct_event = ct_event;
-    if EVENTS.output::<DropRecord>(&*rec, wakeup_flags()).is_err() {
-        stat_inc(STAT_RING_LOST);
-    }
+    submit(rec);
 }
 
 #[inline(always)]

@@ -3,12 +3,15 @@
 use agent_common::{
     ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple, CT_EVENT_COUNT,
     CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, NAT_ENTRIES, STAT_COUNT,
+    STAT_RING_LOST,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+
+use crate::conf;
 
 /// Records for userspace. The agent resizes it at load time (`--ring-size`).
 #[map]
@@ -54,6 +57,27 @@ pub static SCRATCH: PerCpuArray<DropRecord> = PerCpuArray::with_max_entries(1, 0
 /// Per-CPU scratch space for ARP/NDP records.
 #[map]
 pub static ARP_SCRATCH: PerCpuArray<ArpRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Copies `rec` to the ring for userspace; a full ring is counted, never retried.
+#[inline(always)]
+pub fn submit<T>(rec: &T) {
+    if EVENTS.output::<T>(rec, wakeup_flags()).is_err() {
+        stat_inc(STAT_RING_LOST);
+    }
+}
+
+/// Wake the reader only once enough bytes wait; below that its timer collects them.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if conf!(wakeup_bytes) == 0 {
+        return 0;
+    }
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= conf!(wakeup_bytes) {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
 
 #[inline(always)]
 pub fn array_inc(map: &PerCpuArray<u64>, index: u32) {

@@ -1,26 +1,58 @@
 //! Reading an skb: where it came from, and its L3/L4 headers with bounded reads.
 
 use agent_common::{HostKey, PacketInfo, Tuple, FAMILY_IPV4, FAMILY_IPV6, FAMILY_NONE};
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
-use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+use network_types::{
+    eth::EtherType,
+    icmp::{Icmpv4Hdr, Icmpv6Hdr},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    sctp::SctpHdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
 use crate::{
     conf,
     kernel::{netns_inum, read},
-    maps::{EVENTS, HOST_FILTER},
+    maps::HOST_FILTER,
 };
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_SCTP: u8 = 132;
+/// EtherTypes as `skb->protocol` holds them: network byte order, like `EtherType`'s values.
+const ETH_IPV4: u16 = EtherType::Ipv4 as u16;
+pub const ETH_IPV6: u16 = EtherType::Ipv6 as u16;
+pub const ETH_ARP: u16 = EtherType::Arp as u16;
+pub const ETH_VLAN: u16 = EtherType::Ieee8021q as u16;
+const TCP: u8 = IpProto::Tcp as u8;
+const UDP: u8 = IpProto::Udp as u8;
+const SCTP: u8 = IpProto::Sctp as u8;
+const ICMP: u8 = IpProto::Icmp as u8;
+pub const ICMPV6: u8 = IpProto::Ipv6Icmp as u8;
+const HOP_BY_HOP: u8 = IpProto::HopOpt as u8;
+const ROUTING: u8 = IpProto::Ipv6Route as u8;
+const FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const DEST_OPTS: u8 = IpProto::Ipv6Opts as u8;
 /// `skb->network_header` when unset (`(u16)~0U`).
 const HEADER_UNSET: u16 = 0xffff;
 /// IPv6 extension headers followed before giving up on the transport header.
 const MAX_IPV6_EXT: usize = 4;
+
+/// The start shared by the hop-by-hop, routing and destination options headers (RFC 8200);
+/// network-types 0.2.0 has no IPv6 extension headers.
+#[repr(C)]
+struct Ipv6OptsHdr {
+    next_hdr: u8,
+    /// Length in 8-octet units, not counting the first 8 octets.
+    hdr_ext_len: u8,
+}
+
+/// IPv6 fragment header (RFC 8200).
+#[repr(C)]
+struct Ipv6FragHdr {
+    next_hdr: u8,
+    _reserved: u8,
+    /// Offset in 8-octet units (13 bits), 2 reserved bits, M flag.
+    frag_off: [u8; 2],
+    _id: [u8; 4],
+}
 
 /// Where the skb came from: interface and network namespace.
 pub struct Origin {
@@ -69,21 +101,23 @@ pub fn skb_origin(skb: u64) -> Origin {
     }
 }
 
-/// Parses L3 and L4 headers from `skb->head + skb->network_header` with bounded reads.
+/// Parses L3 and L4 headers from `skb->head + skb->network_header` with bounded reads: one
+/// read per header.
 #[inline(always)]
 pub fn parse_packet(skb: u64, pkt: &mut PacketInfo) -> Result<(), i32> {
     pkt.len = read::<u32>(skb, conf!(skb_len))?;
-    pkt.l3_proto = u16::from_be(read::<u16>(skb, conf!(skb_protocol))?);
+    let proto = read::<u16>(skb, conf!(skb_protocol))?;
+    pkt.l3_proto = u16::from_be(proto);
     let head = read::<u64>(skb, conf!(skb_head))?;
     let nh = read::<u16>(skb, conf!(skb_network_header))?;
     if nh == HEADER_UNSET {
         return Ok(());
     }
     let l3 = head + u64::from(nh);
-    let (l4_proto, l4) = match pkt.l3_proto {
-        ETH_P_IP => {
+    let (l4_proto, l4) = match proto {
+        ETH_IPV4 => {
             let ip = read::<Ipv4Hdr>(l3, 0)?;
-            if ip.vihl >> 4 != 4 {
+            if ip.version() != 4 {
                 return Ok(());
             }
             pkt.family = FAMILY_IPV4;
@@ -91,20 +125,20 @@ pub fn parse_packet(skb: u64, pkt: &mut PacketInfo) -> Result<(), i32> {
             pkt.daddr[..4].copy_from_slice(&ip.dst_addr);
             pkt.l4_proto = ip.proto;
             // Only the first fragment carries the transport header.
-            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+            if ip.frag_offset() != 0 {
                 return Ok(());
             }
-            (ip.proto, l3 + u64::from(ip.vihl & 0x0f) * 4)
+            (ip.proto, l3 + u64::from(ip.ihl()))
         }
-        ETH_P_IPV6 => {
+        ETH_IPV6 => {
             let ip = read::<Ipv6Hdr>(l3, 0)?;
-            if ip.vcf[0] >> 4 != 6 {
+            if ip.version() != 6 {
                 return Ok(());
             }
             pkt.family = FAMILY_IPV6;
             pkt.saddr = ip.src_addr;
             pkt.daddr = ip.dst_addr;
-            match skip_ipv6_ext(ip.next_hdr, l3 + 40)? {
+            match skip_ipv6_ext(ip.next_hdr, l3 + Ipv6Hdr::LEN as u64)? {
                 Some((proto, l4)) => {
                     pkt.l4_proto = proto;
                     (proto, l4)
@@ -117,18 +151,34 @@ pub fn parse_packet(skb: u64, pkt: &mut PacketInfo) -> Result<(), i32> {
             return Ok(());
         }
     };
-    let l4h = read::<[u8; 14]>(l4, 0)?;
+    // One read of the transport header, of the type its protocol names.
     match l4_proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            pkt.sport = u16::from_be_bytes([l4h[0], l4h[1]]);
-            pkt.dport = u16::from_be_bytes([l4h[2], l4h[3]]);
-            if l4_proto == IPPROTO_TCP {
-                pkt.tcp_flags = l4h[13];
-            }
+        TCP => {
+            let tcp = read::<TcpHdr>(l4, 0)?;
+            pkt.sport = u16::from_be_bytes(tcp.source);
+            pkt.dport = u16::from_be_bytes(tcp.dest);
+            // Bits 8..16 of the data-offset/flags word: the flags byte, CWR down to FIN.
+            pkt.tcp_flags = tcp._bitfield_1.get(8, 8) as u8;
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            pkt.icmp_type = l4h[0];
-            pkt.icmp_code = l4h[1];
+        UDP => {
+            let udp = read::<UdpHdr>(l4, 0)?;
+            pkt.sport = udp.src_port();
+            pkt.dport = udp.dst_port();
+        }
+        SCTP => {
+            let sctp = read::<SctpHdr>(l4, 0)?;
+            pkt.sport = u16::from_be_bytes(sctp.src);
+            pkt.dport = u16::from_be_bytes(sctp.dst);
+        }
+        ICMP => {
+            let icmp = read::<Icmpv4Hdr>(l4, 0)?;
+            pkt.icmp_type = icmp.type_;
+            pkt.icmp_code = icmp.code;
+        }
+        ICMPV6 => {
+            let icmp = read::<Icmpv6Hdr>(l4, 0)?;
+            pkt.icmp_type = icmp.type_;
+            pkt.icmp_code = icmp.code;
         }
         _ => {}
     }
@@ -141,37 +191,23 @@ pub fn parse_packet(skb: u64, pkt: &mut PacketInfo) -> Result<(), i32> {
 pub fn skip_ipv6_ext(mut next: u8, mut at: u64) -> Result<Option<(u8, u64)>, i32> {
     for _ in 0..MAX_IPV6_EXT {
         match next {
-            // hop-by-hop, routing, destination options: length in 8-octet units past the first 8
-            0 | 43 | 60 => {
-                let h = read::<[u8; 2]>(at, 0)?;
-                next = h[0];
-                at += (u64::from(h[1]) + 1) * 8;
+            HOP_BY_HOP | ROUTING | DEST_OPTS => {
+                let h = read::<Ipv6OptsHdr>(at, 0)?;
+                next = h.next_hdr;
+                at += (u64::from(h.hdr_ext_len) + 1) * 8;
             }
-            44 => {
-                let h = read::<[u8; 4]>(at, 0)?;
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+            FRAGMENT => {
+                let h = read::<Ipv6FragHdr>(at, 0)?;
+                if u16::from_be_bytes(h.frag_off) & 0xfff8 != 0 {
                     return Ok(None);
                 }
-                next = h[0];
-                at += 8;
+                next = h.next_hdr;
+                at += size_of::<Ipv6FragHdr>() as u64;
             }
             _ => return Ok(Some((next, at))),
         }
     }
     Ok(None)
-}
-
-/// Wake the reader only once enough bytes wait; below that its timer collects them.
-#[inline(always)]
-pub fn wakeup_flags() -> u64 {
-    if conf!(wakeup_bytes) == 0 {
-        return 0;
-    }
-    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= conf!(wakeup_bytes) {
-        u64::from(BPF_RB_FORCE_WAKEUP)
-    } else {
-        u64::from(BPF_RB_NO_WAKEUP)
-    }
 }
 
 /// Whether `addr` of `family` is in the host (or VIP) filter.
