@@ -83,23 +83,16 @@ impl Agent {
         http::get(self.addr, path)
     }
 
-    /// The value of the first `/metrics` line starting with `name_and_labels`, 0 when absent.
-    pub fn metric(&self, name_and_labels: &str) -> u64 {
-        let text = self.get("/metrics").map(|r| r.1).unwrap_or_default();
-        text.lines()
-            .find(|l| l.starts_with(name_and_labels))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+    /// The value of the first `/metrics` line starting with `name_and_labels`; `None` when the
+    /// series is missing or the scrape failed (never a silent 0: see [`metric_in`]).
+    pub fn metric(&self, name_and_labels: &str) -> Option<u64> {
+        metric_in(&self.get("/metrics").ok()?.1, name_and_labels)
     }
 
-    /// The sum of every `/metrics` line starting with `name_and_labels`.
-    pub fn metric_sum(&self, name_and_labels: &str) -> u64 {
-        let text = self.get("/metrics").map(|r| r.1).unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with(name_and_labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+    /// The sum of every `/metrics` line starting with `name_and_labels`; `None` when there is
+    /// none or the scrape failed.
+    pub fn metric_sum(&self, name_and_labels: &str) -> Option<u64> {
+        metric_sum_in(&self.get("/metrics").ok()?.1, name_and_labels)
     }
 
     pub fn signal(&self, sig: i32) {
@@ -140,6 +133,24 @@ impl Drop for Agent {
     }
 }
 
+fn values<'a>(text: &'a str, name_and_labels: &'a str) -> impl Iterator<Item = Option<u64>> + 'a {
+    text.lines()
+        .filter(move |l| l.starts_with(name_and_labels))
+        .map(|l| l.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as u64))
+}
+
+/// The value of the first line of Prometheus `text` starting with `name_and_labels`: `None`
+/// when there is no such series (or its value does not parse), `Some(0)` only for a series
+/// whose value is 0.
+pub fn metric_in(text: &str, name_and_labels: &str) -> Option<u64> {
+    values(text, name_and_labels).next()?
+}
+
+/// The sum of every such line; `None` when there is none, or one does not parse.
+pub fn metric_sum_in(text: &str, name_and_labels: &str) -> Option<u64> {
+    values(text, name_and_labels).reduce(|a, b| Some(a? + b?))?
+}
+
 /// IDs a process holds of one kind of BPF object (`prog_id`, `link_id`, `map_id`), from its
 /// fds' fdinfo.
 pub fn bpf_ids_of(pid: u32, kind: &str) -> Result<Vec<u64>> {
@@ -169,4 +180,28 @@ pub fn loaded(kind: &str) -> Result<Vec<u64>> {
         .iter()
         .filter_map(|p| p["id"].as_u64())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_series_is_not_zero() {
+        let text = "# HELP x\nlbtrace_probe_attached{probe=\"a\",collector=\"drops\"} 0\nlbtrace_probe_attached{probe=\"b\",collector=\"drops\"} 1\n";
+        assert_eq!(
+            metric_in(text, "lbtrace_probe_attached{probe=\"a\""),
+            Some(0)
+        );
+        assert_eq!(
+            metric_in(text, "lbtrace_probe_attached{probe=\"b\""),
+            Some(1)
+        );
+        assert_eq!(metric_in(text, "lbtrace_probe_attached{probe=\"c\""), None);
+        assert_eq!(metric_in("", "lbtrace_probe_attached"), None);
+        assert_eq!(metric_sum_in(text, "lbtrace_probe_attached{"), Some(1));
+        assert_eq!(metric_sum_in(text, "lbtrace_events_lost_total{"), None);
+        assert_eq!(metric_in("x 1.5e3\n", "x"), Some(1500));
+        assert_eq!(metric_in("x NaN-ish\n", "x"), None);
+    }
 }

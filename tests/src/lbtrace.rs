@@ -153,6 +153,15 @@ impl Watch {
         self.wait()
     }
 
+    /// [`Watch::stop`], then fails unless lbtrace exited 0 and printed its summary: a crash
+    /// must never pass for "nothing matched".
+    #[track_caller]
+    pub fn stop_ok(self) -> Finished {
+        let f = self.stop().expect("lbtrace stops");
+        f.assert_ok();
+        f
+    }
+
     /// Waits for the process and returns its raw output (for non-JSON commands).
     pub fn wait_raw(mut self) -> Result<(ExitStatus, String, String)> {
         let status = self.child.wait()?;
@@ -200,6 +209,24 @@ impl Drop for Watch {
 }
 
 impl Finished {
+    /// Panics unless lbtrace exited with status 0 and its last line was its summary.
+    #[track_caller]
+    pub fn assert_ok(&self) {
+        assert!(
+            self.status.success(),
+            "lbtrace exited with {}: {}",
+            self.status,
+            self.stderr
+        );
+        let last = self.stdout.lines().rev().find(|l| !l.trim().is_empty());
+        assert!(
+            self.summary["kind"] == "summary"
+                && last.is_some_and(|l| l.contains("\"kind\":\"summary\"")),
+            "lbtrace printed no summary last: {}",
+            self.stdout
+        );
+    }
+
     /// Events of `kind` with `reason`.
     pub fn drops<'a>(&'a self, reason: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
         self.events

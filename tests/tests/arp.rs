@@ -157,7 +157,7 @@ fn garp_move_is_seen_with_both_macs_and_the_client_update() {
     move_vip((&l.a, &l.a_if), (&l.b, &l.b_if), VIP);
     arping(&l.b, &l.b_if, VIP, 3);
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     assert_eq!(
         client_neigh(&l, VIP).unwrap().0,
         l.b_mac,
@@ -226,7 +226,7 @@ fn move_without_garp_leaves_the_client_on_the_old_node_where_traffic_drops() {
     const N: u32 = 7;
     client_sends(&l, VIP, N);
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     assert_eq!(
         client_neigh(&l, VIP).unwrap().0,
         l.a_mac,
@@ -261,7 +261,7 @@ fn five_moves_in_thirty_seconds_are_one_flapping_finding() {
         arping(to.0, to.1, VIP, 1);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     let findings = f.summary["findings"].as_array().unwrap();
     assert_eq!(findings.len(), 1, "{}", f.summary);
     assert_eq!(findings[0]["finding"], "flapping");
@@ -288,7 +288,7 @@ fn two_nodes_announcing_at_once_are_one_split_brain_finding() {
         s.spawn(|| arping(&l.b, &l.b_if, VIP, 3));
     });
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     let findings = f.summary["findings"].as_array().unwrap();
     assert_eq!(findings.len(), 1, "{}", f.summary);
     assert_eq!(findings[0]["finding"], "split-brain");
@@ -319,7 +319,7 @@ fn ipv6_move_with_unsolicited_advertisement() {
     move_vip((&l.a, &l.a_if), (&l.b, &l.b_if), VIP6);
     let sent = speaker::send_unsolicited_na(&l.b, &l.b_if, VIP6.parse().unwrap(), 2).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     assert_eq!(
         client_neigh(&l, VIP6).unwrap().0,
         l.b_mac,
@@ -358,7 +358,7 @@ fn discover_vips_learns_from_gratuitous_announcements() {
     .unwrap();
     arping(&l.b, &l.b_if, VIP, 1);
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     let found: Vec<_> = kind(&f, "vip_discovered").collect();
     assert_eq!(found.len(), 1, "{}", f.stdout);
     assert_eq!(found[0]["vip"], VIP);
@@ -468,6 +468,11 @@ fn stale_arp_is_diagnosed_live_and_from_a_recording_alike() {
         .args(["timeline", file.to_str().unwrap(), "--vip", VIP])
         .output()
         .unwrap();
+    assert!(
+        tl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tl.stderr)
+    );
     let tl = String::from_utf8_lossy(&tl.stdout);
     assert!(
         tl.contains("IP_INADDRERRORS") && tl.contains("finding: stale-arp"),

@@ -74,26 +74,36 @@ fn conntrack_events<'a>(
 fn snat_exhaustion_counts_insert_failed_exactly() {
     let r = routed();
     // Every flow to the server is SNATed to one address and port: once the first flow holds
-    // the mapping, each new flow fails to confirm.
+    // the mapping, each new flow fails to confirm. Flows to port 7777 a plain rule drops: the
+    // negative case, NETFILTER_DROPs in the same namespace that conntrack did not cause.
     r.router
-        .nft("table ip lbt {\n chain post { type nat hook postrouting priority 100; udp dport 5353 snat to 10.200.6.1:40000; }\n}")
+        .nft("table ip lbt {\n chain post { type nat hook postrouting priority 100; udp dport 5353 snat to 10.200.6.1:40000; }\n chain fw { type filter hook forward priority 0; udp dport 7777 counter drop; }\n}")
         .unwrap();
     let dst: SocketAddr = "10.200.6.2:5353".parse().unwrap();
+    let plain_dst: SocketAddr = "10.200.6.2:7777".parse().unwrap();
     let before = r.router.conntrack_stat("insert_failed").unwrap();
+    let drop_before = r.router.conntrack_stat("drop").unwrap();
     let w = watch(&r.router, &[]);
     const FLOWS: u32 = 12;
+    const PLAIN: u32 = 5;
     // One socket per flow: distinct source ports.
-    let sent = r
+    let (sent, plain) = r
         .client
         .run(|| {
-            (0..FLOWS)
+            let plain = (0..PLAIN)
+                .map(|_| traffic::udp_send(plain_dst, 1, 8).unwrap())
+                .sum::<u32>();
+            let sent = (0..FLOWS)
                 .map(|_| traffic::udp_send(dst, 1, 8).unwrap())
-                .sum::<u32>()
+                .sum::<u32>();
+            (sent, plain)
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     let delta = r.router.conntrack_stat("insert_failed").unwrap() - before;
+    let drop_delta = r.router.conntrack_stat("drop").unwrap() - drop_before;
+    assert_eq!(plain, PLAIN);
     assert_eq!(sent, FLOWS);
     assert_eq!(
         delta,
@@ -122,8 +132,30 @@ fn snat_exhaustion_counts_insert_failed_exactly() {
         sports.insert(e["orig"]["sport"].as_u64().unwrap());
     }
     assert_eq!(sports.len(), events.len(), "one record per attempt");
-    // Plain nft drops in the same namespace are not conntrack events.
-    assert_eq!(f.summary["conntrack_by_event"]["table_full"], 0);
+    // The negative case. The clashes moved the namespace's `drop` statistic too (by the same
+    // delta), which is what a full table moves: they must still not be table_full. And the
+    // plain rule's NETFILTER_DROPs are drops, not conntrack events.
+    assert_eq!(drop_delta, delta, "the kernel's drop delta");
+    assert_eq!(
+        f.summary["conntrack_by_event"]["table_full"], 0,
+        "{}",
+        f.summary
+    );
+    let plain_drops: Vec<_> = f.events.iter().filter(|e| e["dport"] == 7777).collect();
+    assert_eq!(plain_drops.len() as u32, PLAIN, "{}", f.stdout);
+    for e in plain_drops {
+        assert_eq!(
+            e["kind"], "drop",
+            "a plain nft drop is no conntrack event: {e}"
+        );
+        assert_eq!(e["reason"], "NETFILTER_DROP");
+    }
+    assert_eq!(
+        f.counted("NETFILTER_DROP"),
+        u64::from(PLAIN) + delta,
+        "{}",
+        f.summary
+    );
 }
 
 #[test]
@@ -156,7 +188,7 @@ fn full_table_counts_table_full_exactly() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // Table pressure is read with the limit still low.
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     drop(guard);
     let delta = r.router.conntrack_stat("drop").unwrap() - before;
     assert!(delta > 0, "the table should have been full");
@@ -278,7 +310,7 @@ fn dnat_to_pod_without_listener(v6: bool) {
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     assert_eq!((via_vip, control), (N, 4), "every attempt was refused");
     let drops: Vec<_> = f.drops("NO_SOCKET").collect();
     assert_eq!(drops.len(), (N + 4) as usize, "{}", f.stdout);
@@ -313,7 +345,7 @@ fn dnat_to_pod_without_listener(v6: bool) {
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let f = w.stop().unwrap();
+    let f = w.stop_ok();
     assert_eq!(f.events.len() as u32, N, "{}", f.stdout);
     assert!(f.events.iter().all(|e| e["vip"] == vip));
     assert_eq!(f.summary["drops_by_vip"][vip]["NO_SOCKET"], N);

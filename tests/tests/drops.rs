@@ -38,13 +38,23 @@ fn observe(
     // Give softirq processing a moment to finish before both stop.
     std::thread::sleep(std::time::Duration::from_millis(200));
     let kernel = oracle.stop().expect("tracefs oracle");
-    let lbtrace = watch.stop().expect("lbtrace stops");
-    assert!(
-        lbtrace.status.success(),
-        "lbtrace failed: {}",
-        lbtrace.stderr
+    let lbtrace = watch.stop_ok();
+    assert_eq!(
+        lbtrace.summary["probe"],
+        probe_of(mode),
+        "--probe-mode {mode} must attach that probe: {}",
+        lbtrace.summary
     );
     (sent, Window { lbtrace, kernel })
+}
+
+/// The drop probe `--probe-mode MODE` must attach.
+fn probe_of(mode: &str) -> &'static str {
+    match mode {
+        "btf" => "tp_btf/kfree_skb",
+        "tracepoint" => "tracepoint/skb/kfree_skb",
+        _ => panic!("no probe mode {mode}"),
+    }
 }
 
 fn assert_exact(w: &Window, reason: &str, function: &str, expected: u64) {

@@ -90,8 +90,7 @@ fn closed_port_drops(caps: &[String]) -> Finished {
     let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
     assert_eq!(ns.run(|| traffic::tcp_refused(dst, N)).unwrap().unwrap(), N);
     std::thread::sleep(Duration::from_millis(200));
-    let f = w.stop().unwrap();
-    assert!(f.status.success(), "watch with {caps:?}: {}", f.stderr);
+    let f = w.stop_ok();
     assert_eq!(f.counted("NO_SOCKET"), u64::from(N), "{}", f.stdout);
     assert_eq!(f.drops("NO_SOCKET").count(), N as usize);
     for e in f.drops("NO_SOCKET") {
@@ -102,6 +101,12 @@ fn closed_port_drops(caps: &[String]) -> Finished {
 
 /// Every NO_SOCKET location is `tcp_v4_rcv+0x…` when symbolized, a bare address otherwise.
 fn assert_locations(f: &Finished, symbolized: bool) {
+    assert_eq!(
+        f.drops("NO_SOCKET").count(),
+        N as usize,
+        "locations to check: {}",
+        f.stdout
+    );
     for e in f.drops("NO_SOCKET") {
         let loc = e["location"].as_str().unwrap();
         if symbolized {
@@ -136,7 +141,9 @@ fn daemonset_capabilities_attach_every_probe_and_see_drops() {
     for p in probes {
         assert_eq!(p["attached"], true, "{p}");
     }
-    for (feature, status) in d["features"].as_object().unwrap() {
+    let features = d["features"].as_object().unwrap();
+    assert!(!features.is_empty(), "doctor lists no features: {d}");
+    for (feature, status) in features {
         assert_eq!(status, &serde_json::json!({"Ok": null}), "{feature}");
     }
     assert_eq!(d["tracefs"]["ok"], true);
@@ -170,11 +177,9 @@ fn without_bpf_or_perfmon_one_line_and_exit_2() {
     require_root();
     // The kernel lets CAP_SYS_ADMIN stand in for both (bpf_capable, perfmon_capable).
     let d = doctor(&without(&daemonset_caps(), &["BPF", "PERFMON"]));
-    assert!(d["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|p| p["attached"] == true));
+    let probes = d["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 8, "{probes:?}");
+    assert!(probes.iter().all(|p| p["attached"] == true), "{probes:?}");
     let base = without(&daemonset_caps(), &["SYS_ADMIN"]);
     for cap in ["BPF", "PERFMON"] {
         let caps = without(&base, &[cap]);
@@ -270,8 +275,7 @@ fn watch_conntrack(s: &Snat, caps: &[String]) -> (Finished, u32, u64) {
     let snat = flows_on_every_cpu(s, SNAT_PORT, 2);
     std::thread::sleep(Duration::from_millis(200));
     let failed = s.ns.conntrack_stat("insert_failed").unwrap() - before;
-    let f = w.stop().unwrap();
-    assert!(f.status.success(), "{}", f.stderr);
+    let f = w.stop_ok();
     assert_eq!(
         failed,
         u64::from(snat),
@@ -378,6 +382,10 @@ fn daemonset_capabilities_run_the_agent_with_the_example_config() {
     );
     assert!(out.status.success(), "{stderr}");
     // log_format = "json" from the example config.
+    assert!(
+        stderr.lines().count() > 0,
+        "the agent logged nothing to check"
+    );
     for line in stderr.lines() {
         assert!(
             serde_json::from_str::<Value>(line).is_ok(),

@@ -2,6 +2,7 @@
 //! the terminal as it found it.
 
 use std::{
+    net::UdpSocket,
     process::Command,
     time::{Duration, Instant},
 };
@@ -69,13 +70,31 @@ impl Drop for Tmux {
     }
 }
 
+/// The "drops" column of a VIP's row: the first number after the address (the sparkline
+/// between them is block characters).
+fn drops_column(row: &str, vip: &str) -> Option<u64> {
+    let (_, rest) = row.split_once(vip)?;
+    rest.split(|c: char| c.is_whitespace() || c == '│')
+        .find(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))?
+        .parse()
+        .ok()
+}
+
 #[test]
 fn top_shows_vips_answers_keys_and_restores_the_terminal() {
     require_root();
     let ns = Netns::new("top").unwrap();
     let (vip, control) = ("10.200.52.100", "10.200.52.101");
-    ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])
+    for a in [vip, control] {
+        ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])
+            .unwrap();
+    }
+    // The control VIP has a listener: its traffic is delivered, and must not count as drops.
+    let sink = ns
+        .run(|| UdpSocket::bind(format!("{control}:9")))
+        .unwrap()
         .unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     // The shell stays a moment after lbtrace exits, to look at what it left behind.
     let t = Tmux::start(&format!(
         "sh -c '{} top --vip {vip} --vip {control}; echo exit=$?; sleep 30'",
@@ -90,6 +109,15 @@ fn top_shows_vips_answers_keys_and_restores_the_terminal() {
         "1",
         "full screen on the alternate screen"
     );
+    // The control's traffic first: by the time the VIP's drops show, it has been processed.
+    let ctl_sent = ns
+        .run(|| traffic::udp_send(format!("{control}:9").parse().unwrap(), 40, 8).unwrap())
+        .unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..ctl_sent {
+        sink.recv(&mut buf)
+            .unwrap_or_else(|e| panic!("control datagram {i} of {ctl_sent} not delivered: {e}"));
+    }
     let sent = ns
         .run(|| traffic::udp_send(format!("{vip}:9").parse().unwrap(), 25, 8).unwrap())
         .unwrap();
@@ -99,10 +127,16 @@ fn top_shows_vips_answers_keys_and_restores_the_terminal() {
     );
     let vip_row = screen.lines().find(|l| l.contains(vip)).unwrap();
     assert!(vip_row.contains('█'), "a sparkline: {vip_row}");
+    assert_eq!(
+        drops_column(vip_row, vip),
+        Some(u64::from(sent)),
+        "{vip_row}"
+    );
     let control_row = screen.lines().find(|l| l.contains(control)).unwrap();
-    assert!(
-        control_row.contains(" 0 "),
-        "the control VIP shows no drops: {control_row}"
+    assert_eq!(
+        drops_column(control_row, control),
+        Some(0),
+        "the control VIP got {ctl_sent} delivered datagrams and must show no drops: {control_row}"
     );
     assert!(screen.contains("recent events: 10.200.52.100") && screen.contains("NO_SOCKET udp"));
 
