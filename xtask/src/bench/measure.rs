@@ -219,13 +219,20 @@ pub fn bpf_maps(pid: u32) -> (u64, u64) {
     (n, bytes)
 }
 
-/// Nearest-rank percentile of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
+/// Nearest-rank percentile of latencies where `missed` more samples never arrived: a missed
+/// sample is a latency above any limit, so a rank that falls among them is infinite.
+pub fn percentile_with_missed(sorted: &[f64], missed: u64, p: f64) -> Option<f64> {
+    let n = sorted.len() + usize::try_from(missed).unwrap_or(usize::MAX);
+    if n == 0 {
         return None;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    Some(
+        sorted
+            .get(rank.clamp(1, n) - 1)
+            .copied()
+            .unwrap_or(f64::INFINITY),
+    )
 }
 
 #[cfg(test)]
@@ -233,12 +240,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn missed_markers_count_in_the_percentile() {
+        let v: Vec<f64> = (1..=98).map(f64::from).collect();
+        // 98 seen, 2 never: p99 is one of the missed ones.
+        assert_eq!(percentile_with_missed(&v, 2, 99.0), Some(f64::INFINITY));
+        assert_eq!(percentile_with_missed(&v, 2, 50.0), Some(50.0));
+        assert_eq!(percentile_with_missed(&v, 0, 99.0), Some(98.0));
+        assert_eq!(percentile_with_missed(&[], 3, 50.0), Some(f64::INFINITY));
+        assert_eq!(percentile_with_missed(&[], 0, 50.0), None);
+    }
+
+    #[test]
     fn percentiles_are_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), Some(50.0));
-        assert_eq!(percentile(&v, 99.0), Some(99.0));
-        assert_eq!(percentile(&[3.0], 99.0), Some(3.0));
-        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile_with_missed(&v, 0, 50.0), Some(50.0));
+        assert_eq!(percentile_with_missed(&v, 0, 99.0), Some(99.0));
+        assert_eq!(percentile_with_missed(&[3.0], 0, 99.0), Some(3.0));
     }
 
     #[test]

@@ -6,29 +6,33 @@
 //! (NETFILTER_DROP), 3:1, with exact counts. Each tracer is started afresh for each load:
 //! saturation (as fast as the generator goes), 10k and 200k drops/s.
 
+mod bpfstats;
+mod figures;
+mod lab;
 mod measure;
+mod passing;
 mod report;
+mod report_md;
 mod soak;
+mod targets;
 mod tracer;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::Ipv4Addr,
     path::PathBuf,
     process::Command,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use lbtest::{
-    blast::{Blaster, Plan, Sent},
-    netns::{veth, Netns},
-};
+use anyhow::Result;
+use lbtest::blast::Sent;
 use serde_json::{json, Value};
 
 use crate::util::{require_root, step};
-use tracer::{Counts, Kind, Running, Scope};
+pub use lab::{Lab, Oracle};
+use tracer::{Counts, Kind, Running};
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 77, 1);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 77, 2);
@@ -58,10 +62,13 @@ pub struct Opts {
 struct Durations {
     saturation: Duration,
     rounds: usize,
-    /// At most this many more rounds for tracers that had no quiet one.
+    /// At most this many more rounds for tracers with fewer than `rounds` quiet ones.
     extra_rounds: usize,
     low: Duration,
     high: Duration,
+    /// Passing traffic (see [`passing`]): how long, how many rounds per tracer.
+    passing: Duration,
+    passing_rounds: usize,
 }
 
 impl Durations {
@@ -70,9 +77,11 @@ impl Durations {
             Self {
                 saturation: Duration::from_millis(2500),
                 rounds: 3,
-                extra_rounds: 0,
+                extra_rounds: 3,
                 low: Duration::from_secs(4),
                 high: Duration::from_secs(6),
+                passing: Duration::from_secs(2),
+                passing_rounds: 2,
             }
         } else {
             Self {
@@ -81,156 +90,10 @@ impl Durations {
                 extra_rounds: 5,
                 low: Duration::from_secs(30),
                 high: Duration::from_secs(60),
+                passing: Duration::from_secs(5),
+                passing_rounds: 3,
             }
         }
-    }
-}
-
-/// The two namespaces, the generator's sockets and what it sends.
-pub struct Lab {
-    pub client: Netns,
-    pub node: Netns,
-    pub blaster: Blaster,
-    pub targets: Vec<SocketAddrV4>,
-}
-
-/// Kernel counters of the node namespace: an account of the drops independent of any tracer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Oracle {
-    pub udp_no_ports: u64,
-    pub nft_dropped: u64,
-}
-
-fn mac(ns: &Netns, ifname: &str) -> Result<String> {
-    let out = ns.ip(&["-j", "link", "show", "dev", ifname])?;
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    v[0]["address"]
-        .as_str()
-        .map(str::to_owned)
-        .context("no MAC address")
-}
-
-impl Lab {
-    pub fn new() -> Result<Self> {
-        let client = Netns::new("bcl")?;
-        let node = Netns::new("bnd")?;
-        // No IPv6: no MLD or router solicitations to add drops of their own.
-        for ns in [&client, &node] {
-            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-            ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
-        }
-        let (cif, nif) = (lbtest::unique("lbc"), lbtest::unique("lbn"));
-        veth(
-            &client,
-            &cif,
-            &[&format!("{CLIENT}/24")],
-            &node,
-            &nif,
-            &[&format!("{VIP}/24")],
-        )?;
-        // Permanent neighbours: no ARP, so no packet waits (or is dropped) in an unresolved queue.
-        for (ns, dev, peer_ip, peer_ns, peer_dev) in [
-            (&client, &cif, VIP, &node, &nif),
-            (&node, &nif, CLIENT, &client, &cif),
-        ] {
-            let lladdr = mac(peer_ns, peer_dev)?;
-            ns.ip(&[
-                "neigh",
-                "replace",
-                &peer_ip.to_string(),
-                "lladdr",
-                &lladdr,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ])?;
-        }
-        node.nft(&format!(
-            "table ip lbbench {{\n counter dropped {{ }}\n chain input {{ type filter hook input priority 0; udp dport {FILTERED_PORT} counter name dropped drop; }}\n}}"
-        ))?;
-        let threads = std::thread::available_parallelism()
-            .map_or(2, usize::from)
-            .max(2);
-        let blaster = Blaster::new(&client, threads)?;
-        let closed = SocketAddrV4::new(VIP, CLOSED_PORT);
-        let filtered = SocketAddrV4::new(VIP, FILTERED_PORT);
-        Ok(Self {
-            client,
-            node,
-            blaster,
-            targets: vec![closed, closed, closed, filtered],
-        })
-    }
-
-    /// What the tracers watch: the VIP in the node namespace.
-    pub fn scope(&self) -> Scope {
-        Scope {
-            vip: VIP,
-            netns: self.node.inode,
-        }
-    }
-
-    pub fn plan(&self, rate: Option<u64>, duration: Duration) -> Plan {
-        Plan {
-            targets: self.targets.clone(),
-            rate,
-            duration,
-            payload: 16,
-        }
-    }
-
-    pub fn oracle(&self) -> Result<Oracle> {
-        let snmp = self
-            .node
-            .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
-        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-        let (names, values) = (udp.next().unwrap_or(""), udp.next().unwrap_or(""));
-        let udp_no_ports = names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "NoPorts")
-            .and_then(|(_, v)| v.parse().ok())
-            .context("no Udp NoPorts in the node's /proc/net/snmp")?;
-        Ok(Oracle {
-            udp_no_ports,
-            nft_dropped: self.node.nft_counter("ip", "lbbench", "dropped")?,
-        })
-    }
-
-    /// The exact drops per reason that `sent` and `markers` make.
-    pub fn expected(&self, sent: &Sent, plan: &Plan, markers: u64) -> BTreeMap<String, u64> {
-        let closed = sent.to(plan, SocketAddrV4::new(VIP, CLOSED_PORT)) + markers;
-        let filtered = sent.to(plan, SocketAddrV4::new(VIP, FILTERED_PORT));
-        BTreeMap::from([
-            ("NETFILTER_DROP".to_owned(), filtered),
-            ("NO_SOCKET".to_owned(), closed),
-        ])
-    }
-
-    /// Sends one marker drop at a time, 20–60 ms apart, until `until`, each from its own socket
-    /// (kept open so every source port is distinct). Returns `(source port, sent at)`.
-    fn send_markers(&self, until: Instant) -> Result<Vec<(u16, Instant)>> {
-        self.client.run(|| -> Result<Vec<(u16, Instant)>> {
-            let dst = SocketAddrV4::new(VIP, MARKER_PORT);
-            let mut socks = Vec::new();
-            let mut sent = Vec::new();
-            // Pseudo-random gaps: markers must not lock onto the reader's 50 ms drain tick.
-            let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-            while Instant::now() < until {
-                let s = UdpSocket::bind("0.0.0.0:0")?;
-                let sport = s.local_addr()?.port();
-                let at = Instant::now();
-                s.send_to(&[0u8; 8], dst)?;
-                sent.push((sport, at));
-                socks.push(s);
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                std::thread::sleep(Duration::from_millis(20 + x % 41));
-            }
-            Ok(sent)
-        })?
     }
 }
 
@@ -307,6 +170,8 @@ pub struct PhaseResult {
     pub oracle: Oracle,
     pub latencies_ms: Vec<f64>,
     pub markers_missed: u64,
+    /// The tracer's BPF programs over the traffic: runs and time (kernel statistics).
+    pub progs: Vec<bpfstats::Cost>,
 }
 
 impl PhaseResult {
@@ -392,6 +257,11 @@ impl PhaseResult {
             })),
             "latency_samples": self.latencies_ms.len(),
             "latency_markers_missed": self.markers_missed,
+            "received": self.counts.as_ref().and_then(|c| c.received.as_ref()).map(|r| json!({
+                "records": r.records,
+                "by_reason": r.by_reason,
+            })),
+            "programs": self.progs.iter().map(bpfstats::Cost::to_json).collect::<Vec<_>>(),
         })
     }
 }
@@ -409,26 +279,17 @@ pub fn exact(counts: &Counts, expected: &BTreeMap<String, u64>) -> bool {
 /// Run-wide inputs of every phase.
 pub struct Ctx {
     pub bin: PathBuf,
-    /// Drop-reason code → name, from `lbtrace reasons --json` (bpftrace prints codes).
+    /// Drop-reason code → name, from the kernel's tracefs format (bpftrace prints codes): not
+    /// lbtrace's own table, which is under test.
     pub names: BTreeMap<u32, String>,
 }
 
 impl Ctx {
     fn new(bin: PathBuf) -> Result<Self> {
-        let out = crate::util::output(Command::new(&bin).args(["reasons", "--json"]))?;
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        let names = v["reasons"]
-            .as_array()
-            .context("lbtrace reasons --json: no list")?
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    u32::try_from(r["code"].as_u64()?).ok()?,
-                    r["name"].as_str()?.to_owned(),
-                ))
-            })
-            .collect();
-        Ok(Self { bin, names })
+        Ok(Self {
+            bin,
+            names: tracer::kernel_reason_names()?,
+        })
     }
 }
 
@@ -443,6 +304,7 @@ pub fn run_phase(
 ) -> Result<PhaseResult> {
     let markers_on = load == Load::Low;
     let (marker_tx, marker_rx) = mpsc::channel();
+    let progs_pre = bpfstats::snapshot()?;
     let tracer = Running::start(
         kind,
         &ctx.bin,
@@ -457,6 +319,7 @@ pub fn run_phase(
     let reader0 = tracer.reader_cpu_ns();
     let mut foreign = measure::foreign_tracers(&ours);
     let others0 = measure::others_cpu_ns(&ours);
+    let progs0 = bpfstats::snapshot()?;
     let busy0 = measure::busy_ns()?;
     let t0 = Instant::now();
     let (sent, marks) = std::thread::scope(|s| -> Result<_> {
@@ -481,6 +344,7 @@ pub fn run_phase(
         }
     }
     let daemon = pid.zip(proc0).map(|(pid, p0)| Daemon::measure(pid, &p0));
+    let progs1 = bpfstats::snapshot()?;
     let oracle1 = lab.oracle()?;
     let counts = tracer.stop(&ctx.names)?;
     let seen: HashMap<u16, Instant> = marker_rx.try_iter().collect();
@@ -514,6 +378,29 @@ pub fn run_phase(
         latencies_ms,
         markers,
         sent,
+        progs: tracer_costs(kind, pid, &progs_pre, &progs0, &progs1),
+    })
+}
+
+/// The costs, from `s0` to `s1`, of the programs `kind` loaded: those that appeared after `pre`
+/// (before it started), lbtrace's by name, bpftrace's held by its process (when bpftool says
+/// who holds a program).
+pub fn tracer_costs(
+    kind: Kind,
+    pid: Option<u32>,
+    pre: &bpfstats::Snapshot,
+    s0: &bpfstats::Snapshot,
+    s1: &bpfstats::Snapshot,
+) -> Vec<bpfstats::Cost> {
+    if kind == Kind::None {
+        return Vec::new();
+    }
+    bpfstats::costs(s0, s1, |id, p| {
+        !pre.contains_key(&id)
+            && match kind {
+                Kind::Bpftrace => p.pids.is_empty() || pid.is_some_and(|pid| p.pids.contains(&pid)),
+                _ => bpfstats::is_lbtrace(p),
+            }
     })
 }
 
@@ -586,19 +473,25 @@ pub fn bench(opts: Opts) -> Result<()> {
         );
     }
     let mut phases: Vec<PhaseResult> = Vec::new();
-    // Saturation rounds alternate between tracers; a tracer without a quiet round (see
-    // PhaseResult::quiet) gets extra ones, up to a limit.
+    let _stats = bpfstats::StatsEnabled::on()?;
+    // Saturation rounds alternate between tracers; a tracer with fewer than `rounds` quiet ones
+    // (see PhaseResult::quiet) gets extra ones, up to a limit. The figures then use the same
+    // number of quiet rounds for every tracer (report::rounds_used).
     for round in 0..d.rounds + d.extra_rounds {
         let wanted: Vec<Kind> = Kind::ALL
             .into_iter()
             .filter(|k| available[k].is_ok())
             .filter(|k| {
-                round < d.rounds
-                    || !phases
-                        .iter()
-                        .any(|p| p.tracer == *k && p.load == Load::Saturation && p.quiet())
+                let quiet = phases
+                    .iter()
+                    .filter(|p| p.tracer == *k && p.load == Load::Saturation && p.quiet())
+                    .count();
+                round < d.rounds || quiet < d.rounds
             })
             .collect();
+        if wanted.is_empty() {
+            break;
+        }
         for kind in wanted {
             let load = (Load::Saturation, d.saturation, round);
             run_logged(&lab, &ctx, kind, load, &mut phases, &mut available);
@@ -611,8 +504,21 @@ pub fn bench(opts: Opts) -> Result<()> {
             }
         }
     }
+    let mut passing = Vec::new();
+    for round in 0..d.passing_rounds {
+        for kind in Kind::ALL.into_iter().filter(|k| available[k].is_ok()) {
+            match passing::run_passing(&lab, &ctx, kind, d.passing, round) {
+                Ok(p) => {
+                    eprintln!("    {}", report::passing_line(&p));
+                    passing.push(p);
+                }
+                Err(e) => eprintln!("    {} passing: failed: {e:#}", kind.name()),
+            }
+        }
+    }
     let results = report::results(
         &phases,
+        &passing,
         &available,
         lab.scope(),
         &d_json(&d, opts.quick),
@@ -655,5 +561,7 @@ fn d_json(d: &Durations, quick: bool) -> Value {
         "quiet_below_background_pct": QUIET_PCT,
         "load_10k_s": d.low.as_secs_f64(),
         "load_200k_s": d.high.as_secs_f64(),
+        "passing_s": d.passing.as_secs_f64(),
+        "passing_rounds": d.passing_rounds,
     })
 }

@@ -109,22 +109,51 @@ pub struct Counts {
     pub lost: Option<u64>,
     /// Whether the counts cover only the bench's VIP (lbtrace) or the whole machine (bpftrace).
     pub scope: &'static str,
+    /// The records the bench itself read from the tracer (`lbtrace watch` only).
+    pub received: Option<Received>,
 }
 
 /// A marker drop seen on stdout: `(source port, when its line was read)`.
 pub type MarkerSeen = (u16, Instant);
 
-/// Reads a child's output as it comes, keeping only the tail; optionally signals a line
-/// containing `ready`, and reports marker lines (`"dport":PORT,`) with the time they arrived.
+/// The drop records the bench read from a tracer's stdout, every one of them, by reason.
+#[derive(Clone, Debug, Default)]
+pub struct Received {
+    pub records: u64,
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+impl Received {
+    /// Counts one line if it is a drop record.
+    fn line(&mut self, line: &[u8]) {
+        if !contains(line, b"\"kind\":\"drop\"") {
+            return;
+        }
+        self.records += 1;
+        let reason = string_after(line, b"\"reason\":\"").unwrap_or_default();
+        *self.by_reason.entry(reason).or_insert(0) += 1;
+    }
+}
+
+/// Reads a child's output as it comes, keeping only the tail for the summary but counting every
+/// drop record ([`Received`]); optionally signals a line containing `ready`, and reports marker
+/// lines (`"dport":PORT,`) with the time they arrived.
 struct Pump {
     tid: Arc<AtomicU32>,
-    handle: JoinHandle<Vec<u8>>,
+    handle: JoinHandle<(Vec<u8>, Received)>,
 }
 
 const TAIL_KEEP: usize = 64 << 10;
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The string after `key` (which ends in its opening quote) in a JSON line.
+fn string_after(line: &[u8], key: &[u8]) -> Option<String> {
+    let at = line.windows(key.len()).position(|w| w == key)? + key.len();
+    let end = line[at..].iter().position(|&b| b == b'"')?;
+    Some(String::from_utf8_lossy(&line[at..at + end]).into_owned())
 }
 
 /// The number after `key` in a JSON line, e.g. `"sport":` → 40000.
@@ -153,6 +182,7 @@ impl Pump {
             let mut ready = ready;
             let mut tail = Vec::with_capacity(2 * TAIL_KEEP);
             let mut line = Vec::new();
+            let mut received = Received::default();
             let mut buf = vec![0u8; 256 << 10];
             loop {
                 let n = match stream.read(&mut buf) {
@@ -171,23 +201,23 @@ impl Pump {
                         ready = None;
                     }
                 }
-                let (Some(needle), Some((_, tx))) = (&needle, &markers) else {
-                    continue;
-                };
                 for part in chunk.split_inclusive(|&b| b == b'\n') {
                     line.extend_from_slice(part);
                     if line.last() != Some(&b'\n') {
                         break;
                     }
-                    if contains(&line, needle.as_bytes()) {
-                        if let Some(sport) = number_after(&line, b"\"sport\":") {
-                            let _ = tx.send((sport, now));
+                    received.line(&line);
+                    if let (Some(needle), Some((_, tx))) = (&needle, &markers) {
+                        if contains(&line, needle.as_bytes()) {
+                            if let Some(sport) = number_after(&line, b"\"sport\":") {
+                                let _ = tx.send((sport, now));
+                            }
                         }
                     }
                     line.clear();
                 }
             }
-            tail
+            (tail, received)
         });
         Self { tid, handle }
     }
@@ -199,8 +229,9 @@ impl Pump {
         }
     }
 
-    fn finish(self) -> String {
-        String::from_utf8_lossy(&self.handle.join().unwrap_or_default()).into_owned()
+    fn finish(self) -> (String, Received) {
+        let (tail, received) = self.handle.join().unwrap_or_default();
+        (String::from_utf8_lossy(&tail).into_owned(), received)
     }
 }
 
@@ -308,8 +339,8 @@ impl Running {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let err = self.stderr.take().map(Pump::finish).unwrap_or_default();
-        let out = self.stdout.take().map(Pump::finish).unwrap_or_default();
+        let err = self.stderr.take().map(Pump::finish).unwrap_or_default().0;
+        let out = self.stdout.take().map(Pump::finish).unwrap_or_default().0;
         format!("{err}{out}")
     }
 
@@ -334,14 +365,17 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let out = self.stdout.take().map(Pump::finish).unwrap_or_default();
-        let err = self.stderr.take().map(Pump::finish).unwrap_or_default();
+        let (out, received) = self.stdout.take().map(Pump::finish).unwrap_or_default();
+        let err = self.stderr.take().map(Pump::finish).unwrap_or_default().0;
         if !status.success() {
             bail!("{} exited with {status}: {}", self.kind.name(), err.trim());
         }
         let counts = match self.kind {
             Kind::None => return Ok(None),
-            Kind::Watch => lbtrace_summary(&out)?,
+            Kind::Watch => Counts {
+                received: Some(received),
+                ..lbtrace_summary(&out)?
+            },
             Kind::Agent => metrics_counts(&scraped.context("no metrics address")??),
             Kind::Bpftrace => bpftrace_counts(&out, names),
         };
@@ -428,7 +462,53 @@ fn lbtrace_summary(stdout: &str) -> Result<Counts> {
         delivered: v["events_delivered"].as_u64(),
         lost: v["events_lost"].as_u64(),
         scope: "netns + VIP (in-kernel filter)",
+        received: None,
     })
+}
+
+/// The kernel's own names of drop-reason codes, as the `skb/kfree_skb` tracepoint prints them:
+/// the `__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, …)` of its tracefs format.
+/// Names bpftrace's counts independently of lbtrace's reason table.
+pub fn kernel_reason_names() -> Result<BTreeMap<u32, String>> {
+    let mut last = None;
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        let path = format!("{dir}/events/skb/kfree_skb/format");
+        match std::fs::read_to_string(&path) {
+            Ok(f) => return print_symbolic(&f, "REC->reason").with_context(|| path.clone()),
+            Err(e) => last = Some(format!("{path}: {e}")),
+        }
+    }
+    bail!(
+        "no tracefs format for skb/kfree_skb: {}",
+        last.unwrap_or_default()
+    )
+}
+
+/// The `{ code, "NAME" }` pairs of `__print_symbolic(field, …)` in a tracefs format.
+fn print_symbolic(format: &str, field: &str) -> Result<BTreeMap<u32, String>> {
+    let start = format
+        .find(&format!("__print_symbolic({field},"))
+        .context("no __print_symbolic for the reason")?;
+    let mut names = BTreeMap::new();
+    let mut rest = &format[start..];
+    // Pairs until the closing parenthesis of __print_symbolic (names hold no parentheses).
+    let end = rest.find(')').unwrap_or(rest.len());
+    rest = &rest[..end];
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').context("unclosed pair")? + open;
+        let (code, name) = rest[open + 1..close]
+            .split_once(',')
+            .context("pair without a comma")?;
+        let code = code.trim();
+        let code = match code.strip_prefix("0x") {
+            Some(hex) => u32::from_str_radix(hex, 16)?,
+            None => code.parse()?,
+        };
+        names.insert(code, name.trim().trim_matches('"').to_owned());
+        rest = &rest[close + 1..];
+    }
+    anyhow::ensure!(!names.is_empty(), "__print_symbolic names no reason");
+    Ok(names)
 }
 
 /// bpftrace's map as printed on exit: `@[3]: 1234`.
@@ -495,6 +575,7 @@ fn metrics_counts(text: &str) -> Counts {
         delivered: Some(delivered),
         lost: Some(lost),
         scope: "netns (in-kernel filter)",
+        received: None,
     }
 }
 
@@ -504,7 +585,12 @@ mod tests {
 
     #[test]
     fn parses_what_the_tracers_print() {
-        let names = BTreeMap::from([(3, "NO_SOCKET".to_owned())]);
+        let names = print_symbolic(
+            "print fmt: \"reason: %s\", __print_symbolic(REC->reason, { 2, \"NOT_SPECIFIED\" }, { 3, \"NO_SOCKET\" }, { 0x10, \"IP_RPFILTER\" })",
+            "REC->reason",
+        )
+        .unwrap();
+        assert_eq!(names[&16], "IP_RPFILTER");
         let b = bpftrace_counts("Attaching 1 probe...\n\n\n@[12]: 5\n@[3]: 100\n", &names);
         assert_eq!(b.by_reason["NO_SOCKET"], 100);
         assert_eq!(b.by_reason["12"], 5);
@@ -532,5 +618,29 @@ mod tests {
             number_after(b"{\"sport\":40123,\"dst\"", b"\"sport\":"),
             Some(40123)
         );
+        let mut r = Received::default();
+        for l in [
+            &b"{\"kind\":\"drop\",\"reason\":\"NO_SOCKET\",\"x\":1}\n"[..],
+            b"{\"kind\":\"drop\",\"reason\":\"NO_SOCKET\"}\n",
+            b"{\"kind\":\"arp\"}\n",
+            b"{\"kind\":\"summary\",\"drops_by_reason\":{\"NO_SOCKET\":2}}\n",
+        ] {
+            r.line(l);
+        }
+        assert_eq!((r.records, r.by_reason["NO_SOCKET"]), (2, 2));
+    }
+
+    #[test]
+    fn every_record_is_counted_not_only_the_tail() {
+        let line = "{\"kind\":\"drop\",\"reason\":\"NETFILTER_DROP\",\"pad\":\"................................\"}\n";
+        let n = 20_000;
+        let mut text = line.repeat(n);
+        text.push_str("{\"kind\":\"summary\"}\n");
+        assert!(text.len() > 4 * TAIL_KEEP);
+        let (tail, received) =
+            Pump::start(std::io::Cursor::new(text.into_bytes()), None, None).finish();
+        assert!(tail.len() <= 2 * TAIL_KEEP);
+        assert_eq!(received.records, n as u64);
+        assert_eq!(received.by_reason["NETFILTER_DROP"], n as u64);
     }
 }

@@ -1,0 +1,288 @@
+//! The table of targets: each figure against its limit, met only beyond the measured spread,
+//! and never at a load lower than the target's.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::{
+    figures::{target, target_with, Spread, Verdict},
+    passing::Passing,
+    report::{drops_per_s, one},
+    tracer::Kind,
+    Load, PhaseResult, HIGH_RATE, LOW_RATE,
+};
+
+/// The 200k drops/s run of `lbtrace watch`, whose records the bench reads: every record it
+/// received, against the generator and the kernel's counters, and lbtrace's own loss count.
+pub fn sustained(phases: &[PhaseResult]) -> Value {
+    let Some(h) = one(phases, Kind::Watch, Load::High) else {
+        return Value::Null;
+    };
+    let c = h.counts.as_ref();
+    let received = c.and_then(|c| c.received.as_ref());
+    json!({
+        "tracer": Kind::Watch.name(),
+        "offered": HIGH_RATE,
+        "duration_s": h.sent.elapsed.as_secs_f64(),
+        "sent": h.drops(),
+        "achieved_per_s": drops_per_s(h),
+        "kernel_counted": h.oracle.udp_no_ports + h.oracle.nft_dropped,
+        "kernel_agrees": h.oracle_agrees(),
+        "received": received.map(|r| r.records),
+        "received_by_reason": received.map(|r| &r.by_reason),
+        "seen": c.and_then(|c| c.seen),
+        "delivered": c.and_then(|c| c.delivered),
+        "lost": c.and_then(|c| c.lost),
+        "exact": h.exact(),
+    })
+}
+
+/// Zero loss at 200k/s: judged only at that rate, from what the bench received.
+pub fn sustained_verdict(s: &Value) -> Verdict {
+    let Some(achieved) = s["achieved_per_s"].as_f64() else {
+        return Verdict::NotMeasured("no 200k run of lbtrace watch".into());
+    };
+    if achieved < 0.99 * HIGH_RATE as f64 {
+        return Verdict::NotMeasured(format!(
+            "not measurable at that rate: {achieved:.0}/s achieved of {HIGH_RATE} offered"
+        ));
+    }
+    let sent = s["sent"].as_u64();
+    let all_received = s["received"].as_u64().is_some() && s["received"].as_u64() == sent;
+    let ok = all_received
+        && s["kernel_counted"].as_u64() == sent
+        && s["kernel_agrees"] == true
+        && s["lost"].as_u64() == Some(0)
+        && s["exact"] == true;
+    if ok {
+        Verdict::Met
+    } else {
+        Verdict::Missed
+    }
+}
+
+/// A daemon's CPU at `load`: judged only when the offered rate was reached.
+fn cpu_target(r: &Value, primary: Kind, load: &str, limit: f64) -> Value {
+    let offered = if load == "10k" { LOW_RATE } else { HIGH_RATE } as f64;
+    let t = &r["tracers"][primary.name()];
+    let cpu = t[format!("cpu_pct_{load}")]
+        .as_f64()
+        .and_then(|x| Spread::of(&[x]));
+    let achieved = t[format!("achieved_per_s_{load}")].as_f64();
+    let name = format!("daemon CPU at {load} drops/s");
+    match achieved {
+        Some(a) if a < 0.95 * offered => {
+            let why = format!(
+                "not measurable at that rate: {a:.0} drops/s achieved of {offered:.0} offered"
+            );
+            target_with(
+                &name,
+                cpu,
+                &format!("≤ {limit}% of a core"),
+                &Verdict::NotMeasured(why),
+                "",
+            )
+        }
+        _ => target(&name, cpu, limit, "% of a core", "one run"),
+    }
+}
+
+/// The kfree_skb program's ns/run (lbtrace's, whichever hook attached) over bpftrace's.
+fn kfree_ratio(used: &BTreeMap<Kind, Vec<&PhaseResult>>, primary: Kind) -> Option<Spread> {
+    let per_run = |k: Kind, lbtrace: bool| {
+        let v: Vec<f64> = used
+            .get(&k)
+            .into_iter()
+            .flatten()
+            .flat_map(|p| &p.progs)
+            .filter(|c| !lbtrace || c.name.starts_with("kfree_skb_"))
+            .filter_map(super::bpfstats::Cost::ns_per_run)
+            .collect();
+        Spread::of(&v)
+    };
+    per_run(primary, true)?.ratio(per_run(Kind::Bpftrace, false)?)
+}
+
+/// The primary tracer's programs named `prefix*` on passing traffic, in ns per packet.
+fn passing_target(passing: &[Passing], primary: Kind, prefix: &str, what: &str) -> Value {
+    let rounds: Vec<&Passing> = passing.iter().filter(|p| p.tracer == primary).collect();
+    let v: Vec<f64> = rounds
+        .iter()
+        .map(|p| {
+            p.progs
+                .iter()
+                .filter(|c| c.name.starts_with(prefix))
+                .map(|c| p.ns_per_packet(c))
+                .sum()
+        })
+        .collect();
+    let clean = rounds.iter().all(|p| p.clean());
+    let note = if clean {
+        "per delivered packet, kernel run_time_ns; passing traffic"
+    } else {
+        "SOME ROUNDS WERE NOT CLEAN (datagrams not all delivered)"
+    };
+    let name = format!("{what} program ns per passing packet");
+    if rounds.is_empty() || v.iter().all(|x| *x == 0.0) {
+        let why = Verdict::NotMeasured(format!("no {prefix}* program ran"));
+        return target_with(&name, None, "≤ 40 ns", &why, note);
+    }
+    target(&name, Spread::of(&v), 40.0, " ns", note)
+}
+
+pub fn targets(
+    r: &Value,
+    primary: Kind,
+    phases: &[PhaseResult],
+    passing: &[Passing],
+    used: &BTreeMap<Kind, Vec<&PhaseResult>>,
+) -> Value {
+    let single = |k: &str| r[k].as_f64().and_then(|x| Spread::of(&[x]));
+    let ov = |k: Kind| Spread::from_json(&r["tracers"][k.name()]["overhead_ns_per_drop_spread"]);
+    let ratio = ov(primary)
+        .zip(ov(Kind::Bpftrace))
+        .and_then(|(l, b)| l.ratio(b));
+    let ratio_t = match (ratio, ov(Kind::Bpftrace)) {
+        (Some(_), _) => target("per-drop overhead vs the bpftrace one-liner (ratio)", ratio, 1.0, "", &overhead_note(r, primary)),
+        (None, b) => target_with(
+            "per-drop overhead vs the bpftrace one-liner (ratio)",
+            None,
+            "≤ 1",
+            &if b.is_some() { Verdict::WithinNoise } else { Verdict::NotMeasured("needs lbtrace and bpftrace".into()) },
+            &format!("{}; bpftrace's overhead is not above zero over its whole range, so no ratio is resolved", overhead_note(r, primary)),
+        ),
+    };
+    let s = &r["sustained_200k"];
+    let sus = sustained_verdict(s);
+    let sat = used.get(&primary).cloned().unwrap_or_default();
+    let sat_exact = (!sat.is_empty()).then(|| sat.iter().all(|p| p.exact() == Some(true)));
+    let sat_lost: u64 = sat.iter().filter_map(|p| p.counts.as_ref()?.lost).sum();
+    let latency_missed = r["latency_p99_missed"] == true;
+    let lat_t = if latency_missed {
+        target_with("drop → stdout latency p99", None, "≤ 100 ms", &Verdict::Missed, &format!("{} markers never seen: p99 falls among them (a missed marker is a latency above any limit)", r["latency_markers_missed"]))
+    } else {
+        target(
+            "drop → stdout latency p99",
+            single("latency_ms_p99"),
+            100.0,
+            " ms",
+            "lbtrace watch, under 10k drops/s; missed markers count",
+        )
+    };
+    let _ = phases;
+    let v = match sat_exact {
+        Some(true) => Verdict::Met,
+        Some(false) => Verdict::Missed,
+        None => Verdict::NotMeasured("no rounds".into()),
+    };
+    let exact_t = target_with(
+        "exact per-reason counts at saturation, loss reported",
+        None,
+        "equal to the generator's in every round used",
+        &v,
+        &format!("{} rounds, events lost in total: {sat_lost}", sat.len()),
+    );
+    json!([
+        ratio_t,
+        target_with(
+            "kfree_skb program ns/run vs bpftrace's program (ratio)",
+            kfree_ratio(used, primary),
+            "≤ 1.0×",
+            &Verdict::at_most(kfree_ratio(used, primary), 1.0),
+            "kernel run_time_ns / run_cnt (bpf_stats_enabled), saturation rounds used",
+        ),
+        passing_target(passing, primary, "net_dev_xmit_", "tx (net_dev_xmit)"),
+        passing_target(passing, primary, "netif_receive_", "rx (netif_receive)"),
+        target_with(
+            "200k drops/s sustained with zero loss (records the bench received)",
+            s["achieved_per_s"].as_f64().and_then(|x| Spread::of(&[x])),
+            "≥ 198,000/s achieved; received = sent = kernel count; lost 0; exact",
+            &sus,
+            &format!(
+                "{:.0} s: sent {}, kernel {}, received {}, lbtrace lost {}, exact {}",
+                s["duration_s"].as_f64().unwrap_or(0.0),
+                s["sent"],
+                s["kernel_counted"],
+                s["received"],
+                s["lost"],
+                s["exact"]
+            ),
+        ),
+        exact_t,
+        cpu_target(r, primary, "10k", 1.0),
+        cpu_target(r, primary, "200k", 3.0),
+        target(
+            "daemon wakeups",
+            single("wakeups_per_s"),
+            2000.0,
+            "/s",
+            "the higher of 10k and 200k drops/s"
+        ),
+        target(
+            "daemon RSS",
+            single("rss_mb"),
+            32.0,
+            " MiB",
+            "VmRSS under load"
+        ),
+        target(
+            "BPF maps",
+            single("maps_mb"),
+            8.0,
+            " MiB",
+            "kernel memlock of the maps the daemon holds, defaults"
+        ),
+        lat_t,
+    ])
+}
+
+/// Each tracer's overhead with its spread.
+fn overhead_note(r: &Value, primary: Kind) -> String {
+    let shown = |k: Kind| {
+        r["tracers"][k.name()]["overhead_shown"]
+            .as_str()
+            .unwrap_or("–")
+            .to_owned()
+    };
+    format!(
+        "overhead ns/drop at saturation, median (min–max over the same number of quiet rounds, against no tracer's): {} {}, bpftrace {}",
+        primary.name(),
+        shown(primary),
+        shown(Kind::Bpftrace)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lower_load_is_never_met() {
+        let r = json!({"tracers": {"lbtrace-agent": {
+            "cpu_pct_200k": 1.0, "achieved_per_s_200k": 150_000.0,
+            "cpu_pct_10k": 0.5, "achieved_per_s_10k": 10_000.0,
+        }}});
+        let t = cpu_target(&r, Kind::Agent, "200k", 3.0);
+        assert_eq!(t["met"], Value::Null, "{t}");
+        assert!(t["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("not measurable at that rate"));
+        assert_eq!(cpu_target(&r, Kind::Agent, "10k", 1.0)["met"], true);
+        let s = |achieved: f64, received: u64| {
+            json!({"achieved_per_s": achieved, "sent": 1_200_000, "received": received,
+                "kernel_counted": 1_200_000, "kernel_agrees": true, "lost": 0, "exact": true})
+        };
+        assert_eq!(sustained_verdict(&s(200_000.0, 1_200_000)), Verdict::Met);
+        assert!(matches!(
+            sustained_verdict(&s(150_000.0, 1_200_000)),
+            Verdict::NotMeasured(_)
+        ));
+        // lbtrace says 0 lost and exact, but the bench did not receive every record.
+        assert_eq!(sustained_verdict(&s(200_000.0, 1_199_999)), Verdict::Missed);
+        let mut no_received = s(200_000.0, 0);
+        no_received["received"] = Value::Null;
+        assert_eq!(sustained_verdict(&no_received), Verdict::Missed);
+    }
+}
