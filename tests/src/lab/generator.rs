@@ -20,6 +20,10 @@ use anyhow::{Context, Result};
 use super::{backend::poll_one, TCP_PORT, UDP_PORT};
 use crate::netns::Netns;
 
+/// A UDP payload size that stands for "a full 1500-byte packet": 1472 bytes over IPv4, 1452
+/// over IPv6 (its header is 20 bytes longer).
+pub const FULL_PACKET: usize = usize::MAX;
+
 /// Bytes a TCP attempt sends (and expects back).
 const TCP_PAYLOAD: usize = 64;
 
@@ -307,6 +311,11 @@ fn total_retrans(stream: &TcpStream) -> u32 {
 
 /// One UDP request from a fresh socket (a new flow, as a resolver's): whether the echo came.
 fn udp(addr: SocketAddr, len: usize, timeout: Duration) -> std::io::Result<bool> {
+    let len = match (len, addr.is_ipv4()) {
+        (FULL_PACKET, true) => 1500 - 20 - 8,
+        (FULL_PACKET, false) => 1500 - 40 - 8,
+        (len, _) => len,
+    };
     let sock = if addr.is_ipv4() {
         UdpSocket::bind("0.0.0.0:0")?
     } else {

@@ -3,6 +3,7 @@
 //! ground truth, and the failure scenarios lbtrace has to explain. Shared by `cargo xtask lab`,
 //! `cargo xtask demo` and tests/tests/lab.rs.
 
+pub mod accounts;
 pub mod backend;
 pub mod generator;
 pub mod scenarios;

@@ -1,5 +1,5 @@
-//! The failure scenarios: each builds a lab, breaks one service (VIP A) while a control VIP on
-//! another node stays healthy, drives traffic at both, runs `lbtrace watch --json --vip …`, and
+//! The failure scenarios: each builds a lab, breaks one service (VIP A, IPv4 and IPv6) while a
+//! control VIP (both families) on another node stays healthy, drives traffic at both, runs `lbtrace watch --json --vip …`, and
 //! sets three accounts side by side per VIP:
 //!
 //! - the client's (ground truth): failed attempts plus TCP retransmissions, i.e. packets lost;
@@ -13,18 +13,20 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Result};
 use serde_json::Value;
 
+pub use super::accounts::{Check, Role, VipOutcome};
 use super::{
-    generator::{self, Load, Report, Totals},
+    accounts::{accounting_checks, finding_checks, vip_outcome},
+    generator::{self, Load},
     interrupted,
     topology::{
-        node_ip4, pod_net4, snmp, ConntrackMax, Counter, Lab, Pod, Policy, Service, TABLE, VIP_A,
-        VIP_A6, VIP_B, VIP_CTL, VIP_CTL6,
+        node_ip4, node_ip6, pod_net4, pod_net6, snmp, snmp6, ConntrackMax, Counter, Lab, Pod,
+        Policy, Service, TABLE, VIP_A, VIP_A6, VIP_B, VIP_B6, VIP_CTL, VIP_CTL6,
     },
 };
 use crate::{lbtrace::Watch, traffic};
@@ -40,47 +42,6 @@ pub enum Scenario {
     ConntrackFull,
     MtuMismatch,
     PolicyRace,
-}
-
-/// What a VIP is for in a scenario.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Loses traffic: client, kernel and lbtrace must agree on how much.
-    Affected,
-    /// Takes a wrong path that loses nothing (an extra hop): only a kernel counter shows it.
-    Hidden,
-    /// Must lose nothing and show no drops.
-    Control,
-}
-
-impl Role {
-    fn name(self) -> &'static str {
-        match self {
-            Role::Affected => "affected",
-            Role::Hidden => "hidden",
-            Role::Control => "control",
-        }
-    }
-}
-
-/// Drops a healthy host makes as part of normal traffic (kernel-notes.md, "Noise"): counted
-/// apart, never as loss. `(reason, function)`.
-const NOISE: [(&str, &str); 3] = [
-    // The pure ACK a server has processed and discards, once per connection.
-    ("NOT_SPECIFIED", "tcp_rcv_state_process"),
-    ("QUEUE_PURGE", "sk_stream_kill_queues"),
-    ("NOT_SPECIFIED", "udp_destruct_common"),
-];
-
-/// Whether a record tagged with a VIP is the loss of that service's traffic (TCP or UDP), as
-/// opposed to normal TCP discards ([`NOISE`]) or the network's own ICMP and neighbour discovery
-/// (a node soliciting a client from the VIP's address, say).
-fn is_service_loss(e: &Value) -> bool {
-    let function = e["location"].as_str().unwrap_or("").split('+').next();
-    let noise = NOISE
-        .iter()
-        .any(|&(r, f)| e["reason"] == r && function == Some(f));
-    !noise && (e["proto"] == "tcp" || e["proto"] == "udp")
 }
 
 /// Seconds between the endpoint moving off a node and the speaker moving the VIP after it.
@@ -139,9 +100,9 @@ impl Scenario {
             Scenario::StaleArp => "as failover, but the speaker sends no GARP: the client keeps n0's MAC until its entry goes stale (≈10 s with base_reachable_time_ms=2000). A (Local) is dropped on n0; B (Cluster), moved too, is forwarded by n0 with an extra hop and loses nothing",
             Scenario::LeaderFlap => "the speaker flips A between n0 (its endpoint) and n1 (none: dropped) every 3 s, with one GARP each time",
             Scenario::EndpointChurn => "A's endpoint on n1 stops listening and comes back every 3 s while kube-proxy still sends it half of A's flows: RSTs and port unreachables in the pod",
-            Scenario::ConntrackSnat => "from 2 s, n0 SNATs A's traffic to n1's pod to one address:port: every new flow there clashes at conntrack confirm (insert_failed)",
+            Scenario::ConntrackSnat => "from 2 s, n0 SNATs A's traffic to n1's pod to one address:port (one per family): every new flow there clashes at conntrack confirm (insert_failed)",
             Scenario::ConntrackFull => "at 3 s a burst of UDP flows from c1 to n0 fills n0's conntrack table (nf_conntrack_max lowered to 1024, restored after): new flows to A are dropped until the burst's entries expire (8 s)",
-            Scenario::MtuMismatch => "from 2 s n0's path to n1's pods has MTU 1450: every large UDP request to A (1500 bytes, DF) is dropped there, small ones and TCP pass",
+            Scenario::MtuMismatch => "from 2 s n0's path to n1's pods has MTU 1450: every large UDP request to A (1500 bytes, DF; IPv6 never fragments in transit) is dropped there with ICMP frag-needed / ICMPv6 packet-too-big, small ones and TCP pass",
             Scenario::PolicyRace => "at 3 s a new pod joins A's endpoints before its network-policy allow rule (a drop rule on n0, lifted at 8 s)",
         }
     }
@@ -169,14 +130,20 @@ impl Scenario {
     pub fn kernel_counter(self) -> &'static str {
         match self {
             Scenario::EndpointChurn => {
-                "the endpoints' Udp NoPorts + Tcp OutRsts (/proc/net/snmp in the pods)"
+                "per family, the endpoints' Udp NoPorts / Udp6NoPorts (/proc/net/snmp, snmp6) + the RSTs they sent (nft in the pods: Tcp OutRsts counts both families at once)"
             }
-            Scenario::ConntrackSnat => "insert_failed of the owner node's conntrack statistics",
+            Scenario::ConntrackSnat => {
+                "per family, packets n0 passed towards n1's pods after NAT minus those that reached n1 (nft): what conntrack confirm dropped (insert_failed counts both families at once)"
+            }
             Scenario::ConntrackFull => {
                 "packets for the VIP before conntrack minus after it, on the owner node (nft)"
             }
-            Scenario::MtuMismatch => "Ip FragFails of the owner node (/proc/net/snmp)",
-            Scenario::PolicyRace => "the policy drop rule's counter for the VIP's endpoints (nft)",
+            Scenario::MtuMismatch => {
+                "Ip FragFails / Ip6FragFails of the owner node (/proc/net/snmp, snmp6): both families are refused in ip(6)_fragment"
+            }
+            Scenario::PolicyRace => {
+                "the policy drop rule's counter for the VIP's endpoints, per family (nft)"
+            }
             _ => "kube-proxy's no-endpoint drop, all nodes (nft)",
         }
     }
@@ -219,7 +186,7 @@ impl Scenario {
         if self == Scenario::StaleArp {
             services.push(Service {
                 name: "b",
-                vips: vec![VIP_B],
+                vips: vec![VIP_B, VIP_B6],
                 policy: Policy::Cluster,
                 endpoints: vec![Pod::new(1, 1)],
                 owner: Some(0),
@@ -228,23 +195,19 @@ impl Scenario {
         services
     }
 
-    /// The VIPs traffic goes to, with their roles.
+    /// The VIPs traffic goes to, with their roles: every failure is injected over IPv4 and
+    /// IPv6 alike, and each family is accounted for on its own.
     fn targets(self) -> Vec<(IpAddr, Role)> {
         let a = if self == Scenario::Healthy {
             Role::Control
         } else {
             Role::Affected
         };
-        let mut t = vec![(VIP_A, a)];
-        match self {
-            Scenario::Healthy | Scenario::FailoverGarp => t.push((VIP_A6, a)),
-            Scenario::StaleArp => t.push((VIP_B, Role::Hidden)),
-            _ => {}
+        let mut t = vec![(VIP_A, a), (VIP_A6, a)];
+        if self == Scenario::StaleArp {
+            t.extend([(VIP_B, Role::Hidden), (VIP_B6, Role::Hidden)]);
         }
-        t.push((VIP_CTL, Role::Control));
-        if matches!(self, Scenario::Healthy | Scenario::FailoverGarp) {
-            t.push((VIP_CTL6, Role::Control));
-        }
+        t.extend([(VIP_CTL, Role::Control), (VIP_CTL6, Role::Control)]);
         t
     }
 
@@ -254,7 +217,7 @@ impl Scenario {
             // TCP stays small: a segment dropped for size makes the client's kernel learn the
             // path MTU, which changes the size of segments in flight in ways no counter shows.
             Scenario::MtuMismatch => Load {
-                udp_payloads: vec![64, 1472],
+                udp_payloads: vec![64, generator::FULL_PACKET],
                 ..Load::default()
             },
             _ => Load::default(),
@@ -265,6 +228,16 @@ impl Scenario {
     fn prepare(self, lab: &mut Lab) -> Result<Option<ConntrackMax>> {
         match self {
             Scenario::StaleArp => lab.set_client_reachable_ms(2000)?,
+            Scenario::EndpointChurn => {
+                for pod in lab.service("a")?.endpoints.clone() {
+                    lab.pod(pod).nft(&rst_counters())?;
+                }
+            }
+            Scenario::ConntrackSnat => {
+                let (n0, n1) = snat_counters(1);
+                lab.add_rules(0, &[n0])?;
+                lab.add_rules(1, &[n1])?;
+            }
             Scenario::ConntrackFull => {
                 lab.nodes[0].sysctl(
                     "net.netfilter.nf_conntrack_udp_timeout",
@@ -323,13 +296,21 @@ impl Scenario {
             }
             Scenario::ConntrackSnat => {
                 clock.at(2.0)?;
-                let pods = pod_net4(n1p0.node);
-                let rule = format!(
-                    "insert rule inet {TABLE} nat-postrouting meta l4proto {{ tcp, udp }} ip daddr {pods} meta mark 0x4000 snat ip to {}:40000",
-                    node_ip4(0)
-                );
-                lab.add_rules(0, &[rule])?;
-                clock.log(&format!("n0 SNATs traffic to {pods} to one address:port"));
+                let (pods, pods6) = (pod_net4(n1p0.node), pod_net6(n1p0.node));
+                let rules = [
+                    format!(
+                        "insert rule inet {TABLE} nat-postrouting meta l4proto {{ tcp, udp }} ip daddr {pods} meta mark 0x4000 snat ip to {}:40000",
+                        node_ip4(0)
+                    ),
+                    format!(
+                        "insert rule inet {TABLE} nat-postrouting meta l4proto {{ tcp, udp }} ip6 daddr {pods6} meta mark 0x4000 snat ip6 to [{}]:40000",
+                        node_ip6(0)
+                    ),
+                ];
+                lab.add_rules(0, &rules)?;
+                clock.log(&format!(
+                    "n0 SNATs traffic to {pods} and {pods6} to one address:port each"
+                ));
             }
             Scenario::ConntrackFull => {
                 clock.at(3.0)?;
@@ -347,15 +328,13 @@ impl Scenario {
             }
             Scenario::MtuMismatch => {
                 clock.at(2.0)?;
-                lab.nodes[0].ip(&[
-                    "route",
-                    "replace",
-                    &pod_net4(n1p0.node),
-                    "via",
-                    &node_ip4(1).to_string(),
-                    "mtu",
-                    &OVERLAY_MTU.to_string(),
-                ])?;
+                for (net, via) in [
+                    (pod_net4(n1p0.node), node_ip4(1).to_string()),
+                    (pod_net6(n1p0.node), node_ip6(1).to_string()),
+                ] {
+                    let mtu = OVERLAY_MTU.to_string();
+                    lab.nodes[0].ip(&["route", "replace", &net, "via", &via, "mtu", &mtu])?;
+                }
                 clock.log(&format!("n0's path to n1's pods: MTU {OVERLAY_MTU}"));
             }
             Scenario::PolicyRace => {
@@ -379,23 +358,44 @@ impl Scenario {
             return lab.counter_sum(Counter::Stray, vip);
         }
         Ok(match self {
+            // Tcp OutRsts is one counter for both families: the pods count their RSTs per
+            // family in nft instead.
             Scenario::EndpointChurn => {
                 let mut sum = 0;
                 for &pod in &svc.endpoints {
                     let ns = lab.pod(pod);
-                    sum += snmp(ns, "Udp", "NoPorts")? + snmp(ns, "Tcp", "OutRsts")?;
+                    sum += match vip {
+                        IpAddr::V4(_) => snmp(ns, "Udp", "NoPorts")?,
+                        IpAddr::V6(_) => snmp6(ns, "Udp6NoPorts")?,
+                    };
+                    sum += ns.nft_counter("inet", "lbtest", &format!("rst{}", family(vip)))?;
                 }
                 sum
             }
-            Scenario::ConntrackSnat => lab.nodes[owner].conntrack_stat("insert_failed")?,
+            // The namespace's insert_failed is one counter for both families: per family, the
+            // packets n0 passed towards n1's pods after NAT, minus those that reached n1.
+            Scenario::ConntrackSnat if owner != 0 => {
+                lab.nodes[owner].conntrack_stat("insert_failed")?
+            }
+            Scenario::ConntrackSnat => {
+                let f = family(vip);
+                let left = lab.nodes[0].nft_counter("inet", TABLE, &format!("ctleft{f}"))?;
+                let arrived = lab.nodes[1].nft_counter("inet", TABLE, &format!("ctarrived{f}"))?;
+                left.saturating_sub(arrived)
+            }
             Scenario::ConntrackFull => lab
                 .counter(owner, Counter::Arrive, vip)?
                 .saturating_sub(lab.counter(owner, Counter::Tracked, vip)?),
-            Scenario::MtuMismatch => snmp(&lab.nodes[owner], "Ip", "FragFails")?,
+            Scenario::MtuMismatch => match vip {
+                IpAddr::V4(_) => snmp(&lab.nodes[owner], "Ip", "FragFails")?,
+                // The route's MTU is not locked, so ip6_forward lets the packet through and
+                // ip6_fragment refuses it (ICMPv6 packet too big; NOT_SPECIFIED, Ip6FragFails).
+                IpAddr::V6(_) => snmp6(&lab.nodes[owner], "Ip6FragFails")?,
+            },
             Scenario::PolicyRace => svc
                 .endpoints
                 .iter()
-                .map(|&p| lab.policy_drops(p))
+                .map(|&p| lab.policy_drops(p, vip))
                 .sum::<Result<u64>>()?,
             _ => lab.counter_sum(Counter::NoEndpoint, vip)?,
         })
@@ -435,6 +435,35 @@ impl Scenario {
             })
             .collect()
     }
+}
+
+/// 4 or 6.
+fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        4
+    } else {
+        6
+    }
+}
+
+/// A pod's RSTs sent, per family (endpoint-churn).
+fn rst_counters() -> String {
+    "table inet lbtest {\n counter rst4 { }\n counter rst6 { }\n chain out {\n  type filter hook output priority 0; policy accept;\n  meta nfproto ipv4 tcp flags & rst == rst counter name rst4\n  meta nfproto ipv6 tcp flags & rst == rst counter name rst6\n }\n}".to_owned()
+}
+
+/// Per family, what n0 passes towards node `n`'s pods after NAT (before conntrack confirms it)
+/// and what reaches node `n` (conntrack-snat): the difference is what confirm dropped.
+fn snat_counters(n: usize) -> (String, String) {
+    let (p4, p6) = (pod_net4(n), pod_net6(n));
+    let table = |chain: &str, hook: &str, prio: i32, what: &str| {
+        format!(
+            "table inet {TABLE} {{\n counter {what}4 {{ }}\n counter {what}6 {{ }}\n chain {chain} {{\n  type filter hook {hook} priority {prio}; policy accept;\n  ip daddr {p4} counter name {what}4\n  ip6 daddr {p6} counter name {what}6\n }}\n}}"
+        )
+    };
+    (
+        table("ct-left", "postrouting", 150, "ctleft"),
+        table("ct-arrived", "prerouting", -350, "ctarrived"),
+    )
 }
 
 /// Times `first`, `first + period`, … of a periodic change, stopping 2 s before the end of the
@@ -489,41 +518,13 @@ pub struct Options {
 }
 
 #[derive(Clone, Debug)]
-pub struct Check {
-    pub ok: bool,
-    pub what: String,
-}
-
-impl Check {
-    fn new(ok: bool, what: String) -> Self {
-        Self { ok, what }
-    }
-}
-
-/// The three accounts for one VIP.
-#[derive(Clone, Debug)]
-pub struct VipOutcome {
-    pub vip: IpAddr,
-    pub role: Role,
-    pub client: Totals,
-    pub client_per_second: Vec<Totals>,
-    /// Start of the first and last attempt that lost a packet.
-    pub loss_span: Option<(Duration, Duration)>,
-    pub kernel: u64,
-    pub lbtrace: u64,
-    pub lbtrace_by_reason: BTreeMap<String, u64>,
-    /// Records that are not the service's loss (see `is_service_loss`), not in `lbtrace`.
-    pub lbtrace_other: u64,
-    pub lbtrace_per_second: Vec<u64>,
-}
-
-#[derive(Clone, Debug)]
 pub struct Outcome {
     pub scenario: Scenario,
     pub duration: Duration,
     pub log: Vec<(Duration, String)>,
     pub vips: Vec<VipOutcome>,
-    pub lbtrace_lost: u64,
+    /// The summary's `events_lost`; `None` when it is missing (a failed check).
+    pub lbtrace_lost: Option<u64>,
     pub checks: Vec<Check>,
 }
 
@@ -580,7 +581,7 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
             vip_outcome(vip, role, &report, a.saturating_sub(*b), &finished.events)
         })
         .collect();
-    let lbtrace_lost = finished.summary["events_lost"].as_u64().unwrap_or(0);
+    let lbtrace_lost = finished.summary["events_lost"].as_u64();
     let mut checks = accounting_checks(&vips, lbtrace_lost);
     checks.extend(scenario.extra_checks(&vips));
     checks.extend(diagnosis_checks(scenario, &vips, &finished.stdout)?);
@@ -610,9 +611,7 @@ impl Scenario {
     }
 }
 
-/// Runs `lbtrace diagnose` on what `watch --json` recorded: the injected cause must come first
-/// for the affected VIPs and the control VIP must have no finding; for stale ARP, the measured
-/// window must agree with the client's failure window within one bucket (1 s).
+/// Runs `lbtrace diagnose` on what `watch --json` recorded, checked by [`finding_checks`].
 fn diagnosis_checks(scenario: Scenario, vips: &[VipOutcome], stream: &str) -> Result<Vec<Check>> {
     let file = std::env::temp_dir().join(format!("{}.ndjson", crate::unique("lbtdiag")));
     std::fs::write(&file, stream)?;
@@ -639,124 +638,7 @@ fn diagnosis_checks(scenario: Scenario, vips: &[VipOutcome], stream: &str) -> Re
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .map(|d| (d["vip"].as_str().unwrap_or("").to_owned(), d))
         .collect();
-    let mut checks = Vec::new();
-    for v in vips {
-        let d = by_vip.get(&v.vip.to_string());
-        let findings = d
-            .and_then(|d| d["findings"].as_array())
-            .cloned()
-            .unwrap_or_default();
-        let causes: Vec<&str> = findings
-            .iter()
-            .filter_map(|f| f["cause"].as_str())
-            .collect();
-        match (v.role, scenario.expected_cause()) {
-            (Role::Affected, Some(cause)) => {
-                checks.push(Check::new(
-                    causes.first() == Some(&cause),
-                    format!("{}: diagnosis names {cause} first ({causes:?})", v.vip),
-                ));
-                if cause == "stale-arp" {
-                    let window = findings[0]["evidence"]["window_s"].as_f64().unwrap_or(-1.0);
-                    let client = v.loss_span.map_or(0.0, |(a, b)| (b - a).as_secs_f64());
-                    checks.push(Check::new(
-                        (window - client).abs() <= 1.0,
-                        format!("{}: stale-ARP window {window:.1} s vs the client's {client:.1} s (within 1 s)", v.vip),
-                    ));
-                }
-            }
-            (Role::Control, _) | (Role::Affected, None) => checks.push(Check::new(
-                causes.is_empty(),
-                format!(
-                    "{}: no finding for a VIP with nothing wrong ({causes:?})",
-                    v.vip
-                ),
-            )),
-            (Role::Hidden, _) => {}
-        }
-    }
-    Ok(checks)
-}
-
-fn vip_outcome(
-    vip: IpAddr,
-    role: Role,
-    report: &Report,
-    kernel: u64,
-    events: &[Value],
-) -> VipOutcome {
-    let seconds = report.duration.as_secs().max(1) as usize;
-    let mut by_reason = BTreeMap::new();
-    let mut per_second = vec![0; seconds];
-    let mut other = 0;
-    let vip_s = vip.to_string();
-    for e in events.iter().filter(|e| {
-        (e["kind"] == "drop" || e["kind"] == "conntrack") && e["vip"].as_str() == Some(&vip_s)
-    }) {
-        if !is_service_loss(e) {
-            other += 1;
-            continue;
-        }
-        let reason = match e["kind"].as_str() {
-            Some("conntrack") => format!("conntrack {}", e["event"].as_str().unwrap_or("?")),
-            _ => e["reason"].as_str().unwrap_or("?").to_owned(),
-        };
-        *by_reason.entry(reason).or_insert(0) += 1;
-        if let Some(t) = e["time"].as_str().and_then(parse_rfc3339) {
-            let s = t
-                .duration_since(report.started)
-                .unwrap_or_default()
-                .as_secs() as usize;
-            per_second[s.min(seconds - 1)] += 1;
-        }
-    }
-    VipOutcome {
-        vip,
-        role,
-        client: report.totals(vip),
-        client_per_second: report.per_second(vip),
-        loss_span: report.loss_span(vip),
-        kernel,
-        lbtrace: by_reason.values().sum(),
-        lbtrace_by_reason: by_reason,
-        lbtrace_other: other,
-        lbtrace_per_second: per_second,
-    }
-}
-
-fn accounting_checks(vips: &[VipOutcome], lbtrace_lost: u64) -> Vec<Check> {
-    let mut checks = vec![Check::new(
-        lbtrace_lost == 0,
-        format!("lbtrace lost {lbtrace_lost} events (ring buffer)"),
-    )];
-    for v in vips {
-        let (vip, lost, k, l) = (v.vip, v.client.lost(), v.kernel, v.lbtrace);
-        match v.role {
-            Role::Control => checks.push(Check::new(
-                lost == 0 && k == 0 && l == 0,
-                format!("{vip} (control): client lost {lost}, kernel {k}, lbtrace {l}: all 0"),
-            )),
-            Role::Hidden => checks.push(Check::new(
-                lost == 0 && l == 0 && k > 0,
-                format!("{vip} (hidden): client lost {lost} and lbtrace {l} are 0, yet {k} packets took the stale path"),
-            )),
-            Role::Affected => {
-                checks.push(Check::new(
-                    lost > 0,
-                    format!("{vip}: the client lost {lost} packets ({} failed attempts + {} retransmissions)", v.client.failed, v.client.retrans),
-                ));
-checks.push(Check::new(
-                    k == lost,
-                    format!("{vip}: kernel {k} = client {lost}"),
-                ));
-                checks.push(Check::new(
-                    l == k,
-                    format!("{vip}: lbtrace {l} = kernel {k}"),
-                ));
-            }
-        }
-    }
-    checks
+    Ok(finding_checks(scenario.expected_cause(), vips, &by_vip))
 }
 
 impl Outcome {
@@ -810,7 +692,7 @@ impl Outcome {
         let s = self.scenario;
         let _ = writeln!(
             o,
-            "  {:<16} {:<9} {:>8} {:>6} {:>6} {:>7} {:>5} │ {:>6} │ {:>7} {:>6}  by reason",
+            "  {:<20} {:<9} {:>8} {:>6} {:>6} {:>7} {:>5} │ {:>6} │ {:>7} {:>5} {:>5}  by reason",
             "VIP",
             "role",
             "attempts",
@@ -820,6 +702,7 @@ impl Outcome {
             "lost",
             "kernel",
             "lbtrace",
+            "noise",
             "other"
         );
         for v in &self.vips {
@@ -831,7 +714,7 @@ impl Outcome {
             let c = v.client;
             let _ = writeln!(
                 o,
-                "  {:<16} {:<9} {:>8} {:>6} {:>6} {:>7} {:>5} │ {:>6} │ {:>7} {:>6}  {}",
+                "  {:<20} {:<9} {:>8} {:>6} {:>6} {:>7} {:>5} │ {:>6} │ {:>7} {:>5} {:>5}  {}",
                 v.vip.to_string(),
                 v.role.name(),
                 c.attempts,
@@ -841,16 +724,26 @@ impl Outcome {
                 c.lost(),
                 v.kernel,
                 v.lbtrace,
-                v.lbtrace_other,
+                v.lbtrace_noise,
+                v.lbtrace_other.values().sum::<u64>(),
                 reasons.join(", ")
             );
         }
         let _ = writeln!(o, "  kernel: {}", s.kernel_counter());
         let _ = writeln!(
             o,
-            "  other: records of the VIP that are not its lost traffic: ICMP, neighbour discovery, {}",
-            NOISE.map(|(r, f)| format!("{r} at {f}")).join(", ")
+            "  noise: normal discards of the VIP's traffic, not loss: {}",
+            super::accounts::NOISE
+                .map(|(r, f)| format!("{r} at {f}"))
+                .join(", ")
         );
+        let _ = writeln!(
+            o,
+            "  other: any other drop record of the VIP (ICMP, neighbour discovery): none allowed on a control VIP"
+        );
+        for v in self.vips.iter().filter(|v| !v.lbtrace_other.is_empty()) {
+            let _ = writeln!(o, "    {}: {:?}", v.vip, v.lbtrace_other);
+        }
         let _ = writeln!(o, "  lbtrace needs: {}", s.needs());
         for c in &self.checks {
             let _ = writeln!(o, "  {} {}", if c.ok { "ok  " } else { "FAIL" }, c.what);
@@ -859,38 +752,9 @@ impl Outcome {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (lbtrace's `time`).
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(str::parse::<i64>);
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut t = hms.splitn(3, ':').map(str::parse::<i64>);
-    let (h, mi, sec) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let secs = u64::try_from(days * 86_400 + h * 3600 + mi * 60 + sec).ok()?;
-    let nanos = format!("{frac:0<9}").get(..9)?.parse().ok()?;
-    Some(UNIX_EPOCH + Duration::new(secs, nanos))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_lbtrace_time() {
-        let t = parse_rfc3339("2026-11-26T03:16:08.123456789Z").unwrap();
-        let d = t.duration_since(UNIX_EPOCH).unwrap();
-        assert_eq!(d.as_secs(), 1_795_662_968);
-        assert_eq!(d.subsec_nanos(), 123_456_789);
-        let t = parse_rfc3339("1970-01-01T00:00:00Z").unwrap();
-        assert_eq!(t, UNIX_EPOCH);
-    }
 
     #[test]
     fn every_scenario_has_a_name_that_parses() {

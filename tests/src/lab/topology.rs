@@ -47,6 +47,7 @@ pub const VIP_CTL: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 101));
 pub const VIP_CTL6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x101));
 /// A second service moved with A (stale-arp, policy Cluster).
 pub const VIP_B: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 102));
+pub const VIP_B6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x102));
 
 pub fn client_ip4(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, 0, 1 + i as u8)
@@ -434,11 +435,11 @@ impl Lab {
         // that is not allowed yet is dropped, after DNAT.
         let mut policy = String::new();
         for pod in Pod::all().filter(|p| p.node == n) {
-            let name = policy_counter(pod);
-            let _ = writeln!(counters, "  counter {name} {{ }}");
-            if self.denied.contains(&pod) {
-                for ip in [pod.ip4().to_string(), pod.ip6().to_string()] {
-                    let fam = if ip.contains(':') { "ip6" } else { "ip" };
+            for ip in [IpAddr::from(pod.ip4()), pod.ip6().into()] {
+                let name = policy_counter(pod, ip);
+                let _ = writeln!(counters, "  counter {name} {{ }}");
+                if self.denied.contains(&pod) {
+                    let fam = if ip.is_ipv6() { "ip6" } else { "ip" };
                     let _ = writeln!(policy, "    {fam} daddr {ip} counter name {name} drop");
                 }
             }
@@ -534,9 +535,9 @@ impl Lab {
         self.sync()
     }
 
-    /// Packets the policy dropped on their way to `pod`.
-    pub fn policy_drops(&self, pod: Pod) -> Result<u64> {
-        self.nodes[pod.node].nft_counter("inet", TABLE, &policy_counter(pod))
+    /// Packets of `family`'s (an address of it) the policy dropped on their way to `pod`.
+    pub fn policy_drops(&self, pod: Pod, family: IpAddr) -> Result<u64> {
+        self.nodes[pod.node].nft_counter("inet", TABLE, &policy_counter(pod, family))
     }
 
     /// Closes a pod's listeners (its process went away); connections are refused from now on.
@@ -598,8 +599,24 @@ impl Lab {
     }
 }
 
-fn policy_counter(pod: Pod) -> String {
-    format!("policy_{}", pod.name())
+/// The policy counter of `pod` for the family of `family`.
+fn policy_counter(pod: Pod, family: IpAddr) -> String {
+    let v = if family.is_ipv6() { 6 } else { 4 };
+    format!("policy{v}_{}", pod.name())
+}
+
+/// A field of `/proc/net/snmp6` (e.g. `Udp6NoPorts`, `Ip6InTooBigErrors`) in a namespace.
+pub fn snmp6(ns: &Netns, field: &str) -> Result<u64> {
+    let out = ns.exec("cat", &["/proc/net/snmp6"])?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(field)).then(|| w.next())?
+        })
+        .with_context(|| format!("no {field} in /proc/net/snmp6"))?
+        .parse()
+        .context("snmp6 value")
 }
 
 /// A field of `/proc/net/snmp` (e.g. `Udp` `NoPorts`, `Ip` `FragFails`) in a namespace.
