@@ -505,6 +505,10 @@ const _: () = assert!(size_of::<HostKey>() == 20);
 /// Map names, shared so the agent and the programs cannot disagree.
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_DROP_COUNTS: &str = "DROP_COUNTS";
+/// Per-CPU counts of the core drop reasons (those below [`REASON_COUNTS_ENTRIES`]), indexed by
+/// reason: an array slot costs no hash lookup. Other reasons (subsystems) go to `DROP_COUNTS`.
+pub const MAP_REASON_COUNTS: &str = "REASON_COUNTS";
+pub const REASON_COUNTS_ENTRIES: u32 = 256;
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_REASON_FILTER: &str = "REASON_FILTER";
 pub const MAP_HOST_FILTER: &str = "HOST_FILTER";

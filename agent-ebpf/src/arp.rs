@@ -22,7 +22,7 @@ use network_types::{
 
 use crate::{
     conf,
-    kernel::{netns_inum, read},
+    kernel::{netns_inum, read, Mem, Probe},
     maps::{stat_inc, submit, ARP_SCRATCH},
     packet::{host_listed, ETH_ARP, ETH_IPV6, ETH_VLAN, ICMPV6},
 };
@@ -94,30 +94,53 @@ fn keep(netns: u32, a: &[u8; 16], b: &[u8; 16], family: u8) -> bool {
 /// Parses ARP or an NDP solicitation/advertisement from the frame of `skb`. On transmit the frame
 /// starts at `skb->data`; on receive the Ethernet header was pulled and `mac_header` marks it.
 #[inline(always)]
-pub fn handle_frame(skb: u64, direction: u8, probe: ProbeId) {
+pub fn handle_frame<M: Mem>(skb: u64, direction: u8, probe: ProbeId) {
     if conf!(features) & FEATURE_ARP == 0 {
         return;
     }
     // Network byte order, compared with EtherTypes in the same order.
-    let proto = read::<u16>(skb, conf!(skb_protocol)).unwrap_or(0);
+    let proto = M::read::<u16>(skb, conf!(skb_protocol)).unwrap_or(0);
     // Most packets are neither: leave after one read.
     if proto != ETH_ARP && proto != ETH_IPV6 && proto != 0 {
         return;
     }
-    let _ = try_handle_frame(skb, direction, probe);
+    if proto == ETH_IPV6 && !maybe_ndp::<M>(skb, direction) {
+        return;
+    }
+    let _ = try_handle_frame::<M>(skb, direction, probe);
+}
+
+/// Whether an IPv6 packet can be neighbour discovery (ICMPv6 with hop limit 255), from the
+/// start of its IPv6 header alone: other IPv6 traffic leaves after this one small read. On
+/// transmit `skb->data` is the Ethernet header; on receive it was pulled past it.
+#[inline(always)]
+fn maybe_ndp<M: Mem>(skb: u64, direction: u8) -> bool {
+    let Ok(data) = M::read::<u64>(skb, conf!(skb_data)) else {
+        return false;
+    };
+    let l3 = if direction == DIR_TX {
+        data + EthHdr::LEN as u64
+    } else {
+        data
+    };
+    // version/class/flow (4), payload length (2), next header, hop limit
+    match read::<[u8; 8]>(l3, 0) {
+        Ok(h) => h[6] == ICMPV6 && h[7] == NDP_HOP_LIMIT,
+        Err(_) => true,
+    }
 }
 
 #[inline(always)]
-fn try_handle_frame(skb: u64, direction: u8, probe: ProbeId) -> Result<(), i32> {
-    let dev = read::<u64>(skb, conf!(skb_dev))?;
-    if read::<u16>(dev, conf!(dev_type))? != ARPHRD_ETHER {
+fn try_handle_frame<M: Mem>(skb: u64, direction: u8, probe: ProbeId) -> Result<(), i32> {
+    let dev = M::read::<u64>(skb, conf!(skb_dev))?;
+    if M::read::<u16>(dev, conf!(dev_type))? != ARPHRD_ETHER {
         return Ok(());
     }
     let eth = if direction == DIR_TX {
-        read::<u64>(skb, conf!(skb_data))?
+        M::read::<u64>(skb, conf!(skb_data))?
     } else {
-        let head = read::<u64>(skb, conf!(skb_head))?;
-        head + u64::from(read::<u16>(skb, conf!(skb_mac_header))?)
+        let head = M::read::<u64>(skb, conf!(skb_head))?;
+        head + u64::from(M::read::<u16>(skb, conf!(skb_mac_header))?)
     };
     let ethhdr = read::<EthHdr>(eth, 0)?;
     let mut ethertype = ethhdr.ether_type;
@@ -181,16 +204,17 @@ fn try_handle_frame(skb: u64, direction: u8, probe: ProbeId) -> Result<(), i32> 
         }
         _ => return Ok(()),
     }
-    let net = read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0);
-    rec.netns = netns_inum(net);
+    let net = M::read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0);
+    rec.netns = netns_inum::<M>(net);
     if !keep(rec.netns, &rec.sender_ip, &rec.target_ip, rec.family) {
         return Ok(());
     }
-    rec.ifindex = read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0);
-    rec.ifname = read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]);
+    rec.ifindex = M::read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0);
+    rec.ifname = M::read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]);
     rec.direction = direction;
     if direction == DIR_TX
-        && read::<u32>(dev, conf!(dev_priv_flags)).unwrap_or(0) & conf!(priv_flag_bridge_port) != 0
+        && M::read::<u32>(dev, conf!(dev_priv_flags)).unwrap_or(0) & conf!(priv_flag_bridge_port)
+            != 0
     {
         rec.flags |= ARP_FLAG_BRIDGED;
     }
@@ -229,7 +253,7 @@ pub fn handle_neigh_btf(n: u64, lladdr: u64, new_state: u8, flags: u32) {
     };
     let mut rec = NeighRecord {
         header: header(RecordKind::Neigh, ProbeId::NeighUpdateBtf),
-        netns: netns_inum(read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0)),
+        netns: netns_inum::<Probe>(read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0)),
         ifindex: read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0),
         ifname: read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]),
         family,

@@ -10,7 +10,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 
 use crate::{
     conf,
-    kernel::read,
+    kernel::{read, Mem},
     maps::{stat_inc, CT_LAST, NAT, STATS},
     packet::{flow_of, parse_packet, skb_origin},
 };
@@ -27,46 +27,85 @@ const IPS_TEMPLATE: u64 = 1 << 11;
 /// `skb->_nfct` keeps `ip_conntrack_info` in its low bits.
 const NFCT_INFOMASK: u64 = 7;
 
-/// Reads the `nf_conntrack_tuple` at `t` into `out`, in place (stack space is scarce).
+/// Set once the NAT map holds a translation (a writable global: reading it costs no helper).
+#[unsafe(no_mangle)]
+static mut NAT_LEARNED: u32 = 0;
+
+#[inline(always)]
+fn nat_learned() -> bool {
+    // SAFETY: a plain global, read volatile so the compiler does not assume its initial value.
+    unsafe { core::ptr::read_volatile(&raw const NAT_LEARNED) != 0 }
+}
+
+/// Bytes read for one `nf_conntrack_tuple` (40 on the kernels we know); the agent turns the
+/// conntrack feature off when a member lies beyond it.
+pub const TUPLE_BYTES: usize = 48;
+
+/// A `T` at `off` in `bytes`, when it lies inside.
+#[inline(always)]
+fn field<T: Copy>(bytes: &[u8; TUPLE_BYTES], off: u32) -> Option<T> {
+    let off = off as usize;
+    if off + size_of::<T>() > TUPLE_BYTES {
+        return None;
+    }
+    // SAFETY: in bounds (checked above); any bit pattern is a valid integer or byte array.
+    Some(unsafe { bytes.as_ptr().add(off).cast::<T>().read_unaligned() })
+}
+
+/// Reads the `nf_conntrack_tuple` at `t` into `out` with one read of the whole tuple, then
+/// takes its members at their BTF offsets.
 #[inline(always)]
 fn read_tuple(t: u64, out: &mut Tuple) {
-    out.family = match read::<u16>(t, conf!(tuple_l3num)).unwrap_or(0) {
+    let Ok(b) = read::<[u8; TUPLE_BYTES]>(t, 0) else {
+        return;
+    };
+    out.family = match field::<u16>(&b, conf!(tuple_l3num)).unwrap_or(0) {
         AF_INET => FAMILY_IPV4,
         AF_INET6 => FAMILY_IPV6,
         _ => 0,
     };
-    out.saddr = read(t, conf!(tuple_src_addr)).unwrap_or([0; 16]);
-    out.daddr = read(t, conf!(tuple_dst_addr)).unwrap_or([0; 16]);
-    out.sport = u16::from_be(read(t, conf!(tuple_src_port)).unwrap_or(0));
-    out.dport = u16::from_be(read(t, conf!(tuple_dst_port)).unwrap_or(0));
-    out.proto = read(t, conf!(tuple_protonum)).unwrap_or(0);
+    out.saddr = field(&b, conf!(tuple_src_addr)).unwrap_or([0; 16]);
+    out.daddr = field(&b, conf!(tuple_dst_addr)).unwrap_or([0; 16]);
+    out.sport = u16::from_be(field(&b, conf!(tuple_src_port)).unwrap_or(0));
+    out.dport = u16::from_be(field(&b, conf!(tuple_dst_port)).unwrap_or(0));
+    out.proto = field(&b, conf!(tuple_protonum)).unwrap_or(0);
     out._pad0 = [0; 2];
 }
 
-/// `(nf_conn *, ctinfo)` from `skb->_nfct`, skipping templates.
+/// `skb->_nfct`: the `nf_conn *` with `ip_conntrack_info` in its low bits.
 #[inline(always)]
-fn skb_ct(skb: u64) -> Option<(u64, u64, u64)> {
-    let nfct = read::<u64>(skb, conf!(skb_nfct)).ok()?;
+fn skb_nfct<M: Mem>(skb: u64) -> Option<(u64, u64)> {
+    let nfct = M::read::<u64>(skb, conf!(skb_nfct)).ok()?;
     let ct = nfct & !NFCT_INFOMASK;
-    if ct == 0 {
-        return None;
-    }
+    (ct != 0).then_some((ct, nfct & NFCT_INFOMASK))
+}
+
+/// `(nf_conn *, ctinfo, status)` of the skb's entry, skipping templates. The entry pointer is a
+/// plain number (it shares its word with ctinfo), so it is probe-read.
+#[inline(always)]
+fn skb_ct<M: Mem>(skb: u64) -> Option<(u64, u64, u64)> {
+    let (ct, ctinfo) = skb_nfct::<M>(skb)?;
+    ct_status(ct, ctinfo)
+}
+
+#[inline(always)]
+fn ct_status(ct: u64, ctinfo: u64) -> Option<(u64, u64, u64)> {
     let status = read::<u64>(ct, conf!(ct_status)).ok()?;
     if status & IPS_TEMPLATE != 0 {
         return None;
     }
-    Some((ct, nfct & NFCT_INFOMASK, status))
+    Some((ct, ctinfo, status))
 }
 
 /// Fills the record's conntrack fields: the skb's own entry, or else what the NAT map learned
 /// about its flow.
 #[inline(always)]
-pub fn lookup(skb: u64, rec: &mut DropRecord) {
+pub fn lookup<M: Mem>(skb: u64, rec: &mut DropRecord) {
     rec.ct_flags = 0;
     rec.nat_netns = 0;
     rec.orig = Tuple::default();
     rec.reply = Tuple::default();
-    if let Some((ct, _, status)) = skb_ct(skb) {
+    if let Some((ct, _, status)) = skb_ct::<M>(skb) {
         let mut flags = CT_FLAG_ENTRY;
         if status & IPS_DST_NAT != 0 {
             flags |= CT_FLAG_DNAT;
@@ -82,7 +121,8 @@ pub fn lookup(skb: u64, rec: &mut DropRecord) {
         read_tuple(ct + u64::from(conf!(ct_tuple_reply)), &mut rec.reply);
         return;
     }
-    if conf!(features) & FEATURE_NAT_CAPTURE != 0 {
+    // Until a translation was learned the map is empty: skip the hash lookup.
+    if conf!(features) & FEATURE_NAT_CAPTURE != 0 && nat_learned() {
         let key = flow_of(&rec.pkt);
         // SAFETY: the value is copied out at once; LRU entries may be replaced concurrently,
         // which at worst yields another flow's (still valid) bytes.
@@ -121,6 +161,8 @@ pub fn classify(net: u64, netns: u32, cpu: u32) -> u8 {
     let Some(off) = this_cpu_offset() else {
         return 0;
     };
+    // Probe-read even from a BTF pointer: the per-CPU address is computed from it, and the
+    // verifier allows no arithmetic on a typed pointer.
     let Ok(pcpu) = read::<u64>(net, conf!(net_ct_stat)) else {
         return 0;
     };
@@ -158,22 +200,29 @@ pub fn classify(net: u64, netns: u32, cpu: u32) -> u8 {
     }
 }
 
-/// At transmit: remember a new DNATed flow under its translated 5-tuple.
+/// At transmit: remember a new DNATed flow under its translated 5-tuple. Only a flow's first
+/// packet (ctinfo NEW) reads further than `skb->_nfct`: every other packet leaves at once.
 #[inline(always)]
-pub fn learn_nat(skb: u64) {
-    let Some((ct, ctinfo, status)) = skb_ct(skb) else {
+pub fn learn_nat<M: Mem>(skb: u64) {
+    let Some((ct, ctinfo)) = skb_nfct::<M>(skb) else {
         return;
     };
-    if ctinfo != IP_CT_NEW || status & IPS_DST_NAT == 0 {
+    if ctinfo != IP_CT_NEW {
+        return;
+    }
+    let Some((_, _, status)) = ct_status(ct, ctinfo) else {
+        return;
+    };
+    if status & IPS_DST_NAT == 0 {
         return;
     }
     let mut pkt = PacketInfo::default();
-    if parse_packet(skb, &mut pkt).is_err() {
+    if parse_packet::<M>(skb, &mut pkt).is_err() {
         return;
     }
     let mut value = NatOrigin {
         orig: Tuple::default(),
-        netns: skb_origin(skb).netns,
+        netns: skb_origin::<M>(skb).netns,
         _pad0: 0,
     };
     read_tuple(ct + u64::from(conf!(ct_tuple_orig)), &mut value.orig);
@@ -185,14 +234,16 @@ pub fn learn_nat(skb: u64) {
     let learned = NAT.insert(&key, &value, 0).is_ok();
     if learned {
         stat_inc(STAT_NAT_LEARNED);
+        // SAFETY: a plain global; every writer stores the same value.
+        unsafe { core::ptr::write_volatile(&raw mut NAT_LEARNED, 1) };
     }
 }
 
 /// Entry for the transmit hooks: NAT learning, and ARP/NDP.
 #[inline(always)]
-pub fn handle_xmit(skb: u64, probe: agent_common::ProbeId) {
+pub fn handle_xmit<M: Mem>(skb: u64, probe: agent_common::ProbeId) {
     if conf!(features) & FEATURE_NAT_CAPTURE != 0 {
-        learn_nat(skb);
+        learn_nat::<M>(skb);
     }
-    crate::arp::handle_frame(skb, agent_common::DIR_TX, probe);
+    crate::arp::handle_frame::<M>(skb, agent_common::DIR_TX, probe);
 }

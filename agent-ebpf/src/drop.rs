@@ -9,16 +9,17 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
 use crate::{
     conf, conntrack,
+    kernel::Mem,
     maps::{array_inc, count_reason, stat_inc, submit, CT_COUNTS, REASON_FILTER, SCRATCH},
     packet::{host_listed, parse_packet, skb_origin},
 };
 
 #[inline(always)]
-pub fn handle_drop(probe: ProbeId, skb: u64, location: u64, reason: u32) {
+pub fn handle_drop<M: Mem>(probe: ProbeId, skb: u64, location: u64, reason: u32) {
     stat_inc(STAT_SEEN);
     // SAFETY: plain helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let origin = skb_origin(skb);
+    let origin = skb_origin::<M>(skb);
     // Before any filter: every NETFILTER_DROP moves this CPU's conntrack baseline.
     let ct_event =
         if reason == conf!(reason_netfilter_drop) && conf!(features) & FEATURE_CT_STATS != 0 {
@@ -43,10 +44,10 @@ pub fn handle_drop(probe: ProbeId, skb: u64, location: u64, reason: u32) {
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
     rec.pkt = PacketInfo::default();
-    if parse_packet(skb, &mut rec.pkt).is_err() {
+    if parse_packet::<M>(skb, &mut rec.pkt).is_err() {
         stat_inc(STAT_READ_ERRORS);
     }
-    conntrack::lookup(skb, rec);
+    conntrack::lookup::<M>(skb, rec);
     if !packet_matches(rec) {
         return;
     }

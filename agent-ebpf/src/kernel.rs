@@ -28,8 +28,41 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }
 }
 
+/// How a program reads the kernel structs its hook hands it.
+pub trait Mem {
+    /// Reads a `T` at `base + off`; fails for a null base or an offset the BTF did not provide.
+    fn read<T: Copy>(base: u64, off: u32) -> Result<T, i32>;
+}
+
+/// `bpf_probe_read_kernel`: any address will do (classic tracepoints hand out plain numbers).
+pub struct Probe;
+
+/// A plain load. A tp_btf argument is a BTF-typed pointer, and so is every struct pointer read
+/// through one: the verifier checks each load against the kernel's layout (the offsets are
+/// constants to it, from the frozen `CONFIG`) and turns faults into zeroes. No helper call:
+/// this is what keeps the per-packet hooks cheap.
+pub struct Btf;
+
+impl Mem for Probe {
+    #[inline(always)]
+    fn read<T: Copy>(base: u64, off: u32) -> Result<T, i32> {
+        read(base, off)
+    }
+}
+
+impl Mem for Btf {
+    #[inline(always)]
+    fn read<T: Copy>(base: u64, off: u32) -> Result<T, i32> {
+        if base == 0 || off == OFFSET_UNKNOWN {
+            return Err(-1);
+        }
+        // SAFETY: `base` is a BTF-typed kernel pointer; the verifier checks the access.
+        Ok(unsafe { core::ptr::read_volatile((base + u64::from(off)) as *const T) })
+    }
+}
+
 /// `struct net *` → `net->ns.inum`.
 #[inline(always)]
-pub fn netns_inum(net: u64) -> u32 {
-    read::<u32>(net, conf!(net_inum)).unwrap_or(0)
+pub fn netns_inum<M: Mem>(net: u64) -> u32 {
+    M::read::<u32>(net, conf!(net_inum)).unwrap_or(0)
 }

@@ -27,7 +27,11 @@ mod programs {
         programs::{BtfTracePointContext, TracePointContext},
     };
 
-    use crate::{conf, drop::handle_drop};
+    use crate::{
+        conf,
+        drop::handle_drop,
+        kernel::{Btf, Probe},
+    };
 
     /// tp_btf/kfree_skb: args are (skb, location, reason, rx_sk).
     #[btf_tracepoint(function = "kfree_skb")]
@@ -35,7 +39,7 @@ mod programs {
         let skb: u64 = ctx.arg(0);
         let location: u64 = ctx.arg(1);
         let reason: u32 = ctx.arg(2);
-        handle_drop(ProbeId::KfreeSkbBtf, skb, location, reason);
+        handle_drop::<Btf>(ProbeId::KfreeSkbBtf, skb, location, reason);
         0
     }
 
@@ -61,7 +65,7 @@ mod programs {
                 ctx.read_at::<u32>(reason_at)?,
             )
         };
-        handle_drop(ProbeId::KfreeSkbTracepoint, skb, location, reason);
+        handle_drop::<Probe>(ProbeId::KfreeSkbTracepoint, skb, location, reason);
         Ok(())
     }
 }
@@ -78,12 +82,13 @@ mod frame_programs {
         arp::{handle_frame, handle_neigh_btf, handle_neigh_tp},
         conf,
         conntrack::handle_xmit,
+        kernel::{Btf, Probe},
     };
 
     /// tp_btf/net_dev_start_xmit: args are (skb, dev).
     #[btf_tracepoint(function = "net_dev_start_xmit")]
     pub fn net_dev_xmit_btf(ctx: BtfTracePointContext) -> u32 {
-        handle_xmit(ctx.arg(0), ProbeId::NetDevXmitBtf);
+        handle_xmit::<Btf>(ctx.arg(0), ProbeId::NetDevXmitBtf);
         0
     }
 
@@ -93,7 +98,7 @@ mod frame_programs {
         let skb_at = conf!(tp_xmit_skbaddr) as usize;
         // SAFETY: offset from this kernel's tracefs format for net/net_dev_start_xmit.
         if let Ok(skb) = unsafe { ctx.read_at::<u64>(skb_at) } {
-            handle_xmit(skb, ProbeId::NetDevXmitTracepoint);
+            handle_xmit::<Probe>(skb, ProbeId::NetDevXmitTracepoint);
         }
         0
     }
@@ -101,7 +106,7 @@ mod frame_programs {
     /// tp_btf/netif_receive_skb: args are (skb).
     #[btf_tracepoint(function = "netif_receive_skb")]
     pub fn netif_receive_btf(ctx: BtfTracePointContext) -> u32 {
-        handle_frame(ctx.arg(0), DIR_RX, ProbeId::NetifReceiveBtf);
+        handle_frame::<Btf>(ctx.arg(0), DIR_RX, ProbeId::NetifReceiveBtf);
         0
     }
 
@@ -111,7 +116,7 @@ mod frame_programs {
         let skb_at = conf!(tp_rx_skbaddr) as usize;
         // SAFETY: offset from this kernel's tracefs format for net/netif_receive_skb.
         if let Ok(skb) = unsafe { ctx.read_at::<u64>(skb_at) } {
-            handle_frame(skb, DIR_RX, ProbeId::NetifReceiveTracepoint);
+            handle_frame::<Probe>(skb, DIR_RX, ProbeId::NetifReceiveTracepoint);
         }
         0
     }

@@ -2,8 +2,8 @@
 
 use agent_common::{
     ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple, CT_EVENT_COUNT,
-    CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, NAT_ENTRIES, STAT_COUNT,
-    STAT_RING_LOST,
+    CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, NAT_ENTRIES, REASON_COUNTS_ENTRIES,
+    STAT_COUNT, STAT_RING_LOST,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -22,6 +22,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map]
 pub static DROP_COUNTS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::with_max_entries(DROP_COUNTS_ENTRIES, 0);
+
+/// Exact per-CPU counts of the core reasons, by reason: no hash lookup on the common path.
+#[map]
+pub static REASON_COUNTS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(REASON_COUNTS_ENTRIES, 0);
 
 /// Per-CPU counters indexed by `agent_common::STAT_*`.
 #[map]
@@ -94,6 +99,10 @@ pub fn stat_inc(index: u32) {
 
 #[inline(always)]
 pub fn count_reason(reason: u32) {
+    if reason < REASON_COUNTS_ENTRIES {
+        array_inc(&REASON_COUNTS, reason);
+        return;
+    }
     if let Some(v) = DROP_COUNTS.get_ptr_mut(reason) {
         // SAFETY: per-CPU value of an existing key.
         unsafe { *v += 1 };

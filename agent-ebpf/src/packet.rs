@@ -12,7 +12,7 @@ use network_types::{
 
 use crate::{
     conf,
-    kernel::{netns_inum, read},
+    kernel::{netns_inum, read, Mem},
     maps::HOST_FILTER,
 };
 
@@ -79,104 +79,129 @@ pub fn flow_of(pkt: &PacketInfo) -> Tuple {
 
 /// The skb's device gives ifindex and netns; without a device the socket gives the netns.
 #[inline(always)]
-pub fn skb_origin(skb: u64) -> Origin {
-    let dev = read::<u64>(skb, conf!(skb_dev)).unwrap_or(0);
+pub fn skb_origin<M: Mem>(skb: u64) -> Origin {
+    let dev = M::read::<u64>(skb, conf!(skb_dev)).unwrap_or(0);
     if dev != 0 {
-        let ifindex = read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0);
-        let net = read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0);
+        let ifindex = M::read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0);
+        let net = M::read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0);
         return Origin {
             ifindex,
-            netns: netns_inum(net),
+            netns: netns_inum::<M>(net),
             net,
-            ifname: read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]),
+            ifname: M::read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]),
         };
     }
-    let sk = read::<u64>(skb, conf!(skb_sk)).unwrap_or(0);
-    let net = read::<u64>(sk, conf!(sk_net)).unwrap_or(0);
+    let sk = M::read::<u64>(skb, conf!(skb_sk)).unwrap_or(0);
+    let net = M::read::<u64>(sk, conf!(sk_net)).unwrap_or(0);
     Origin {
         ifindex: 0,
-        netns: netns_inum(net),
+        netns: netns_inum::<M>(net),
         net,
         ifname: [0; 16],
     }
 }
 
-/// Parses L3 and L4 headers from `skb->head + skb->network_header` with bounded reads: one
-/// read per header.
+/// Bytes read at the network header in one go: an IPv6 or an IPv4 header (without options)
+/// and a TCP header fit. The linear buffer always extends past it (tailroom and
+/// `skb_shared_info`), so a short packet reads harmless bytes that are never used.
+const HDR_BLOCK: usize = 64;
+
+/// A header of type `T` at `off` from the network header: from the block read already when it
+/// lies inside, else read on its own (IPv4 options, IPv6 extension headers).
 #[inline(always)]
-pub fn parse_packet(skb: u64, pkt: &mut PacketInfo) -> Result<(), i32> {
-    pkt.len = read::<u32>(skb, conf!(skb_len))?;
-    let proto = read::<u16>(skb, conf!(skb_protocol))?;
+fn header_at<T: Copy>(block: &[u8; HDR_BLOCK], l3: u64, off: usize) -> Result<T, i32> {
+    if off + size_of::<T>() <= HDR_BLOCK {
+        // SAFETY: in bounds (checked above); headers are plain bytes and integers.
+        return Ok(unsafe { block.as_ptr().add(off).cast::<T>().read_unaligned() });
+    }
+    read::<T>(l3, off as u32)
+}
+
+/// Parses L3 and L4 headers from `skb->head + skb->network_header`: one read of a block that
+/// holds both in the common case.
+#[inline(always)]
+pub fn parse_packet<M: Mem>(skb: u64, pkt: &mut PacketInfo) -> Result<(), i32> {
+    pkt.len = M::read::<u32>(skb, conf!(skb_len))?;
+    let proto = M::read::<u16>(skb, conf!(skb_protocol))?;
     pkt.l3_proto = u16::from_be(proto);
-    let head = read::<u64>(skb, conf!(skb_head))?;
-    let nh = read::<u16>(skb, conf!(skb_network_header))?;
+    let head = M::read::<u64>(skb, conf!(skb_head))?;
+    let nh = M::read::<u16>(skb, conf!(skb_network_header))?;
     if nh == HEADER_UNSET {
         return Ok(());
     }
+    if proto != ETH_IPV4 && proto != ETH_IPV6 {
+        pkt.family = FAMILY_NONE;
+        return Ok(());
+    }
     let l3 = head + u64::from(nh);
-    let (l4_proto, l4) = match proto {
-        ETH_IPV4 => {
-            let ip = read::<Ipv4Hdr>(l3, 0)?;
-            if ip.version() != 4 {
-                return Ok(());
-            }
-            pkt.family = FAMILY_IPV4;
-            pkt.saddr[..4].copy_from_slice(&ip.src_addr);
-            pkt.daddr[..4].copy_from_slice(&ip.dst_addr);
-            pkt.l4_proto = ip.proto;
-            // Only the first fragment carries the transport header.
-            if ip.frag_offset() != 0 {
-                return Ok(());
-            }
-            (ip.proto, l3 + u64::from(ip.ihl()))
-        }
-        ETH_IPV6 => {
-            let ip = read::<Ipv6Hdr>(l3, 0)?;
-            if ip.version() != 6 {
-                return Ok(());
-            }
-            pkt.family = FAMILY_IPV6;
-            pkt.saddr = ip.src_addr;
-            pkt.daddr = ip.dst_addr;
-            match skip_ipv6_ext(ip.next_hdr, l3 + Ipv6Hdr::LEN as u64)? {
-                Some((proto, l4)) => {
-                    pkt.l4_proto = proto;
-                    (proto, l4)
-                }
-                None => return Ok(()),
-            }
-        }
-        _ => {
-            pkt.family = FAMILY_NONE;
+    let block = read::<[u8; HDR_BLOCK]>(l3, 0)?;
+    let (l4_proto, l4_off) = if proto == ETH_IPV4 {
+        let ip = header_at::<Ipv4Hdr>(&block, l3, 0)?;
+        if ip.version() != 4 {
             return Ok(());
         }
+        pkt.family = FAMILY_IPV4;
+        pkt.saddr[..4].copy_from_slice(&ip.src_addr);
+        pkt.daddr[..4].copy_from_slice(&ip.dst_addr);
+        pkt.l4_proto = ip.proto;
+        // Only the first fragment carries the transport header.
+        if ip.frag_offset() != 0 {
+            return Ok(());
+        }
+        (ip.proto, usize::from(ip.ihl()))
+    } else {
+        let ip = header_at::<Ipv6Hdr>(&block, l3, 0)?;
+        if ip.version() != 6 {
+            return Ok(());
+        }
+        pkt.family = FAMILY_IPV6;
+        pkt.saddr = ip.src_addr;
+        pkt.daddr = ip.dst_addr;
+        match skip_ipv6_ext(ip.next_hdr, l3 + Ipv6Hdr::LEN as u64)? {
+            Some((proto, l4)) => {
+                pkt.l4_proto = proto;
+                (proto, (l4 - l3) as usize)
+            }
+            None => return Ok(()),
+        }
     };
-    // One read of the transport header, of the type its protocol names.
-    match l4_proto {
+    transport(&block, l3, l4_off, l4_proto, pkt)
+}
+
+/// The transport header's ports, flags or ICMP type, by the type its protocol names.
+#[inline(always)]
+fn transport(
+    block: &[u8; HDR_BLOCK],
+    l3: u64,
+    off: usize,
+    proto: u8,
+    pkt: &mut PacketInfo,
+) -> Result<(), i32> {
+    match proto {
         TCP => {
-            let tcp = read::<TcpHdr>(l4, 0)?;
+            let tcp = header_at::<TcpHdr>(block, l3, off)?;
             pkt.sport = u16::from_be_bytes(tcp.source);
             pkt.dport = u16::from_be_bytes(tcp.dest);
             // Bits 8..16 of the data-offset/flags word: the flags byte, CWR down to FIN.
             pkt.tcp_flags = tcp._bitfield_1.get(8, 8) as u8;
         }
         UDP => {
-            let udp = read::<UdpHdr>(l4, 0)?;
+            let udp = header_at::<UdpHdr>(block, l3, off)?;
             pkt.sport = udp.src_port();
             pkt.dport = udp.dst_port();
         }
         SCTP => {
-            let sctp = read::<SctpHdr>(l4, 0)?;
+            let sctp = header_at::<SctpHdr>(block, l3, off)?;
             pkt.sport = u16::from_be_bytes(sctp.src);
             pkt.dport = u16::from_be_bytes(sctp.dst);
         }
         ICMP => {
-            let icmp = read::<Icmpv4Hdr>(l4, 0)?;
+            let icmp = header_at::<Icmpv4Hdr>(block, l3, off)?;
             pkt.icmp_type = icmp.type_;
             pkt.icmp_code = icmp.code;
         }
         ICMPV6 => {
-            let icmp = read::<Icmpv6Hdr>(l4, 0)?;
+            let icmp = header_at::<Icmpv6Hdr>(block, l3, off)?;
             pkt.icmp_type = icmp.type_;
             pkt.icmp_code = icmp.code;
         }

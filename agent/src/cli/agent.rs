@@ -24,7 +24,7 @@ use lbtrace::{
         ownership::{Ownership, OwnershipConfig},
         Pipeline, Sink, Stop,
     },
-    probes::{probe_name, KernelFilter, LoadOptions, ProbeMode, Tracer},
+    probes::{probe_name, release_freed_memory, KernelFilter, LoadOptions, Prepared, ProbeMode},
 };
 
 use super::{
@@ -131,9 +131,11 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         wakeup_bytes: u64::from(s.ring_size / 4),
         arp: s.arp,
     };
-    let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
-    // The parsed BTF is tens of MB; everything needed from it is in the programs now.
+    let prepared = Prepared::new(&btf, &reasons, &opts)?;
+    // The parsed BTF is tens of MB: freed before the loader parses its own.
     drop(btf);
+    release_freed_memory();
+    let mut tracer = prepared.load()?;
     log_probes(&tracer);
     let metrics = Arc::new(Mutex::new(Metrics::new(
         s.node.clone(),

@@ -25,7 +25,7 @@ use lbtrace::{
         ownership::{Ownership, OwnershipConfig},
         Pipeline, Selection, Sink, Stop,
     },
-    probes::{probe_name, KernelFilter, LoadOptions, Tracer},
+    probes::{probe_name, release_freed_memory, KernelFilter, LoadOptions, Prepared, Tracer},
 };
 
 use super::{ColorMode, WatchArgs};
@@ -164,9 +164,11 @@ pub(crate) fn trace(
         wakeup_bytes: u64::from(args.ring_size / 4),
         arp: !args.no_arp,
     };
-    let mut tracer = Tracer::load(&btf, &reasons, &opts)?;
-    // The parsed BTF is tens of MB; everything needed from it is in the programs now.
+    let prepared = Prepared::new(&btf, &reasons, &opts)?;
+    // The parsed BTF is tens of MB: freed before the loader parses its own.
     drop(btf);
+    release_freed_memory();
+    let mut tracer = prepared.load()?;
     log_probes(&tracer);
     let namer = Namer::new(reasons, load_kallsyms(), Clock::now());
     let vips = VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect());

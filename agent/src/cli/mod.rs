@@ -129,7 +129,7 @@ pub struct WatchArgs {
     #[arg(long)]
     pub(crate) discover_vips: bool,
     /// Which hooks to use: tp_btf first (auto), or only one kind (btf, tracepoint).
-    #[arg(long, default_value_t = ProbeMode::Auto, value_parser = parse_probe_mode)]
+    #[arg(long, default_value_t = ProbeMode::Auto, value_parser = probe_modes())]
     pub(crate) probe_mode: ProbeMode,
     /// Ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
@@ -175,7 +175,7 @@ pub struct AgentArgs {
     #[arg(long, env = "LBTRACE_EVENTS_MAX_BYTES", value_name = "BYTES")]
     pub(crate) events_max_bytes: Option<u64>,
     /// Which hooks to use: auto, btf or tracepoint.
-    #[arg(long, env = "LBTRACE_PROBE_MODE", value_parser = parse_probe_mode)]
+    #[arg(long, env = "LBTRACE_PROBE_MODE", value_parser = probe_modes())]
     pub(crate) probe_mode: Option<ProbeMode>,
     /// Ring buffer size in bytes (a power of two, at least 4096) [default: 4 MiB].
     #[arg(long, env = "LBTRACE_RING_SIZE", value_name = "BYTES", value_parser = parse_ring_size)]
@@ -192,8 +192,12 @@ fn parse_vip_arg(s: &str) -> Result<ipnet::IpNet, String> {
     parse_vip(s)
 }
 
-fn parse_probe_mode(s: &str) -> Result<ProbeMode, String> {
-    s.parse()
+/// `auto`, `btf` or `tracepoint`, with clap's list of possible values on a mistake.
+fn probe_modes() -> impl clap::builder::TypedValueParser<Value = ProbeMode> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(ProbeMode::NAMES)
+        // Only the names above get here, and each parses.
+        .map(|s| s.parse::<ProbeMode>().unwrap_or_default())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -209,9 +209,17 @@ pub(crate) fn attach_btf(
         .ok_or_else(|| format!("program {program} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    prog.load(function, btf).map_err(|e| error_chain(&e))?;
+    prog.load(function, btf)
+        .map_err(|e| verifier_refused(program, &e))?;
     prog.attach().map_err(|e| error_chain(&e))?;
     Ok(())
+}
+
+/// The first line of a load error for the status; the whole verifier log at debug level
+/// (`LBTRACE_LOG=debug`), where a person looking into it wants every line.
+fn verifier_refused(program: &str, e: &aya::programs::ProgramError) -> String {
+    tracing::debug!("{program} refused: {e:#?}");
+    error_chain(e)
 }
 
 pub(crate) fn attach_tracepoint(
@@ -225,7 +233,7 @@ pub(crate) fn attach_tracepoint(
         .ok_or_else(|| format!("program {program} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    prog.load().map_err(|e| error_chain(&e))?;
+    prog.load().map_err(|e| verifier_refused(program, &e))?;
     prog.attach(category, name).map_err(|e| error_chain(&e))?;
     Ok(())
 }

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    CtEvent, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_STATS, STAT_ARP, STAT_CT_NO_BASELINE,
-    STAT_MATCHED, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH, STAT_READ_ERRORS, STAT_RING_LOST,
-    STAT_SEEN,
+    CtEvent, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_REASON_COUNTS, MAP_STATS, STAT_ARP,
+    STAT_CT_NO_BASELINE, STAT_MATCHED, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH,
+    STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
 };
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 
@@ -57,6 +57,13 @@ impl Tracer {
         for item in counts.iter() {
             let (reason, per_cpu) = item.map_err(map_err(MAP_DROP_COUNTS))?;
             out.by_reason.insert(reason, per_cpu.iter().sum());
+        }
+        // Core reasons count in an array slot each; only those that happened are kept.
+        for (reason, per_cpu) in self.per_cpu_array(MAP_REASON_COUNTS)?.iter().enumerate() {
+            let n: u64 = per_cpu.iter().sum();
+            if let (true, Ok(reason)) = (n > 0, u32::try_from(reason)) {
+                *out.by_reason.entry(reason).or_default() += n;
+            }
         }
         let stats = self.per_cpu_array(MAP_STATS)?;
         let total = |idx: u32| stats.get(idx as usize).map_or(0, |v| v.iter().sum());

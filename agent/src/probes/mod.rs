@@ -251,16 +251,35 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError
     move |source| ProbeError::Map { name, source }
 }
 
-impl Tracer {
-    /// Loads the object with this kernel's offsets and the filters, then attaches, per collector,
-    /// the first probe that works (as `mode` allows).
-    pub fn load(
+/// The programs' configuration, made from the kernel's BTF: what remains to load them once
+/// that BTF (tens of MB parsed) is freed.
+pub struct Prepared {
+    cfg: ProbeConfig,
+    offered: Offered,
+    opts: LoadOptions,
+}
+
+impl Prepared {
+    /// Reads what the programs need from this kernel's BTF and tracefs.
+    pub fn new(
         btf: &KernelBtf,
         reasons: &DropReasons,
         opts: &LoadOptions,
     ) -> Result<Self, ProbeError> {
         let mut cfg = ProbeConfig::zeroed();
         let offered = configure(btf, reasons, opts, &mut cfg)?;
+        Ok(Self {
+            cfg,
+            offered,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Loads the object with this configuration, then attaches, per collector, the first
+    /// probe that works (as the probe mode allows). The loader parses the kernel's BTF again
+    /// to attach tp_btf programs: drop the caller's parse first, and the two never coexist.
+    pub fn load(self) -> Result<Tracer, ProbeError> {
+        let Self { cfg, offered, opts } = self;
         let aya_btf = aya::Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
             .btf(aya_btf.as_ref())
@@ -280,7 +299,9 @@ impl Tracer {
             seed_ct_baselines(&mut ebpf)?;
         }
         let (statuses, active) = attach_all(&mut ebpf, aya_btf.as_ref(), opts.mode, &offered)?;
-        Ok(Self {
+        drop(aya_btf);
+        release_freed_memory();
+        Ok(Tracer {
             ebpf,
             statuses,
             active: active["drops"],
@@ -291,6 +312,28 @@ impl Tracer {
                 conntrack_events: offered.ct_stats,
             },
         })
+    }
+}
+
+/// Hands memory freed after a large parse back to the system: the allocator would otherwise
+/// keep the peak as resident memory for the daemon's whole life.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+impl Tracer {
+    /// Loads and attaches with `btf` kept alive throughout (`doctor`, tests); the daemon uses
+    /// [`Prepared`] so that the two BTF parses never coexist.
+    pub fn load(
+        btf: &KernelBtf,
+        reasons: &DropReasons,
+        opts: &LoadOptions,
+    ) -> Result<Self, ProbeError> {
+        Prepared::new(btf, reasons, opts)?.load()
     }
 
     /// Takes the ring buffer for the reader.
