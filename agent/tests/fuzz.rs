@@ -21,7 +21,7 @@ use lbtrace::{
     analysis::Analyzer,
     config::Config,
     event::{
-        decode::{decode, DecodeError, Event},
+        decode::{decode, DecodeError, Event, IfName},
         record::{read_ndjson, Record},
         values::{ArpOp, L4Proto},
         Clock, Namer,
@@ -226,7 +226,8 @@ fn fuzz_decode_valid_records_keep_every_value() {
                 }
                 other => other.expect("a whole record of a known kind decodes"),
             };
-            let ifname_ok = |name: &Option<String>, raw: &[u8; 16]| match name {
+            let ifname_ok = |name: &Option<IfName>, raw: &[u8; 16]| match name.map(|n| n.to_text())
+            {
                 Some(n) => !n.is_empty() && !n.contains('\0') && raw[0] != 0,
                 None => raw[0] == 0,
             };

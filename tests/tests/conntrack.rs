@@ -284,8 +284,6 @@ fn dnat_to_pod_without_listener(v6: bool) {
         "table {family} kube {{\n chain pre {{ type nat hook prerouting priority -100; {family} daddr {vip} tcp dport 80 dnat to {dnat_to}; }}\n}}"
     ))
     .unwrap();
-    // --tag-vip attributes without selecting: the control flow stays visible.
-    let w = watch(&pod, &["--tag-vip", vip]);
     let vip_dst: SocketAddr = if v6 {
         format!("[{vip}]:80")
     } else {
@@ -300,6 +298,18 @@ fn dnat_to_pod_without_listener(v6: bool) {
     }
     .parse()
     .unwrap();
+    // Both paths answer before anything is counted: neighbour discovery and the node's switch to
+    // forwarding settle first (an IPv6 SYN sent at once can time out on a loaded host).
+    client
+        .run(|| {
+            for addr in [direct, vip_dst] {
+                let answered = (0..5).any(|_| traffic::tcp_refused(addr, 1).is_ok());
+                assert!(answered, "{addr} never answered");
+            }
+        })
+        .unwrap();
+    // --tag-vip attributes without selecting: the control flow stays visible.
+    let w = watch(&pod, &["--tag-vip", vip]);
     const N: u32 = 9;
     let (via_vip, control) = client
         .run(|| {

@@ -434,7 +434,8 @@ fn policy_race(all: &[&Sample], end: f64) -> Option<Finding> {
     let policy: Vec<&Sample> = all
         .iter()
         .copied()
-        .filter(|s| s.behind_dnat && s.ct_event.is_none() && &*s.reason == "NETFILTER_DROP")
+        .filter(|s| s.behind_dnat && !s.toward_client && s.ct_event.is_none())
+        .filter(|s| &*s.reason == "NETFILTER_DROP")
         .collect();
     if policy.is_empty() {
         return None;

@@ -39,6 +39,9 @@ struct Sample {
     function: String,
     /// The packet's own destination is not the VIP: it was translated (DNAT) to a backend.
     behind_dnat: bool,
+    /// The packet travels back to the client that opened the flow (a reply, or an ICMP error
+    /// about the flow): no backend is refusing anything.
+    toward_client: bool,
     /// The packet's destination, as text (empty when it had none).
     dst: String,
     icmp: Option<(u8, u8)>,
@@ -210,6 +213,7 @@ impl VipState {
             ct_event: d.event,
             function: d.function().to_owned(),
             behind_dnat: d.dst.is_some_and(|dst| dst != vip) && d.src != Some(vip),
+            toward_client: d.orig.as_ref().is_some_and(|o| d.dst == Some(o.src)),
             dst: d.dst.map(|a| a.to_string()).unwrap_or_default(),
             icmp: d.icmp_type.map(|ty| (ty, d.icmp_code.unwrap_or(0))),
         });
@@ -272,7 +276,7 @@ mod tests {
     }
 
     fn drop_rec(s: u64, vip: &str, netns: u32, reason: &str, dst: &str) -> Record {
-        Record::Drop(Box::new(DropRec {
+        Record::Drop(DropRec {
             time: at(s),
             reason: reason.into(),
             location: "nft_do_chain+0x1".into(),
@@ -281,7 +285,7 @@ mod tests {
             src: "10.200.0.2".parse().ok(),
             vip: vip.parse().ok(),
             ..DropRec::default()
-        }))
+        })
     }
 
     fn owner(s: u64, vip: &str, old: Option<(u8, u32)>, new: (u8, u32)) -> Record {
@@ -367,6 +371,21 @@ mod tests {
             &d[0].findings[0].evidence,
             diagnosis::Evidence::Policy(e) if e.stopped
         ));
+    }
+
+    #[test]
+    fn drops_on_the_way_back_to_the_client_are_not_a_policy_race() {
+        let vip = "10.200.0.102";
+        let (recs, bad) = read_ndjson(
+            r#"{"kind":"drop","time":"2027-01-15T08:00:01Z","reason":"NETFILTER_DROP","netns":7,"proto":"icmp","src":"10.200.1.1","dst":"10.200.0.1","orig":{"src":"10.200.0.1","sport":4000,"dst":"10.200.0.102","dport":80,"proto":"tcp"},"vip":"10.200.0.102"}
+{"kind":"drop","time":"2027-01-15T08:00:02Z","reason":"NETFILTER_DROP","netns":7,"proto":"tcp","src":"10.200.11.3","dst":"10.200.0.1","orig":{"src":"10.200.0.1","sport":4001,"dst":"10.200.0.102","dport":80,"proto":"tcp"},"vip":"10.200.0.102"}"#,
+        );
+        assert_eq!((recs.len(), bad), (2, 0));
+        let mut a = Analyzer::new([vip.to_owned()]);
+        for r in &recs {
+            a.add(r);
+        }
+        assert!(a.diagnose()[0].findings.is_empty(), "{:?}", a.diagnose());
     }
 
     #[test]

@@ -146,7 +146,7 @@ pub struct DropEvent {
     pub location: u64,
     pub reason: u32,
     pub ifindex: u32,
-    pub ifname: Option<String>,
+    pub ifname: Option<IfName>,
     pub netns: u32,
     pub packet: Packet,
     pub ct: Conntrack,
@@ -170,7 +170,7 @@ pub struct ArpEvent {
     pub probe: Result<ProbeId, u8>,
     pub netns: u32,
     pub ifindex: u32,
-    pub ifname: Option<String>,
+    pub ifname: Option<IfName>,
     pub op: ArpOp,
     pub tx: bool,
     /// A copy the bridge forwarded, not a host's own transmission.
@@ -196,7 +196,7 @@ pub struct NeighEvent {
     /// `None` when the hook could not tell (the classic tracepoint).
     pub netns: Option<u32>,
     pub ifindex: u32,
-    pub ifname: Option<String>,
+    pub ifname: Option<IfName>,
     pub ip: Option<IpAddr>,
     pub old_mac: Mac,
     pub new_mac: Mac,
@@ -236,9 +236,21 @@ fn read_pod<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError>
     Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
 }
 
-fn c_string(bytes: &[u8]) -> Option<String> {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
+/// An interface name as the kernel copied it (NUL-padded); decoding allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IfName([u8; 16]);
+
+impl IfName {
+    /// `None` for an empty name.
+    fn new(bytes: &[u8; 16]) -> Option<Self> {
+        (bytes[0] != 0).then_some(Self(*bytes))
+    }
+
+    /// The name up to its first NUL, invalid UTF-8 replaced.
+    pub fn to_text(&self) -> String {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.0[..end]).into_owned()
+    }
 }
 
 /// Decodes one ring-buffer record.
@@ -254,7 +266,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 location: r.location,
                 reason: r.reason,
                 ifindex: r.ifindex,
-                ifname: c_string(&r.ifname),
+                ifname: IfName::new(&r.ifname),
                 netns: r.netns,
                 packet: Packet::from_info(&r.pkt),
                 ct: Conntrack::from_record(&r),
@@ -274,7 +286,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 probe: ProbeId::try_from(r.header.probe),
                 netns: r.netns,
                 ifindex: r.ifindex,
-                ifname: c_string(&r.ifname),
+                ifname: IfName::new(&r.ifname),
                 op,
                 tx: r.direction == DIR_TX,
                 bridged: r.flags & ARP_FLAG_BRIDGED != 0,
@@ -295,7 +307,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 probe: ProbeId::try_from(r.header.probe),
                 netns: (r.netns != 0).then_some(r.netns),
                 ifindex: r.ifindex,
-                ifname: c_string(&r.ifname),
+                ifname: IfName::new(&r.ifname),
                 ip: addr(r.family, &r.ip),
                 old_mac: Mac(r.old_mac),
                 new_mac: Mac(r.new_mac),
@@ -334,7 +346,7 @@ mod tests {
             panic!("not a drop")
         };
         assert_eq!(d.probe, Ok(ProbeId::KfreeSkbTracepoint));
-        assert_eq!(d.ifname.as_deref(), Some("lo"));
+        assert_eq!(d.ifname.map(|n| n.to_text()).as_deref(), Some("lo"));
         assert_eq!(d.packet.src, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(d.packet.dport, Some(1));
         assert_eq!(d.packet.tcp_flags, Some(0x02));

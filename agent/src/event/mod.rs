@@ -11,7 +11,7 @@ use record::{ArpRec, DropRec, Flow, NdpFlags, NeighRec};
 use values::{ConntrackEvent, Direction, Name, NudState, TcpFlags, Time};
 
 use crate::kernel::{btf::DropReasons, kallsyms::Kallsyms};
-use decode::{ArpEvent, DropEvent, Event, NeighEvent};
+use decode::{ArpEvent, DropEvent, Event, IfName, NeighEvent};
 
 /// Converts CLOCK_BOOTTIME nanoseconds (what the programs stamp) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +56,7 @@ pub struct Namer {
     pub clock: Clock,
     reason_names: HashMap<u32, Name>,
     symbols: HashMap<u64, Name>,
-    ifnames: HashMap<String, Name>,
+    ifnames: HashMap<IfName, Name>,
 }
 
 /// Symbols kept before the cache starts over (locations are few: a bound against surprises).
@@ -79,7 +79,7 @@ impl Namer {
     }
 
     pub fn reason(&mut self, code: u32) -> Name {
-        if self.reason_names.len() >= MAX_CACHED {
+        if self.reason_names.len() >= MAX_CACHED && !self.reason_names.contains_key(&code) {
             self.reason_names.clear();
         }
         let reasons = &self.reasons;
@@ -90,7 +90,7 @@ impl Namer {
     }
 
     fn symbol(&mut self, addr: u64) -> Name {
-        if self.symbols.len() >= MAX_CACHED {
+        if self.symbols.len() >= MAX_CACHED && !self.symbols.contains_key(&addr) {
             self.symbols.clear();
         }
         let k = &self.kallsyms;
@@ -100,17 +100,17 @@ impl Namer {
             .clone()
     }
 
-    fn ifname(&mut self, name: Option<&String>) -> Option<Name> {
+    fn ifname(&mut self, name: Option<IfName>) -> Option<Name> {
         let name = name?;
-        if let Some(n) = self.ifnames.get(name) {
-            return Some(n.clone());
-        }
-        if self.ifnames.len() >= MAX_CACHED {
+        if self.ifnames.len() >= MAX_CACHED && !self.ifnames.contains_key(&name) {
             self.ifnames.clear();
         }
-        let n: Name = Arc::from(name.as_str());
-        self.ifnames.insert(name.clone(), n.clone());
-        Some(n)
+        Some(
+            self.ifnames
+                .entry(name)
+                .or_insert_with(|| Arc::from(name.to_text()))
+                .clone(),
+        )
     }
 
     /// The record of an event, not yet attributed to a VIP.
@@ -119,13 +119,13 @@ impl Namer {
             Event::Drop(d) => {
                 let rec = self.drop_rec(d);
                 if rec.event.is_some() {
-                    Record::Conntrack(Box::new(rec))
+                    Record::Conntrack(rec)
                 } else {
-                    Record::Drop(Box::new(rec))
+                    Record::Drop(rec)
                 }
             }
-            Event::Arp(a) => Record::Arp(Box::new(self.arp_rec(a))),
-            Event::Neigh(n) => Record::Neigh(Box::new(self.neigh_rec(n))),
+            Event::Arp(a) => Record::Arp(self.arp_rec(a)),
+            Event::Neigh(n) => Record::Neigh(self.neigh_rec(n)),
         }
     }
 
@@ -148,7 +148,7 @@ impl Namer {
             cpu: d.cpu,
             netns: d.netns,
             ifindex: d.ifindex,
-            ifname: self.ifname(d.ifname.as_ref()),
+            ifname: self.ifname(d.ifname),
             family: p.family(),
             proto: p.proto,
             src: p.src,
@@ -181,7 +181,7 @@ impl Namer {
             target_ip: a.target_ip,
             target_mac: a.target_mac,
             ndp_flags: a.ndp_flags.map(NdpFlags::from_wire),
-            ifname: self.ifname(a.ifname.as_ref()),
+            ifname: self.ifname(a.ifname),
             ifindex: a.ifindex,
             netns: a.netns,
             vip: None,
@@ -197,7 +197,7 @@ impl Namer {
             new_mac: n.new_mac,
             old_state: NudState(n.old_state),
             new_state: NudState(n.new_state),
-            ifname: self.ifname(n.ifname.as_ref()),
+            ifname: self.ifname(n.ifname),
             ifindex: n.ifindex,
             netns: n.netns,
             vip: None,

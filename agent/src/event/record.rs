@@ -35,7 +35,8 @@ pub fn read_ndjson(text: &str) -> (Vec<Record>, usize) {
     (out, bad)
 }
 
-/// One line of lbtrace's NDJSON.
+/// One line of lbtrace's NDJSON. Events are not boxed: one is built per ring record, and a box
+/// would allocate for each.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
@@ -44,11 +45,11 @@ pub enum Record {
     /// Which probes attached (second line of a recording).
     Status(Status),
     /// A packet the kernel freed with a drop reason.
-    Drop(Box<DropRec>),
+    Drop(DropRec),
     /// A drop that conntrack caused (same fields; `event` says which).
-    Conntrack(Box<DropRec>),
-    Arp(Box<ArpRec>),
-    Neigh(Box<NeighRec>),
+    Conntrack(DropRec),
+    Arp(ArpRec),
+    Neigh(NeighRec),
     VipOwner(Box<VipOwnerRec>),
     VipDiscovered(VipDiscoveredRec),
     Finding(FindingRec),

@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::{self, Write},
+    net::IpAddr,
     time::Duration,
 };
 
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     event::{
         record::FindingRec,
-        values::{Mac, Name, Time},
+        values::{ConntrackEvent, Mac, Name, Time},
         Record,
     },
     kernel::conntrack::TableReport,
@@ -20,9 +21,26 @@ use crate::{
     probes::{probe_name, KernelCounters, Tracer},
 };
 
-/// Delivered drops per VIP and reason (or `conntrack:event`).
+/// What a drop counts under in the summary: its reason, or the conntrack event behind it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum DropLabel {
+    Reason(Name),
+    Conntrack(ConntrackEvent),
+}
+
+impl std::fmt::Display for DropLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reason(r) => f.write_str(r),
+            Self::Conntrack(e) => write!(f, "conntrack:{e}"),
+        }
+    }
+}
+
+/// Delivered drops per VIP and reason (or conntrack event); counting allocates nothing once a
+/// VIP and label were seen.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VipCounts(pub BTreeMap<String, BTreeMap<String, u64>>);
+pub struct VipCounts(BTreeMap<IpAddr, BTreeMap<DropLabel, u64>>);
 
 impl VipCounts {
     pub fn add(&mut self, r: &Record) {
@@ -32,16 +50,22 @@ impl VipCounts {
         let Some(vip) = d.vip else {
             return;
         };
-        let label = match &d.event {
-            Some(e) => format!("conntrack:{e}"),
-            None => d.reason.to_string(),
+        let label = match d.event {
+            Some(e) => DropLabel::Conntrack(e),
+            None => DropLabel::Reason(d.reason.clone()),
         };
-        *self
-            .0
-            .entry(vip.to_string())
-            .or_default()
-            .entry(label)
-            .or_default() += 1;
+        *self.0.entry(vip).or_default().entry(label).or_default() += 1;
+    }
+
+    /// As the summary writes them: VIP → label → count.
+    pub fn into_text(self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.0
+            .into_iter()
+            .map(|(vip, labels)| {
+                let labels = labels.into_iter().map(|(l, n)| (l.to_string(), n));
+                (vip.to_string(), labels.collect())
+            })
+            .collect()
     }
 }
 
@@ -137,7 +161,7 @@ impl Summary {
                 .collect(),
             nat_learned: k.nat_learned,
             nat_joined: k.nat_joined,
-            drops_by_vip: p.take_vip_counts().0,
+            drops_by_vip: p.take_vip_counts().into_text(),
             conntrack_tables: p.tables.finish(),
             arp_events: k.arp,
             neigh_events: k.neigh,
