@@ -163,6 +163,24 @@ fn count_by(samples: &[&Sample], key: impl Fn(&Sample) -> String) -> Counts {
     m
 }
 
+/// The last time of the burst that starts at `first`: times no more than `gap` seconds apart.
+fn burst_end(samples: &[&Sample], first: f64, gap: f64) -> f64 {
+    let mut ts: Vec<f64> = samples
+        .iter()
+        .map(|s| s.t)
+        .filter(|t| *t >= first)
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    let mut end = first;
+    for t in ts {
+        if t - end > gap {
+            break;
+        }
+        end = t;
+    }
+    end
+}
+
 /// Groups times into bursts separated by more than `gap` seconds.
 fn bursts(samples: &[&Sample], gap: f64) -> usize {
     let mut ts: Vec<f64> = samples.iter().map(|s| s.t).collect();
@@ -309,8 +327,11 @@ fn stale_arp(vip: &str, st: &VipState, all: &[&Sample]) -> Option<Finding> {
         .find(|c| c.t <= first)
         .or_else(|| moves.iter().find(|c| c.t >= first))
         .copied();
+    // Until the move, or until the end of the first burst of drops at the old owner when a
+    // client still used its MAC after the move was seen (an IPv6 owner answers others'
+    // solicitations before the client asks).
     let window = match change {
-        Some(c) if c.t > first => c.t - first,
+        Some(c) if c.t > first => c.t.max(burst_end(&stale, first, 3.0)) - first,
         Some(c) => last - c.t,
         None => last - first,
     };

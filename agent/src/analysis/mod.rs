@@ -212,7 +212,8 @@ impl VipState {
             reason,
             ct_event: d.event,
             function: d.function().to_owned(),
-            behind_dnat: d.dst.is_some_and(|dst| dst != vip) && d.src != Some(vip),
+            behind_dnat: d.dst.is_some_and(|dst| dst != vip)
+                && (d.src != Some(vip) || to_backend(d, vip)),
             toward_client: d.orig.as_ref().is_some_and(|o| d.dst == Some(o.src)),
             dst: d.dst.map(|a| a.to_string()).unwrap_or_default(),
             icmp: d.icmp_type.map(|ty| (ty, d.icmp_code.unwrap_or(0))),
@@ -253,6 +254,14 @@ impl VipState {
             self.changes.remove(0);
         }
     }
+}
+
+/// A packet of a flow opened towards `vip` on its way to a backend: its source may be the VIP
+/// itself when the node also masquerades (externalTrafficPolicy: Cluster).
+fn to_backend(d: &DropRec, vip: std::net::IpAddr) -> bool {
+    d.orig
+        .as_ref()
+        .is_some_and(|o| o.dst == vip && d.dst != Some(o.src))
 }
 
 /// Feeds the analysis live (`top`, live `diagnose`).
@@ -348,6 +357,26 @@ mod tests {
     }
 
     #[test]
+    fn the_stale_window_lasts_while_the_old_owner_gets_the_clients_packets() {
+        // The new owner's advertisement is seen at 14 s, but the client keeps sending to the
+        // old owner until 21 s (IPv6: the new owner answered someone else first). A later,
+        // unrelated burst at the old owner does not stretch the window.
+        let vip = "fd00:200::100";
+        let mut a = Analyzer::new([vip.to_owned()]);
+        a.add(&owner(0, vip, None, (0xa, 11)));
+        a.add(&owner(14, vip, Some((0xa, 11)), (0xb, 12)));
+        for s in (10..=21).chain(40..45) {
+            a.add(&drop_rec(s, vip, 11, "IP_INADDRERRORS", vip));
+        }
+        let d = a.diagnose();
+        let f = &d[0].findings[0];
+        let diagnosis::Evidence::StaleArp(e) = &f.evidence else {
+            panic!("{f:?}")
+        };
+        assert_eq!(e.window_s, 11.0);
+    }
+
+    #[test]
     fn churn_and_policy_race_are_told_apart() {
         let vip = "10.200.0.100";
         let mut a = Analyzer::new([vip.to_owned()]);
@@ -371,6 +400,20 @@ mod tests {
             &d[0].findings[0].evidence,
             diagnosis::Evidence::Policy(e) if e.stopped
         ));
+    }
+
+    #[test]
+    fn churn_behind_a_node_that_masquerades_as_the_vip() {
+        // IPv6, Cluster policy: the node rewrote the source to the VIP and the destination to
+        // the backend; the pod has no listener.
+        let line = r#"{"kind":"drop","time":"2027-01-15T08:00:01Z","reason":"NO_SOCKET","netns":9,"proto":"tcp","src":"fd00:200::100","sport":44596,"dst":"fd00:200::11:2","dport":8080,"orig":{"src":"fd00:200::1","sport":44596,"dst":"fd00:200::100","dport":80,"proto":"tcp"},"vip":"fd00:200::100"}"#;
+        let (recs, bad) = read_ndjson(&format!("{line}\n{}", line.replace("08:00:01", "08:00:09")));
+        assert_eq!((recs.len(), bad), (2, 0));
+        let mut a = Analyzer::new([]);
+        for r in &recs {
+            a.add(r);
+        }
+        assert_eq!(a.diagnose()[0].findings[0].cause, Cause::EndpointChurn);
     }
 
     #[test]

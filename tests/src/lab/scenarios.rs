@@ -228,9 +228,10 @@ impl Scenario {
     fn prepare(self, lab: &mut Lab) -> Result<Option<ConntrackMax>> {
         match self {
             Scenario::StaleArp => lab.set_client_reachable_ms(2000)?,
+            // Every pod: the endpoints change during the run, and each one counted must count.
             Scenario::EndpointChurn => {
-                for pod in lab.service("a")?.endpoints.clone() {
-                    lab.pod(pod).nft(&rst_counters())?;
+                for pod in &lab.pods {
+                    pod.nft(&rst_counters())?;
                 }
             }
             Scenario::ConntrackSnat => {
