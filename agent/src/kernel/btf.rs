@@ -1,9 +1,11 @@
 //! What the running kernel's BTF says: struct member offsets for the programs and the names of
 //! the drop reasons. Nothing here is a table fixed at build time.
+//!
+//! The reader keeps the raw file and an index of where each type starts, and looks types up
+//! when asked: lbtrace needs a few dozen of the kernel's ~100,000 types, and parsing them all
+//! would set the daemon's memory peak (tens of MB).
 
 use std::{collections::BTreeMap, path::Path};
-
-use btf_rs::{Btf, BtfType, Type};
 
 /// Where the kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -11,36 +13,148 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read kernel BTF at {path}: {source}")]
-    Read { path: String, source: btf_rs::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("kernel BTF has no {kind} named `{name}`")]
     MissingType { kind: &'static str, name: String },
     #[error("kernel BTF: struct {strukt} has no member `{member}`")]
     MissingMember { strukt: String, member: String },
-    #[error("kernel BTF: {0}")]
-    Other(#[from] btf_rs::Error),
+    #[error("kernel BTF is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+const MAGIC: u16 = 0xeb9f;
+const HEADER_LEN: usize = 24;
+/// `struct btf_type`: name_off, info, size_or_type.
+const TYPE_LEN: usize = 12;
+
+/// BTF kinds (`BTF_KIND_*`, a stable UAPI).
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+/// Bytes that follow a type's common part, by kind and member count.
+fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
+    Some(match kind {
+        1 | 14 | 17 => 4,             // int, var, decl_tag
+        3 => 12,                      // array
+        4 | 5 | 15 | 19 => 12 * vlen, // struct, union, datasec, enum64
+        6 | 13 => 8 * vlen,           // enum, func_proto
+        2 | 7..=12 | 16 | 18 => 0,    // ptr, fwd, typedef, qualifiers, func, float, tag
+        _ => return None,
+    })
+}
+
+/// One type as the file holds it.
+#[derive(Clone, Copy, Debug)]
+struct Ty {
+    name_off: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    /// Size (structs, enums) or the referenced type (typedefs, qualifiers).
+    size_or_type: u32,
+    /// Where the members start.
+    body: usize,
 }
 
 pub struct KernelBtf {
-    btf: Btf,
+    data: Vec<u8>,
+    strings: std::ops::Range<usize>,
+    /// Byte offset of type `id` at index `id - 1`.
+    index: Vec<u32>,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Option<u32> {
+    let b = data.get(at..at + 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 impl KernelBtf {
     pub fn load(path: &Path) -> Result<Self, BtfError> {
-        let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Self { btf })
+        Self::parse(data)
     }
 
-    fn named_struct(&self, name: &str) -> Result<btf_rs::Struct, BtfError> {
-        let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
-        types
-            .into_iter()
-            .find_map(|t| match t {
-                Type::Struct(s) if !s.members.is_empty() => Some(s),
-                _ => None,
-            })
+    /// Checks the header and indexes where each type starts (little-endian BTF, as on every
+    /// architecture lbtrace runs on).
+    pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
+        let bad = BtfError::Malformed;
+        let magic = data.get(0..2).ok_or(bad("shorter than its header"))?;
+        if u16::from_le_bytes([magic[0], magic[1]]) != MAGIC {
+            return Err(bad("wrong magic (not little-endian BTF)"));
+        }
+        let field = |i: usize| u32_at(&data, 4 + 4 * i).map(|v| v as usize);
+        let (Some(hdr), Some(type_off), Some(type_len), Some(str_off), Some(str_len)) =
+            (field(0), field(1), field(2), field(3), field(4))
+        else {
+            return Err(bad("shorter than its header"));
+        };
+        let types = hdr.max(HEADER_LEN) + type_off..hdr.max(HEADER_LEN) + type_off + type_len;
+        let strings = hdr.max(HEADER_LEN) + str_off..hdr.max(HEADER_LEN) + str_off + str_len;
+        if types.end > data.len() || strings.end > data.len() {
+            return Err(bad("sections past the end of the file"));
+        }
+        let mut index = Vec::new();
+        let mut at = types.start;
+        while at < types.end {
+            let info = u32_at(&data, at + 4).ok_or(bad("truncated type"))?;
+            let extra = extra_len((info >> 24) & 0x1f, (info & 0xffff) as usize)
+                .ok_or(bad("unknown type kind"))?;
+            index.push(u32::try_from(at).map_err(|_| bad("too large"))?);
+            at += TYPE_LEN + extra;
+        }
+        if at != types.end {
+            return Err(bad("types overrun their section"));
+        }
+        Ok(Self {
+            data,
+            strings,
+            index,
+        })
+    }
+
+    fn ty(&self, id: u32) -> Option<Ty> {
+        let at = *self.index.get(usize::try_from(id).ok()?.checked_sub(1)?)? as usize;
+        let info = u32_at(&self.data, at + 4)?;
+        Some(Ty {
+            name_off: u32_at(&self.data, at)?,
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+            size_or_type: u32_at(&self.data, at + 8)?,
+            body: at + TYPE_LEN,
+        })
+    }
+
+    fn name(&self, off: u32) -> &str {
+        let start = self.strings.start + off as usize;
+        let bytes = self.data.get(start..self.strings.end).unwrap_or_default();
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        std::str::from_utf8(&bytes[..end]).unwrap_or_default()
+    }
+
+    /// Types named `name`, in id order.
+    fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Ty> + 'a {
+        (1..=self.index.len() as u32)
+            .filter_map(|id| self.ty(id))
+            .filter(move |t| self.name(t.name_off) == name)
+    }
+
+    fn named_struct(&self, name: &str) -> Result<Ty, BtfError> {
+        self.named(name)
+            .find(|t| t.kind == KIND_STRUCT && t.vlen > 0)
             .ok_or_else(|| BtfError::MissingType {
                 kind: "struct",
                 name: name.to_owned(),
@@ -49,34 +163,41 @@ impl KernelBtf {
 
     /// `sizeof(struct name)`.
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
-        let s = self.named_struct(name)?;
-        u32::try_from(s.size()).map_err(|_| BtfError::MissingType {
-            kind: "sized struct",
-            name: name.to_owned(),
-        })
+        Ok(self.named_struct(name)?.size_or_type)
+    }
+
+    /// `(name, type id, bit offset)` of member `i` of a struct or union.
+    fn member(&self, s: &Ty, i: usize) -> Option<(&str, u32, u32)> {
+        let at = s.body + 12 * i;
+        let offset = u32_at(&self.data, at + 8)?;
+        // With kind_flag the high 8 bits hold a bitfield's size.
+        let bits = if s.kind_flag {
+            offset & 0x00ff_ffff
+        } else {
+            offset
+        };
+        Some((
+            self.name(u32_at(&self.data, at)?),
+            u32_at(&self.data, at + 4)?,
+            bits,
+        ))
     }
 
     /// Byte offset of `path` (dot-separated, e.g. `__sk_common.skc_net`) inside `struct strukt`,
     /// looking through anonymous unions and structs on the way.
     pub fn member_offset(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
+        let missing = || BtfError::MissingMember {
+            strukt: strukt.to_owned(),
+            member: path.to_owned(),
+        };
         let mut current = self.named_struct(strukt)?;
         let mut total_bits = 0u32;
         let parts: Vec<&str> = path.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
-            let (bits, member_type) =
-                self.find_member(&current, part)?
-                    .ok_or_else(|| BtfError::MissingMember {
-                        strukt: strukt.to_owned(),
-                        member: path.to_owned(),
-                    })?;
+            let (bits, member_type) = self.find_member(&current, part, 0).ok_or_else(missing)?;
             total_bits += bits;
             if i + 1 < parts.len() {
-                current = self
-                    .as_struct(member_type)?
-                    .ok_or_else(|| BtfError::MissingMember {
-                        strukt: strukt.to_owned(),
-                        member: path.to_owned(),
-                    })?;
+                current = self.as_struct(member_type).ok_or_else(missing)?;
             }
         }
         Ok(total_bits / 8)
@@ -84,75 +205,70 @@ impl KernelBtf {
 
     /// Finds `name` among the members of `s`, descending into anonymous members. Returns the bit
     /// offset from the start of `s` and the member's type id.
-    fn find_member(&self, s: &btf_rs::Struct, name: &str) -> Result<Option<(u32, u32)>, BtfError> {
-        for m in &s.members {
-            let member_name = self.btf.resolve_name(m).unwrap_or_default();
-            let Some(type_id) = m.get_type_id() else {
-                continue;
-            };
+    fn find_member(&self, s: &Ty, name: &str, depth: u32) -> Option<(u32, u32)> {
+        if depth > 8 {
+            return None;
+        }
+        for i in 0..s.vlen {
+            let (member_name, type_id, bits) = self.member(s, i)?;
             if member_name == name {
-                return Ok(Some((m.bit_offset(), type_id)));
+                return Some((bits, type_id));
             }
             if member_name.is_empty() {
-                if let Some(inner) = self.as_struct(type_id)? {
-                    if let Some((bits, t)) = self.find_member(&inner, name)? {
-                        return Ok(Some((m.bit_offset() + bits, t)));
+                if let Some(inner) = self.as_struct(type_id) {
+                    if let Some((b, t)) = self.find_member(&inner, name, depth + 1) {
+                        return Some((bits + b, t));
                     }
                 }
             }
         }
-        Ok(None)
+        None
     }
 
     /// Resolves typedefs and qualifiers down to a struct or union, if that is what `id` is.
-    fn as_struct(&self, id: u32) -> Result<Option<btf_rs::Struct>, BtfError> {
-        let mut t = self.btf.resolve_type_by_id(id)?;
+    fn as_struct(&self, mut id: u32) -> Option<Ty> {
         for _ in 0..16 {
-            match t {
-                Type::Struct(s) | Type::Union(s) => return Ok(Some(s)),
-                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::TypeTag(_) => {
-                    let inner = t.as_btf_type().and_then(|b| b.get_type_id());
-                    match inner {
-                        Some(next) => t = self.btf.resolve_type_by_id(next)?,
-                        None => return Ok(None),
-                    }
+            let t = self.ty(id)?;
+            match t.kind {
+                KIND_STRUCT | KIND_UNION => return Some(t),
+                KIND_TYPEDEF | KIND_CONST | KIND_VOLATILE | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.size_or_type;
                 }
-                _ => return Ok(None),
+                _ => return None,
             }
         }
-        Ok(None)
+        None
     }
 
     /// `(value, name)` pairs of `enum name`.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(u64, String)>, BtfError> {
-        for t in self.btf.resolve_types_by_name(name).unwrap_or_default() {
-            match t {
-                Type::Enum(e) => {
-                    return Ok(e
-                        .members
-                        .iter()
-                        .map(|m| {
-                            (
-                                u64::from(m.val()),
-                                self.btf.resolve_name(m).unwrap_or_default(),
-                            )
-                        })
-                        .collect())
-                }
-                Type::Enum64(e) => {
-                    return Ok(e
-                        .members
-                        .iter()
-                        .map(|m| (m.val(), self.btf.resolve_name(m).unwrap_or_default()))
-                        .collect())
-                }
-                _ => {}
-            }
+        let e = self
+            .named(name)
+            .find(|t| matches!(t.kind, KIND_ENUM | KIND_ENUM64))
+            .ok_or_else(|| BtfError::MissingType {
+                kind: "enum",
+                name: name.to_owned(),
+            })?;
+        let wide = e.kind == KIND_ENUM64;
+        let step = if wide { 12 } else { 8 };
+        let mut out = Vec::with_capacity(e.vlen);
+        for i in 0..e.vlen {
+            let at = e.body + step * i;
+            let (Some(name_off), Some(lo)) = (u32_at(&self.data, at), u32_at(&self.data, at + 4))
+            else {
+                return Err(BtfError::Malformed("truncated enum"));
+            };
+            let hi = if wide {
+                u32_at(&self.data, at + 8).ok_or(BtfError::Malformed("truncated enum"))?
+            } else {
+                0
+            };
+            out.push((
+                (u64::from(hi) << 32) | u64::from(lo),
+                self.name(name_off).to_owned(),
+            ));
         }
-        Err(BtfError::MissingType {
-            kind: "enum",
-            name: name.to_owned(),
-        })
+        Ok(out)
     }
 }
 

@@ -280,12 +280,16 @@ impl Prepared {
     /// to attach tp_btf programs: drop the caller's parse first, and the two never coexist.
     pub fn load(self) -> Result<Tracer, ProbeError> {
         let Self { cfg, offered, opts } = self;
-        let aya_btf = aya::Btf::from_sys_fs().ok();
+        // No kernel BTF for the loader: Rust eBPF has no CO-RE relocations for it to apply, and
+        // its relocation index would double the memory peak. Attaching tp_btf programs needs
+        // the kernel's BTF, parsed after the object is loaded.
         let mut ebpf = EbpfLoader::new()
-            .btf(aya_btf.as_ref())
+            .btf(None)
             .override_global(GLOBAL_CONFIG, &cfg, true)
             .map_max_entries(MAP_EVENTS, opts.ring_bytes)
             .load(EBPF_OBJECT)?;
+        release_freed_memory();
+        let aya_btf = aya::Btf::from_sys_fs().ok();
 
         // Filters and baselines go in before anything attaches.
         let f = &opts.filter;
