@@ -20,14 +20,13 @@ use crate::{
         values::{ConntrackEvent, Mac, Name},
         Record,
     },
-    pipeline::Sink,
+    pipeline::{attribution::own_entry, Sink},
 };
 
 pub const MAX_VIPS: usize = 64;
 pub const MAX_SAMPLES: usize = 20_000;
 const MAX_CHANGES: usize = 256;
-/// Label of the VIPs past [`MAX_VIPS`].
-pub const OTHER: &str = "other";
+pub use crate::pipeline::attribution::OTHER;
 
 /// One drop (or conntrack-caused drop) kept for the diagnosis.
 #[derive(Clone, Debug)]
@@ -94,7 +93,7 @@ impl Analyzer {
     }
 
     fn state(&mut self, vip: &str) -> &mut VipState {
-        let key = if self.vips.contains_key(vip) || self.vips.len() < MAX_VIPS {
+        let key = if own_entry(self.vips.contains_key(vip), self.vips.len(), MAX_VIPS) {
             vip.to_owned()
         } else {
             self.folded += 1;

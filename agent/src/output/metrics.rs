@@ -16,7 +16,10 @@ use std::{
 use crate::{
     event::{record::ProbeStatus, Record},
     kernel::btf::DropReasons,
-    pipeline::{Housekeeping, Sink},
+    pipeline::{
+        attribution::{own_entry, OTHER},
+        Housekeeping, Sink,
+    },
     probes::KernelCounters,
 };
 
@@ -84,15 +87,15 @@ impl Metrics {
             return "none".into();
         };
         let v = vip.to_string();
-        if self.vip_labels.contains(&v) {
-            return v;
-        }
-        if self.vip_labels.len() < MAX_VIP_LABELS {
-            self.vip_labels.insert(v.clone());
+        let known = self.vip_labels.contains(&v);
+        if own_entry(known, self.vip_labels.len(), MAX_VIP_LABELS) {
+            if !known {
+                self.vip_labels.insert(v.clone());
+            }
             return v;
         }
         self.overflow += 1;
-        "other".into()
+        OTHER.into()
     }
 
     pub fn record(&mut self, r: &Record) {
@@ -139,13 +142,12 @@ impl Metrics {
             .keys()
             .filter(|(v, _)| *v == label)
             .count();
-        let key = if macs >= MAX_MAC_LABELS
-            && !self
-                .announcements
-                .contains_key(&(label.clone(), mac.clone()))
-        {
+        let known = self
+            .announcements
+            .contains_key(&(label.clone(), mac.clone()));
+        let key = if !own_entry(known, macs, MAX_MAC_LABELS) {
             self.overflow += 1;
-            (label, "other".to_owned())
+            (label, OTHER.to_owned())
         } else {
             (label, mac)
         };

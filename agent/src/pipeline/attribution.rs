@@ -6,6 +6,16 @@ use ipnet::IpNet;
 
 use crate::event::Record;
 
+/// Where VIPs past a bound are counted together.
+pub const OTHER: &str = "other";
+
+/// The one rule for per-VIP state kept within a bound (the analysis' timelines, the metrics'
+/// labels): a VIP keeps its own entry when it has one already or while fewer than `max`
+/// exist; later ones share [`OTHER`].
+pub fn own_entry(known: bool, entries: usize, max: usize) -> bool {
+    known || entries < max
+}
+
 /// The VIPs being watched: single addresses, and address pools (CIDRs, as a MetalLB
 /// `IPAddressPool` lists them) whose every address is a VIP.
 #[derive(Clone, Debug, Default)]
