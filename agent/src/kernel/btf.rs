@@ -80,11 +80,17 @@ fn u32_at(data: &[u8], at: usize) -> Option<u32> {
 
 impl KernelBtf {
     pub fn load(path: &Path) -> Result<Self, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+        let read_error = |source| BtfError::Read {
             path: path.display().to_string(),
             source,
-        })?;
-        Self::parse(data)
+        };
+        let data = std::fs::read(path).map_err(read_error)?;
+        Self::parse(data).map_err(|e| match e {
+            BtfError::Malformed(what) => {
+                read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
+            }
+            other => other,
+        })
     }
 
     /// Checks the header and indexes where each type starts (little-endian BTF, as on every
