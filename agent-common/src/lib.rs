@@ -379,7 +379,9 @@ pub struct ProbeConfig {
     pub filter_port: u16,
     pub filter_proto: u8,
     pub _pad0: u8,
-    pub _pad1: u32,
+    /// Arguments of tp_btf/kfree_skb on this kernel: 4 when it passes `rx_sk` (the receiving
+    /// socket, which names the namespace of a drop whose skb has no device and no socket).
+    pub kfree_skb_args: u32,
     /// Submit records without waking the reader until this many bytes wait in the ring; a timer
     /// in the reader collects what stays below it.
     pub wakeup_bytes: u64,
@@ -448,7 +450,7 @@ impl ProbeConfig {
             filter_port: 0,
             filter_proto: 0,
             _pad0: 0,
-            _pad1: 0,
+            kfree_skb_args: 0,
             wakeup_bytes: 0,
         }
     }

@@ -222,7 +222,7 @@ pub fn learn_nat<M: Mem>(skb: u64) {
     }
     let mut value = NatOrigin {
         orig: Tuple::default(),
-        netns: skb_origin::<M>(skb).netns,
+        netns: skb_origin::<M>(skb, 0).netns,
         _pad0: 0,
     };
     read_tuple(ct + u64::from(conf!(ct_tuple_orig)), &mut value.orig);

@@ -15,11 +15,11 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn handle_drop<M: Mem>(probe: ProbeId, skb: u64, location: u64, reason: u32) {
+pub fn handle_drop<M: Mem>(probe: ProbeId, skb: u64, location: u64, reason: u32, rx_sk: u64) {
     stat_inc(STAT_SEEN);
     // SAFETY: plain helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let origin = skb_origin::<M>(skb);
+    let origin = skb_origin::<M>(skb, rx_sk);
     // Before any filter: every NETFILTER_DROP moves this CPU's conntrack baseline.
     let ct_event =
         if reason == conf!(reason_netfilter_drop) && conf!(features) & FEATURE_CT_STATS != 0 {

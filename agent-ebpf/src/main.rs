@@ -33,13 +33,19 @@ mod programs {
         kernel::{Btf, Probe},
     };
 
-    /// tp_btf/kfree_skb: args are (skb, location, reason, rx_sk).
+    /// tp_btf/kfree_skb: args are (skb, location, reason) and, on recent kernels, rx_sk.
     #[btf_tracepoint(function = "kfree_skb")]
     pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> u32 {
         let skb: u64 = ctx.arg(0);
         let location: u64 = ctx.arg(1);
         let reason: u32 = ctx.arg(2);
-        handle_drop::<Btf>(ProbeId::KfreeSkbBtf, skb, location, reason);
+        // The verifier prunes this read on kernels whose tracepoint has no fourth argument.
+        let rx_sk: u64 = if conf!(kfree_skb_args) >= 4 {
+            ctx.arg(3)
+        } else {
+            0
+        };
+        handle_drop::<Btf>(ProbeId::KfreeSkbBtf, skb, location, reason, rx_sk);
         0
     }
 
@@ -65,7 +71,7 @@ mod programs {
                 ctx.read_at::<u32>(reason_at)?,
             )
         };
-        handle_drop::<Probe>(ProbeId::KfreeSkbTracepoint, skb, location, reason);
+        handle_drop::<Probe>(ProbeId::KfreeSkbTracepoint, skb, location, reason, 0);
         Ok(())
     }
 }

@@ -77,9 +77,10 @@ pub fn flow_of(pkt: &PacketInfo) -> Tuple {
     }
 }
 
-/// The skb's device gives ifindex and netns; without a device the socket gives the netns.
+/// The skb's device gives ifindex and netns; without a device its socket gives the netns, and
+/// without one the receiving socket the drop hook names (`rx_sk`, 0 when unknown).
 #[inline(always)]
-pub fn skb_origin<M: Mem>(skb: u64) -> Origin {
+pub fn skb_origin<M: Mem>(skb: u64, rx_sk: u64) -> Origin {
     let dev = M::read::<u64>(skb, conf!(skb_dev)).unwrap_or(0);
     if dev != 0 {
         let ifindex = M::read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0);
@@ -91,7 +92,10 @@ pub fn skb_origin<M: Mem>(skb: u64) -> Origin {
             ifname: M::read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]),
         };
     }
-    let sk = M::read::<u64>(skb, conf!(skb_sk)).unwrap_or(0);
+    let sk = match M::read::<u64>(skb, conf!(skb_sk)).unwrap_or(0) {
+        0 => rx_sk,
+        sk => sk,
+    };
     let net = M::read::<u64>(sk, conf!(sk_net)).unwrap_or(0);
     Origin {
         ifindex: 0,

@@ -31,6 +31,7 @@ const HEADER_LEN: usize = 24;
 const TYPE_LEN: usize = 12;
 
 /// BTF kinds (`BTF_KIND_*`, a stable UAPI).
+const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
@@ -38,6 +39,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
@@ -244,6 +246,25 @@ impl KernelBtf {
             }
         }
         None
+    }
+
+    /// How many arguments a raw tracepoint passes: the parameters of the function behind
+    /// `typedef ... (*btf_trace_<name>)(void *, ...)`, without its leading context pointer.
+    pub fn tracepoint_args(&self, name: &str) -> Result<usize, BtfError> {
+        let missing = || BtfError::MissingType {
+            kind: "tracepoint typedef",
+            name: format!("btf_trace_{name}"),
+        };
+        let typedef = self
+            .named(&format!("btf_trace_{name}"))
+            .find(|t| t.kind == KIND_TYPEDEF)
+            .ok_or_else(missing)?;
+        let ptr = self.ty(typedef.size_or_type).ok_or_else(missing)?;
+        let proto = self.ty(ptr.size_or_type).ok_or_else(missing)?;
+        if ptr.kind != KIND_PTR || proto.kind != KIND_FUNC_PROTO || proto.vlen == 0 {
+            return Err(missing());
+        }
+        Ok(proto.vlen - 1)
     }
 
     /// `(value, name)` pairs of `enum name`.

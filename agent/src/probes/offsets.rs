@@ -65,6 +65,12 @@ pub(super) fn tracepoint_layouts(
 
 /// Struct offsets the drop programs need, from this kernel's BTF.
 pub fn kernel_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
+    // Older kernels pass (skb, location, reason); without the count the program reads no more.
+    cfg.kfree_skb_args = btf
+        .tracepoint_args("kfree_skb")
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(3);
     cfg.skb_head = btf.member_offset("sk_buff", "head")?;
     cfg.skb_len = btf.member_offset("sk_buff", "len")?;
     cfg.skb_protocol = btf.member_offset("sk_buff", "protocol")?;
