@@ -163,15 +163,21 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     p.sinks = sinks;
     p.node = Some(s.node.as_str().into());
     p.reload = Some(reload(&args));
-    serve_on_a_thread(listener, metrics, p.last_drain.clone());
-    tracing::info!(
-        node = %s.node,
-        metrics = %s.metrics_addr,
-        probe = probe_name(tracer.active),
-        vips = s.vips.len(),
-        "lbtrace agent running"
-    );
-    let (summary, _) = p.run(&mut tracer, None, &Stop::new(), || {})?;
+    let health = http::Health {
+        last_drain: p.last_drain.clone(),
+        ready: Arc::default(),
+    };
+    serve_on_a_thread(listener, metrics, health.clone());
+    let probe = probe_name(tracer.active);
+    let (node, addr, vips) = (s.node.clone(), s.metrics_addr, s.vips.len());
+    // Ready (and said so) only once stopping detaches cleanly: signals are handled from here.
+    let ready = move || {
+        health
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(node = %node, metrics = %addr, probe, vips, "lbtrace agent running");
+    };
+    let (summary, _) = p.run(&mut tracer, None, &Stop::new(), ready)?;
     tracing::info!(
         delivered = summary.events_delivered,
         "lbtrace agent stopped; programs detached"
@@ -184,7 +190,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
 fn serve_on_a_thread(
     listener: std::net::TcpListener,
     metrics: Arc<Mutex<Metrics>>,
-    last_drain: Arc<std::sync::atomic::AtomicU64>,
+    health: http::Health,
 ) {
     std::thread::spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread()
@@ -196,7 +202,7 @@ fn serve_on_a_thread(
         };
         rt.block_on(async {
             match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => http::serve(l, metrics, last_drain).await,
+                Ok(l) => http::serve(l, metrics, health).await,
                 Err(e) => tracing::error!("metrics endpoint: {e}"),
             }
         });

@@ -3,7 +3,7 @@
 use std::{
     io,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -16,22 +16,30 @@ use crate::{output::metrics::Metrics, pipeline::unix_now};
 /// `/healthz` fails when the ring buffer has not been drained for this long.
 const HEALTH_STALE_SECS: u64 = 10;
 
+/// What `/healthz` and `/readyz` look at.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    /// Unix seconds of the pipeline's last drain.
+    pub last_drain: Arc<AtomicU64>,
+    /// The pipeline runs: probes attached, signals handled (a stop now detaches cleanly).
+    pub ready: Arc<AtomicBool>,
+}
+
 /// Serves until the process ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Mutex<Metrics>>,
-    last_drain: Arc<AtomicU64>,
+    health: Health,
 ) {
     loop {
         let Ok((sock, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
-        let last_drain = last_drain.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let _ =
-                tokio::time::timeout(Duration::from_secs(5), respond(sock, metrics, last_drain))
-                    .await;
+                tokio::time::timeout(Duration::from_secs(5), respond(sock, metrics, health)).await;
         });
     }
 }
@@ -40,7 +48,7 @@ pub async fn serve(
 async fn respond(
     mut sock: tokio::net::TcpStream,
     metrics: Arc<Mutex<Metrics>>,
-    last_drain: Arc<AtomicU64>,
+    health: Health,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
@@ -67,7 +75,7 @@ async fn respond(
                 .render(),
         ),
         ("GET", "/healthz") => {
-            let age = unix_now().saturating_sub(last_drain.load(Ordering::Relaxed));
+            let age = unix_now().saturating_sub(health.last_drain.load(Ordering::Relaxed));
             let missing = metrics
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -89,7 +97,14 @@ async fn respond(
                 )
             }
         }
-        ("GET", "/readyz") => ("200 OK", "text/plain", "ready\n".to_owned()),
+        ("GET", "/readyz") if health.ready.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", "ready\n".to_owned())
+        }
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "starting\n".to_owned(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => (
             "405 Method Not Allowed",
