@@ -72,10 +72,13 @@ impl Drop for Tmux {
 
 /// The "drops" column of a VIP's row: the first number after the address (the sparkline
 /// between them is block characters).
+/// The row's "drops" column: the second number after the VIP, since the sparkline's cell ends
+/// with this second's rate (0 once the drops fall in an earlier second).
 fn drops_column(row: &str, vip: &str) -> Option<u64> {
     let (_, rest) = row.split_once(vip)?;
     rest.split(|c: char| c.is_whitespace() || c == '│')
-        .find(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))?
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))
+        .nth(1)?
         .parse()
         .ok()
 }

@@ -7,14 +7,18 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
+    fmt::{self, Write as _},
     io,
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
 };
 
 use crate::{
-    event::{record::ProbeStatus, Record},
+    event::{
+        record::ProbeStatus,
+        values::{ConntrackEvent, Mac, Name},
+        Record,
+    },
     kernel::btf::DropReasons,
     pipeline::{
         attribution::{own_entry, OTHER},
@@ -26,16 +30,54 @@ use crate::{
 pub const MAX_VIP_LABELS: usize = 64;
 pub const MAX_MAC_LABELS: usize = 8;
 
+/// The `vip` label of a series. Typed, so that counting an event allocates nothing: text is
+/// made at scrape time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum VipLabel {
+    Vip(IpAddr),
+    /// Past [`MAX_VIP_LABELS`].
+    Other,
+    /// Attributed to no VIP.
+    None,
+}
+
+impl fmt::Display for VipLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Vip(ip) => write!(f, "{ip}"),
+            Self::Other => f.write_str(OTHER),
+            Self::None => f.write_str("none"),
+        }
+    }
+}
+
+/// The `mac` label of an announcement series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum MacLabel {
+    Mac(Mac),
+    /// Past [`MAX_MAC_LABELS`] for the VIP.
+    Other,
+}
+
+impl fmt::Display for MacLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Mac(m) => write!(f, "{m}"),
+            Self::Other => f.write_str(OTHER),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub node: String,
-    vip_labels: BTreeSet<String>,
+    vip_labels: BTreeSet<IpAddr>,
     overflow: u64,
-    drops: BTreeMap<(String, String), u64>,
-    conntrack: BTreeMap<(String, String), u64>,
-    announcements: BTreeMap<(String, String), u64>,
-    owner_changes: BTreeMap<String, u64>,
-    owners: BTreeMap<String, (String, u32)>,
+    drops: BTreeMap<(VipLabel, Name), u64>,
+    conntrack: BTreeMap<(VipLabel, ConntrackEvent), u64>,
+    announcements: BTreeMap<(VipLabel, MacLabel), u64>,
+    owner_changes: BTreeMap<VipLabel, u64>,
+    owners: BTreeMap<VipLabel, (Mac, u32)>,
     events: BTreeMap<&'static str, u64>,
     kernel: KernelCounters,
     reason_names: BTreeMap<u32, String>,
@@ -82,20 +124,19 @@ impl Metrics {
     }
 
     /// The label for `vip`, folding VIPs past the bound into `other`.
-    fn vip_label(&mut self, vip: Option<IpAddr>) -> String {
+    fn vip_label(&mut self, vip: Option<IpAddr>) -> VipLabel {
         let Some(vip) = vip else {
-            return "none".into();
+            return VipLabel::None;
         };
-        let v = vip.to_string();
-        let known = self.vip_labels.contains(&v);
+        let known = self.vip_labels.contains(&vip);
         if own_entry(known, self.vip_labels.len(), MAX_VIP_LABELS) {
             if !known {
-                self.vip_labels.insert(v.clone());
+                self.vip_labels.insert(vip);
             }
-            return v;
+            return VipLabel::Vip(vip);
         }
         self.overflow += 1;
-        OTHER.into()
+        VipLabel::Other
     }
 
     pub fn record(&mut self, r: &Record) {
@@ -103,19 +144,16 @@ impl Metrics {
             Record::Drop(d) | Record::Conntrack(d) => {
                 let label = self.vip_label(d.vip);
                 *self.events.entry("drop").or_default() += 1;
-                if let Some(ev) = &d.event {
-                    *self
-                        .conntrack
-                        .entry((label.clone(), ev.to_string()))
-                        .or_default() += 1;
+                if let Some(ev) = d.event {
+                    *self.conntrack.entry((label, ev)).or_default() += 1;
                 }
-                *self.drops.entry((label, d.reason.to_string())).or_default() += 1;
+                *self.drops.entry((label, d.reason.clone())).or_default() += 1;
             }
             Record::Arp(a) => {
                 let label = self.vip_label(a.vip);
                 *self.events.entry("arp").or_default() += 1;
                 if a.announced().is_some() && a.vip.is_some() {
-                    self.announcement(label, a.sender_mac.to_string());
+                    self.announcement(label, a.sender_mac);
                 }
             }
             Record::Neigh(n) => {
@@ -125,18 +163,16 @@ impl Metrics {
             Record::VipOwner(o) => {
                 let label = self.vip_label(Some(o.vip));
                 if o.old_mac.is_some() {
-                    *self.owner_changes.entry(label.clone()).or_default() += 1;
+                    *self.owner_changes.entry(label).or_default() += 1;
                 }
-                self.owners.insert(
-                    label,
-                    (o.new_mac.to_string(), o.new_netns.unwrap_or_default()),
-                );
+                self.owners
+                    .insert(label, (o.new_mac, o.new_netns.unwrap_or_default()));
             }
             _ => {}
         }
     }
 
-    fn announcement(&mut self, label: String, mac: String) {
+    fn announcement(&mut self, label: VipLabel, mac: Mac) {
         let macs = self
             .announcements
             .keys()
@@ -144,12 +180,12 @@ impl Metrics {
             .count();
         let known = self
             .announcements
-            .contains_key(&(label.clone(), mac.clone()));
-        let key = if !own_entry(known, macs, MAX_MAC_LABELS) {
-            self.overflow += 1;
-            (label, OTHER.to_owned())
+            .contains_key(&(label, MacLabel::Mac(mac)));
+        let key = if own_entry(known, macs, MAX_MAC_LABELS) {
+            (label, MacLabel::Mac(mac))
         } else {
-            (label, mac)
+            self.overflow += 1;
+            (label, MacLabel::Other)
         };
         *self.announcements.entry(key).or_default() += 1;
     }
@@ -187,9 +223,10 @@ impl Metrics {
             "Dropped packets delivered, by VIP and kernel drop reason.",
         );
         for ((vip, reason), n) in &self.drops {
+            let vip = vip.to_string();
             e.sample(
                 "lbtrace_drops_total",
-                &[("vip", vip), ("reason", reason)],
+                &[("vip", &vip), ("reason", reason)],
                 n,
             );
         }
@@ -212,7 +249,8 @@ impl Metrics {
             "Drops caused by conntrack, by VIP and event.",
         );
         for ((vip, event), n) in &self.conntrack {
-            let labels = [("vip", vip.as_str()), ("event", event)];
+            let (vip, event) = (vip.to_string(), event.to_string());
+            let labels = [("vip", vip.as_str()), ("event", event.as_str())];
             e.sample("lbtrace_conntrack_events_total", &labels, n);
         }
         self.render_ownership(&mut e);
@@ -227,7 +265,8 @@ impl Metrics {
             "ARP replies, gratuitous ARPs and neighbour advertisements a host sent for a VIP.",
         );
         for ((vip, mac), n) in &self.announcements {
-            let labels = [("vip", vip.as_str()), ("mac", mac)];
+            let (vip, mac) = (vip.to_string(), mac.to_string());
+            let labels = [("vip", vip.as_str()), ("mac", mac.as_str())];
             e.sample("lbtrace_arp_announcements_total", &labels, n);
         }
         e.family(
@@ -236,7 +275,8 @@ impl Metrics {
             "Times the MAC announcing a VIP changed.",
         );
         for (vip, n) in &self.owner_changes {
-            e.sample("lbtrace_vip_owner_changes_total", &[("vip", vip)], n);
+            let vip = vip.to_string();
+            e.sample("lbtrace_vip_owner_changes_total", &[("vip", &vip)], n);
         }
         e.family(
             "lbtrace_vip_owner_info",
@@ -244,8 +284,12 @@ impl Metrics {
             "The MAC (and its netns) announcing each VIP, as seen from this node.",
         );
         for (vip, (mac, netns)) in &self.owners {
-            let netns = netns.to_string();
-            let labels = [("vip", vip.as_str()), ("mac", mac), ("netns", &netns)];
+            let (vip, mac, netns) = (vip.to_string(), mac.to_string(), netns.to_string());
+            let labels = [
+                ("vip", vip.as_str()),
+                ("mac", mac.as_str()),
+                ("netns", &netns),
+            ];
             e.sample("lbtrace_vip_owner_info", &labels, 1);
         }
         e.family(
@@ -326,7 +370,7 @@ impl Expo {
         let _ = writeln!(self.o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
         let _ = write!(self.o, "{name}{{");
         for (k, v) in labels {
             let _ = write!(self.o, "{k}=\"{}\",", escape(v));
@@ -376,7 +420,7 @@ mod tests {
         }
         assert_eq!(m.vip_labels.len(), MAX_VIP_LABELS);
         assert_eq!(m.overflow, 5);
-        assert_eq!(m.vip_label(None), "none");
+        assert_eq!(m.vip_label(None).to_string(), "none");
         let text = m.render();
         assert!(text.contains("lbtrace_label_overflow_total{node=\"n\"} 5"));
         assert!(text.contains("# TYPE lbtrace_drops_total counter"));
