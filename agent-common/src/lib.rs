@@ -209,8 +209,21 @@ pub struct DropRecord {
     pub nat_netns: u32,
     pub orig: Tuple,
     pub reply: Tuple,
+    /// Ethernet source and destination of the frame, when the skb still has a MAC header
+    /// (`DROP_FLAG_MAC`): the destination is the MAC the sender believed holds the address.
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    /// `DROP_FLAG_*`.
+    pub flags: u8,
+    pub _pad2: [u8; 3],
 }
-const _: () = assert!(size_of::<DropRecord>() == 192);
+const _: () = assert!(size_of::<DropRecord>() == 208);
+
+/// Bits of [`DropRecord::flags`].
+/// `eth_src` and `eth_dst` hold the frame's Ethernet header.
+pub const DROP_FLAG_MAC: u8 = 1 << 0;
+/// A sample: in aggregation mode only some drops per key and second become records.
+pub const DROP_FLAG_SAMPLED: u8 = 1 << 1;
 
 /// [`ArpRecord::direction`].
 pub const DIR_TX: u8 = 1;
@@ -293,6 +306,9 @@ pub const FEATURE_CT_STATS: u32 = 1 << 0;
 pub const FEATURE_NAT_CAPTURE: u32 = 1 << 1;
 /// Record ARP and IPv6 neighbour discovery on transmit and receive, and neighbour updates.
 pub const FEATURE_ARP: u32 = 1 << 2;
+/// Count every drop in `AGG` (keyed by VIP, reason, location, conntrack event) and send only
+/// samples through the ring: `sample_limit` per key, CPU and second.
+pub const FEATURE_AGGREGATE: u32 = 1 << 3;
 
 /// Value that marks a struct offset the running kernel's BTF did not provide.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -385,8 +401,13 @@ pub struct ProbeConfig {
     /// Submit records without waking the reader until this many bytes wait in the ring; a timer
     /// in the reader collects what stays below it.
     pub wakeup_bytes: u64,
+    /// With `FEATURE_AGGREGATE`: records per `AGG` key, CPU and second (0: every drop).
+    pub sample_limit: u32,
+    /// The kernel's tick rate (jiffies per second), for sampling windows without a clock read;
+    /// 0 when unknown (then the monotonic clock is read).
+    pub hz: u32,
 }
-const _: () = assert!(size_of::<ProbeConfig>() == 240);
+const _: () = assert!(size_of::<ProbeConfig>() == 248);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -452,6 +473,8 @@ impl ProbeConfig {
             _pad0: 0,
             kfree_skb_args: 0,
             wakeup_bytes: 0,
+            sample_limit: 0,
+            hz: 0,
         }
     }
 }
@@ -460,20 +483,23 @@ impl ProbeConfig {
 pub const STAT_RING_LOST: u32 = 0;
 /// Drops seen by a program before any filter.
 pub const STAT_SEEN: u32 = 1;
-/// Drops that passed the filters (the sum of `DROP_COUNTS`).
-pub const STAT_MATCHED: u32 = 2;
 /// Reads of kernel memory that failed: records are still sent, with the fields left zero.
-pub const STAT_READ_ERRORS: u32 = 3;
+/// (Drops that passed the filters are the sum of the per-reason counts: not counted twice.)
+pub const STAT_READ_ERRORS: u32 = 2;
 /// Conntrack statistics whose baseline was missing or ran backwards (counted, not classified).
-pub const STAT_CT_NO_BASELINE: u32 = 4;
+pub const STAT_CT_NO_BASELINE: u32 = 3;
 /// DNAT translations learned into the NAT map.
-pub const STAT_NAT_LEARNED: u32 = 5;
+pub const STAT_NAT_LEARNED: u32 = 4;
 /// Drops attributed through the NAT map.
-pub const STAT_NAT_JOINED: u32 = 6;
+pub const STAT_NAT_JOINED: u32 = 5;
 /// ARP/NDP and neighbour records that passed the filters.
-pub const STAT_ARP: u32 = 7;
-pub const STAT_NEIGH: u32 = 8;
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_ARP: u32 = 6;
+pub const STAT_NEIGH: u32 = 7;
+/// Aggregation: drops counted in `AGG` but not sent as records (over the sample limit).
+pub const STAT_SAMPLED_OUT: u32 = 8;
+/// Aggregation: drops whose key found `AGG` full (sent as records, counted from them).
+pub const STAT_AGG_FULL: u32 = 9;
+pub const STAT_COUNT: u32 = 10;
 
 /// Key of `CT_LAST`: the last conntrack statistics seen per netns and CPU.
 #[repr(C)]
@@ -504,6 +530,56 @@ pub struct HostKey {
 }
 const _: () = assert!(size_of::<HostKey>() == 20);
 
+/// Key of the VIP tries (`VIPS4`, `VIPS6`): a prefix length, then the address in network byte
+/// order, as `BPF_MAP_TYPE_LPM_TRIE` wants it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Vip4Key {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<Vip4Key>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Vip6Key {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Vip6Key>() == 20);
+
+/// Key of `AGG`: what the metrics expose of a drop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AggKey {
+    /// The VIP the drop is attributed to, in network byte order (IPv4 in the first word; zero
+    /// when none). Words, not bytes, so the program copies it in four moves.
+    pub vip: [u32; 4],
+    /// Family of `vip` (`FAMILY_NONE` when unattributed).
+    pub family: u8,
+    /// [`CtEvent`] or 0.
+    pub ct_event: u8,
+    pub _pad0: [u8; 2],
+    pub reason: u32,
+    /// Kernel text address of the drop: with the reason, it tells loss from a benign free.
+    pub location: u64,
+}
+const _: () = assert!(size_of::<AggKey>() == 32);
+
+/// Per-CPU value of `AGG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggValue {
+    /// Every drop of this key on this CPU (exact).
+    pub count: u64,
+    /// Second (jiffies / HZ) of the current sampling window.
+    pub window: u64,
+    /// Records sent in that window.
+    pub samples: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(size_of::<AggValue>() == 24);
+
 /// Map names, shared so the agent and the programs cannot disagree.
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_DROP_COUNTS: &str = "DROP_COUNTS";
@@ -517,6 +593,15 @@ pub const MAP_HOST_FILTER: &str = "HOST_FILTER";
 pub const MAP_CT_COUNTS: &str = "CT_COUNTS";
 pub const MAP_CT_LAST: &str = "CT_LAST";
 pub const MAP_NAT: &str = "NAT";
+pub const MAP_AGG: &str = "AGG";
+pub const MAP_VIPS4: &str = "VIPS4";
+pub const MAP_VIPS6: &str = "VIPS6";
+/// One `u32`: bit 0 when `VIPS4` holds an entry, bit 1 when `VIPS6` does (no trie walk
+/// otherwise).
+pub const MAP_VIP_META: &str = "VIP_META";
+/// Default sizes; the agent sets them at load time.
+pub const AGG_ENTRIES: u32 = 16384;
+pub const VIP_ENTRIES: u32 = 1024;
 pub const CT_LAST_ENTRIES: u32 = 4096;
 pub const NAT_ENTRIES: u32 = 16384;
 pub const GLOBAL_CONFIG: &str = "CONFIG";
@@ -538,4 +623,8 @@ mod pod {
     unsafe impl aya::Pod for super::NatOrigin {}
     unsafe impl aya::Pod for super::CtStatKey {}
     unsafe impl aya::Pod for super::CtStatValue {}
+    unsafe impl aya::Pod for super::Vip4Key {}
+    unsafe impl aya::Pod for super::Vip6Key {}
+    unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::AggValue {}
 }

@@ -11,8 +11,8 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use crate::{
     conf,
     kernel::{read, Mem},
-    maps::{stat_inc, CT_LAST, NAT, STATS},
-    packet::{flow_of, parse_packet, skb_origin},
+    maps::{stat_inc, CPU_OFFSET, CT_LAST, NAT, STATS},
+    packet::{flow_of, parse_packet, skb_net},
 };
 
 const AF_INET: u16 = 2;
@@ -97,6 +97,16 @@ fn ct_status(ct: u64, ctinfo: u64) -> Option<(u64, u64, u64)> {
     Some((ct, ctinfo, status))
 }
 
+/// Whether the skb's flow may have been translated: its conntrack entry is NATed, or it has
+/// none and the NAT map holds translations. Cheap: one load, one read at most.
+#[inline(always)]
+pub fn translated<M: Mem>(skb: u64) -> bool {
+    match skb_ct::<M>(skb) {
+        Some((_, _, status)) => status & (IPS_DST_NAT | IPS_SRC_NAT) != 0,
+        None => conf!(features) & FEATURE_NAT_CAPTURE != 0 && nat_learned(),
+    }
+}
+
 /// Fills the record's conntrack fields: the skb's own entry, or else what the NAT map learned
 /// about its flow.
 #[inline(always)]
@@ -145,12 +155,39 @@ fn addr_of<T>(p: *const T) -> u64 {
 
 /// This CPU's per-CPU offset (`__per_cpu_offset[cpu]`, absent from kallsyms without
 /// CONFIG_KALLSYMS_ALL): our per-CPU STATS element's address minus the array's per-CPU base.
+/// Computed once per CPU (three helper calls) and kept in `CPU_OFFSET`.
 #[inline(always)]
 fn this_cpu_offset() -> Option<u64> {
+    let slot = CPU_OFFSET.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; programs do not nest on one CPU.
+    let cached = unsafe { *slot };
+    if cached != 0 {
+        return Some(cached);
+    }
     let elem = addr_of(STATS.get_ptr(0)?);
     let map = addr_of(&raw const STATS);
     let base = read::<u64>(map, conf!(array_pptrs)).ok()?;
-    (elem != 0 && base != 0).then(|| elem.wrapping_sub(base))
+    if elem == 0 || base == 0 {
+        return None;
+    }
+    let off = elem.wrapping_sub(base);
+    // SAFETY: as above.
+    unsafe { *slot = off };
+    Some(off)
+}
+
+/// Bytes of `struct ip_conntrack_stat` read in one go; the agent turns classification off when
+/// a counter it needs lies beyond them.
+pub const STAT_BYTES: usize = 32;
+
+#[inline(always)]
+fn stat_field(bytes: &[u8; STAT_BYTES], off: u32) -> u32 {
+    let off = off as usize;
+    if off + 4 > STAT_BYTES {
+        return 0;
+    }
+    // SAFETY: in bounds (checked above); any bit pattern is a valid u32.
+    unsafe { bytes.as_ptr().add(off).cast::<u32>().read_unaligned() }
 }
 
 /// Whether conntrack caused this NETFILTER_DROP: compares the namespace's per-CPU conntrack
@@ -169,21 +206,34 @@ pub fn classify(net: u64, netns: u32, cpu: u32) -> u8 {
     if pcpu == 0 {
         return 0;
     }
-    let stat = pcpu.wrapping_add(off);
+    let Ok(stats) = read::<[u8; STAT_BYTES]>(pcpu.wrapping_add(off), 0) else {
+        return 0;
+    };
     let now = CtStatValue {
-        insert_failed: read(stat, conf!(stat_insert_failed)).unwrap_or(0),
-        drop: read(stat, conf!(stat_drop)).unwrap_or(0),
-        early_drop: read(stat, conf!(stat_early_drop)).unwrap_or(0),
+        insert_failed: stat_field(&stats, conf!(stat_insert_failed)),
+        drop: stat_field(&stats, conf!(stat_drop)),
+        early_drop: stat_field(&stats, conf!(stat_early_drop)),
         _pad0: 0,
     };
     let key = CtStatKey { netns, cpu };
-    // SAFETY: copied out at once; only this CPU writes this key.
-    let last = unsafe { CT_LAST.get(key) }.copied().unwrap_or_default();
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "by value, the copies overflow the 512-byte BPF stack"
-    )]
-    let _ = CT_LAST.insert(&key, &now, 0);
+    // Updated in place: only this CPU writes this key, and an LRU insert costs far more.
+    let last = match CT_LAST.get_ptr_mut(key) {
+        Some(slot) => {
+            // SAFETY: this CPU's own key; programs do not nest on one CPU.
+            let slot = unsafe { &mut *slot };
+            let last = *slot;
+            *slot = now;
+            last
+        }
+        None => {
+            #[expect(
+                clippy::needless_borrows_for_generic_args,
+                reason = "by value, the copies overflow the 512-byte BPF stack"
+            )]
+            let _ = CT_LAST.insert(&key, &now, 0);
+            CtStatValue::default()
+        }
+    };
     if now.insert_failed < last.insert_failed || now.drop < last.drop {
         stat_inc(STAT_CT_NO_BASELINE);
         return 0;
@@ -222,7 +272,7 @@ pub fn learn_nat<M: Mem>(skb: u64) {
     }
     let mut value = NatOrigin {
         orig: Tuple::default(),
-        netns: skb_origin::<M>(skb, 0).netns,
+        netns: skb_net::<M>(skb, 0).1,
         _pad0: 0,
     };
     read_tuple(ct + u64::from(conf!(ct_tuple_orig)), &mut value.orig);

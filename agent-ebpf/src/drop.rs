@@ -1,40 +1,122 @@
 //! kfree_skb handling shared by the tp_btf and classic tracepoint programs.
+//!
+//! Two paths: `watch`/`record` send every drop that passes the filters as a record; the agent
+//! (`FEATURE_AGGREGATE`) counts every drop in `AGG` with the least reading it can, and builds a
+//! record only for a sample.
 
 use agent_common::{
     DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
-    FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
-    FILTER_REASON, STAT_MATCHED, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_SEEN,
+    DROP_FLAG_SAMPLED, FEATURE_AGGREGATE, FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST,
+    FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON, STAT_NAT_JOINED, STAT_READ_ERRORS,
+    STAT_SAMPLED_OUT, STAT_SEEN,
 };
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
 use crate::{
+    aggregate::{self, Outcome},
     conf, conntrack,
     kernel::Mem,
     maps::{array_inc, count_reason, stat_inc, submit, CT_COUNTS, REASON_FILTER, SCRATCH},
-    packet::{host_listed, parse_packet, skb_origin},
+    packet::{host_listed, parse_packet, read_macs, skb_net, skb_origin},
 };
 
+/// What the drop hook hands over.
+#[derive(Clone, Copy)]
+pub struct Drop {
+    pub probe: ProbeId,
+    pub skb: u64,
+    pub location: u64,
+    pub reason: u32,
+    /// The receiving socket (tp_btf on recent kernels), else 0.
+    pub rx_sk: u64,
+}
+
 #[inline(always)]
-pub fn handle_drop<M: Mem>(probe: ProbeId, skb: u64, location: u64, reason: u32, rx_sk: u64) {
+pub fn handle_drop<M: Mem>(d: Drop) {
     stat_inc(STAT_SEEN);
+    let filters = conf!(filter_flags);
+    if filters & FILTER_REASON != 0 && REASON_FILTER.get_ptr(d.reason).is_none() {
+        // Still moves the conntrack baseline, as every NETFILTER_DROP must.
+        let _ = ct_event::<M>(&d);
+        return;
+    }
+    if conf!(features) & FEATURE_AGGREGATE != 0 {
+        aggregated::<M>(&d, filters);
+    } else {
+        every::<M>(&d, filters);
+    }
+}
+
+/// Whether conntrack caused this drop: classified for every NETFILTER_DROP, before any filter,
+/// because each one moves this CPU's conntrack baseline. Returns `(event, netns)`.
+#[inline(always)]
+fn ct_event<M: Mem>(d: &Drop) -> Option<(u8, u32)> {
+    if d.reason != conf!(reason_netfilter_drop) || conf!(features) & FEATURE_CT_STATS == 0 {
+        return None;
+    }
+    let (net, netns) = skb_net::<M>(d.skb, d.rx_sk);
     // SAFETY: plain helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let origin = skb_origin::<M>(skb, rx_sk);
-    // Before any filter: every NETFILTER_DROP moves this CPU's conntrack baseline.
-    let ct_event =
-        if reason == conf!(reason_netfilter_drop) && conf!(features) & FEATURE_CT_STATS != 0 {
-            conntrack::classify(origin.net, origin.netns, cpu)
-        } else {
-            0
+    Some((conntrack::classify(net, netns, cpu), netns))
+}
+
+/// The agent's path: count under (VIP, reason, location, conntrack event); a record only for a
+/// sample. Headers are read only when a VIP is configured.
+#[inline(always)]
+fn aggregated<M: Mem>(d: &Drop, filters: u32) {
+    let ct = ct_event::<M>(d);
+    let event = ct.map_or(0, |(e, _)| e);
+    if filters & FILTER_NETNS != 0 {
+        let netns = match ct {
+            Some((_, n)) => n,
+            None => skb_net::<M>(d.skb, d.rx_sk).1,
         };
-    let filters = conf!(filter_flags);
-    if filters & FILTER_REASON != 0 && REASON_FILTER.get_ptr(reason).is_none() {
+        if netns != conf!(filter_netns) {
+            return;
+        }
+    }
+    if filters & FILTER_CT_EVENT != 0 && conf!(filter_ct_events) & (1 << event) == 0 {
         return;
     }
-    if filters & FILTER_NETNS != 0 && origin.netns != conf!(filter_netns) {
-        return;
+    count_reason(d.reason);
+    if event != 0 {
+        array_inc(&CT_COUNTS, u32::from(event));
     }
-    if filters & FILTER_CT_EVENT != 0 && conf!(filter_ct_events) & (1 << ct_event) == 0 {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
+    let rec = unsafe { &mut *rec };
+    let mut parsed = false;
+    let flags = match aggregate::count::<M>(d, event, rec, &mut parsed) {
+        Outcome::Skip => {
+            stat_inc(STAT_SAMPLED_OUT);
+            return;
+        }
+        Outcome::Sample => DROP_FLAG_SAMPLED,
+        Outcome::Unaggregated => 0,
+    };
+    if !parsed {
+        parse_into::<M>(d.skb, rec);
+    }
+    send::<M>(d, event, rec, flags);
+}
+
+/// `watch` and `record`: every drop that passes the filters becomes a record.
+#[inline(always)]
+fn every<M: Mem>(d: &Drop, filters: u32) {
+    let ct = ct_event::<M>(d);
+    let event = ct.map_or(0, |(e, _)| e);
+    if filters & FILTER_NETNS != 0 {
+        let netns = match ct {
+            Some((_, n)) => n,
+            None => skb_net::<M>(d.skb, d.rx_sk).1,
+        };
+        if netns != conf!(filter_netns) {
+            return;
+        }
+    }
+    if filters & FILTER_CT_EVENT != 0 && conf!(filter_ct_events) & (1 << event) == 0 {
         return;
     }
     // The record is built in per-CPU scratch memory: it does not fit the 512-byte stack.
@@ -43,36 +125,50 @@ pub fn handle_drop<M: Mem>(probe: ProbeId, skb: u64, location: u64, reason: u32,
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
+    parse_into::<M>(d.skb, rec);
+    if !packet_matches(rec) {
+        return;
+    }
+    count_reason(d.reason);
+    if event != 0 {
+        array_inc(&CT_COUNTS, u32::from(event));
+    }
+    send::<M>(d, event, rec, 0);
+}
+
+/// Headers and conntrack state of the packet, into the scratch record.
+#[inline(always)]
+pub fn parse_into<M: Mem>(skb: u64, rec: &mut DropRecord) {
     rec.pkt = PacketInfo::default();
     if parse_packet::<M>(skb, &mut rec.pkt).is_err() {
         stat_inc(STAT_READ_ERRORS);
     }
     conntrack::lookup::<M>(skb, rec);
-    if !packet_matches(rec) {
-        return;
-    }
-    count_reason(reason);
-    stat_inc(STAT_MATCHED);
-    if ct_event != 0 {
-        array_inc(&CT_COUNTS, u32::from(ct_event));
-    }
+}
+
+/// Completes the record (origin, time, MACs) and sends it.
+#[inline(always)]
+fn send<M: Mem>(d: &Drop, event: u8, rec: &mut DropRecord, flags: u8) {
     if rec.ct_flags & CT_FLAG_NAT_JOIN != 0 {
         stat_inc(STAT_NAT_JOINED);
     }
+    let origin = skb_origin::<M>(d.skb, d.rx_sk);
     rec.header = RecordHeader {
         // SAFETY: plain helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_boot_ns() },
         kind: RecordKind::Drop as u16,
-        probe: probe as u8,
+        probe: d.probe as u8,
         _pad0: 0,
-        cpu,
+        // SAFETY: as above.
+        cpu: unsafe { bpf_get_smp_processor_id() },
     };
-    rec.location = location;
-    rec.reason = reason;
+    rec.location = d.location;
+    rec.reason = d.reason;
     rec.ifindex = origin.ifindex;
     rec.netns = origin.netns;
     rec.ifname = origin.ifname;
-    rec.ct_event = ct_event;
+    rec.ct_event = event;
+    rec.flags = flags | read_macs::<M>(d.skb, &mut rec.eth_src, &mut rec.eth_dst);
     submit(rec);
 }
 

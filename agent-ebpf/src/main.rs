@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod aggregate;
+#[cfg(target_arch = "bpf")]
 mod arp;
 #[cfg(target_arch = "bpf")]
 mod conntrack;
@@ -29,7 +31,7 @@ mod programs {
 
     use crate::{
         conf,
-        drop::handle_drop,
+        drop::{handle_drop, Drop},
         kernel::{Btf, Probe},
     };
 
@@ -45,7 +47,13 @@ mod programs {
         } else {
             0
         };
-        handle_drop::<Btf>(ProbeId::KfreeSkbBtf, skb, location, reason, rx_sk);
+        handle_drop::<Btf>(Drop {
+            probe: ProbeId::KfreeSkbBtf,
+            skb,
+            location,
+            reason,
+            rx_sk,
+        });
         0
     }
 
@@ -71,7 +79,13 @@ mod programs {
                 ctx.read_at::<u32>(reason_at)?,
             )
         };
-        handle_drop::<Probe>(ProbeId::KfreeSkbTracepoint, skb, location, reason, 0);
+        handle_drop::<Probe>(Drop {
+            probe: ProbeId::KfreeSkbTracepoint,
+            skb,
+            location,
+            reason,
+            rx_sk: 0,
+        });
         Ok(())
     }
 }

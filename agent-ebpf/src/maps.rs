@@ -1,14 +1,16 @@
 //! Maps shared by all programs. Names are fixed by `agent_common::MAP_*`.
 
 use agent_common::{
-    ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple, CT_EVENT_COUNT,
-    CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES, NAT_ENTRIES, REASON_COUNTS_ENTRIES,
-    STAT_COUNT, STAT_RING_LOST,
+    AggKey, AggValue, ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple,
+    AGG_ENTRIES, CT_EVENT_COUNT, CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES,
+    NAT_ENTRIES, REASON_COUNTS_ENTRIES, STAT_COUNT, STAT_RING_LOST, VIP_ENTRIES,
 };
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 use crate::conf;
@@ -54,6 +56,27 @@ pub static CT_LAST: LruHashMap<CtStatKey, CtStatValue> =
 /// (in a pod's netns, where the skb no longer carries the node's conntrack entry) finds its VIP.
 #[map]
 pub static NAT: LruHashMap<Tuple, NatOrigin> = LruHashMap::with_max_entries(NAT_ENTRIES, 0);
+
+/// Aggregation mode: exact per-CPU drop counts by VIP, reason, location and conntrack event,
+/// with each key's sampling window. Sized by the agent at load time; allocated as keys appear.
+#[map]
+pub static AGG: PerCpuHashMap<AggKey, AggValue> =
+    PerCpuHashMap::with_max_entries(AGG_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The VIPs and pools drops are attributed to in the kernel, per family; kept current by the
+/// agent. Keys are `agent_common::Vip4Key`/`Vip6Key`.
+#[map]
+pub static VIPS4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
+#[map]
+pub static VIPS6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
+
+/// Which families `VIPS` holds (`VIP_META` in agent_common): no trie walk for the others.
+#[map]
+pub static VIP_META: Array<u32> = Array::with_max_entries(1, 0);
+
+/// This CPU's per-CPU offset, once found (conntrack classification).
+#[map]
+pub static CPU_OFFSET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch space where a drop record is assembled before it is copied to the ring.
 #[map]

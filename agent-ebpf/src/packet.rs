@@ -1,6 +1,8 @@
 //! Reading an skb: where it came from, and its L3/L4 headers with bounded reads.
 
-use agent_common::{HostKey, PacketInfo, Tuple, FAMILY_IPV4, FAMILY_IPV6, FAMILY_NONE};
+use agent_common::{
+    HostKey, PacketInfo, Tuple, DROP_FLAG_MAC, FAMILY_IPV4, FAMILY_IPV6, FAMILY_NONE,
+};
 use network_types::{
     eth::EtherType,
     icmp::{Icmpv4Hdr, Icmpv6Hdr},
@@ -17,7 +19,7 @@ use crate::{
 };
 
 /// EtherTypes as `skb->protocol` holds them: network byte order, like `EtherType`'s values.
-const ETH_IPV4: u16 = EtherType::Ipv4 as u16;
+pub const ETH_IPV4: u16 = EtherType::Ipv4 as u16;
 pub const ETH_IPV6: u16 = EtherType::Ipv6 as u16;
 pub const ETH_ARP: u16 = EtherType::Arp as u16;
 pub const ETH_VLAN: u16 = EtherType::Ieee8021q as u16;
@@ -31,7 +33,7 @@ const ROUTING: u8 = IpProto::Ipv6Route as u8;
 const FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
 const DEST_OPTS: u8 = IpProto::Ipv6Opts as u8;
 /// `skb->network_header` when unset (`(u16)~0U`).
-const HEADER_UNSET: u16 = 0xffff;
+pub const HEADER_UNSET: u16 = 0xffff;
 /// IPv6 extension headers followed before giving up on the transport header.
 const MAX_IPV6_EXT: usize = 4;
 
@@ -58,8 +60,6 @@ struct Ipv6FragHdr {
 pub struct Origin {
     pub ifindex: u32,
     pub netns: u32,
-    /// `struct net *` of that namespace (0 when unknown).
-    pub net: u64,
     pub ifname: [u8; 16],
 }
 
@@ -77,31 +77,68 @@ pub fn flow_of(pkt: &PacketInfo) -> Tuple {
     }
 }
 
-/// The skb's device gives ifindex and netns; without a device its socket gives the netns, and
-/// without one the receiving socket the drop hook names (`rx_sk`, 0 when unknown).
+/// The skb's network namespace, `(struct net *, inode)`: from its device, else its socket,
+/// else the receiving socket the drop hook names (`rx_sk`, 0 when unknown).
+#[inline(always)]
+pub fn skb_net<M: Mem>(skb: u64, rx_sk: u64) -> (u64, u32) {
+    let dev = M::read::<u64>(skb, conf!(skb_dev)).unwrap_or(0);
+    let net = if dev != 0 {
+        M::read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0)
+    } else {
+        let sk = match M::read::<u64>(skb, conf!(skb_sk)).unwrap_or(0) {
+            0 => rx_sk,
+            sk => sk,
+        };
+        M::read::<u64>(sk, conf!(sk_net)).unwrap_or(0)
+    };
+    (net, netns_inum::<M>(net))
+}
+
+/// Where the skb came from: its namespace as [`skb_net`] finds it, and its device's index
+/// and name when it has one.
 #[inline(always)]
 pub fn skb_origin<M: Mem>(skb: u64, rx_sk: u64) -> Origin {
+    let (_, netns) = skb_net::<M>(skb, rx_sk);
     let dev = M::read::<u64>(skb, conf!(skb_dev)).unwrap_or(0);
-    if dev != 0 {
-        let ifindex = M::read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0);
-        let net = M::read::<u64>(dev, conf!(dev_nd_net)).unwrap_or(0);
-        return Origin {
-            ifindex,
-            netns: netns_inum::<M>(net),
-            net,
-            ifname: M::read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]),
-        };
-    }
-    let sk = match M::read::<u64>(skb, conf!(skb_sk)).unwrap_or(0) {
-        0 => rx_sk,
-        sk => sk,
+    let (ifindex, ifname) = if dev == 0 {
+        (0, [0; 16])
+    } else {
+        (
+            M::read::<u32>(dev, conf!(dev_ifindex)).unwrap_or(0),
+            M::read::<[u8; 16]>(dev, conf!(dev_name)).unwrap_or([0; 16]),
+        )
     };
-    let net = M::read::<u64>(sk, conf!(sk_net)).unwrap_or(0);
     Origin {
-        ifindex: 0,
-        netns: netns_inum::<M>(net),
-        net,
-        ifname: [0; 16],
+        ifindex,
+        netns,
+        ifname,
+    }
+}
+
+/// The frame's Ethernet source and destination, when the skb has a MAC header of at least 14
+/// bytes before its network header; returns `DROP_FLAG_MAC` then, else 0 (and zeroes).
+#[inline(always)]
+pub fn read_macs<M: Mem>(skb: u64, src: &mut [u8; 6], dst: &mut [u8; 6]) -> u8 {
+    *src = [0; 6];
+    *dst = [0; 6];
+    let (Ok(head), Ok(mac), Ok(nh)) = (
+        M::read::<u64>(skb, conf!(skb_head)),
+        M::read::<u16>(skb, conf!(skb_mac_header)),
+        M::read::<u16>(skb, conf!(skb_network_header)),
+    ) else {
+        return 0;
+    };
+    if mac == HEADER_UNSET || nh == HEADER_UNSET || nh < mac || nh - mac < 14 {
+        return 0;
+    }
+    let at = head + u64::from(mac);
+    match (read::<[u8; 6]>(at, 0), read::<[u8; 6]>(at, 6)) {
+        (Ok(d), Ok(s)) => {
+            *dst = d;
+            *src = s;
+            DROP_FLAG_MAC
+        }
+        _ => 0,
     }
 }
 

@@ -34,6 +34,9 @@ pub struct FileConfig {
     pub ring_size: Option<u32>,
     pub no_arp: Option<bool>,
     pub discover_vips: Option<bool>,
+    pub sample_limit: Option<u32>,
+    pub max_vips: Option<u32>,
+    pub nat_entries: Option<u32>,
 }
 
 /// A validated file.

@@ -158,11 +158,10 @@ pub(crate) fn trace(
     };
     let header = recording.then(|| header(args, &reasons));
     let opts = LoadOptions {
-        mode: args.probe_mode,
-        filter,
         ring_bytes: args.ring_size,
         wakeup_bytes: u64::from(args.ring_size / 4),
         arp: !args.no_arp,
+        ..LoadOptions::new(args.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;
     // The parsed BTF is tens of MB: freed before the loader parses its own.

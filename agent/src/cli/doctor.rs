@@ -105,11 +105,9 @@ fn probe_checks(
     let reasons = DropReasons::from_btf(btf).unwrap_or_default();
     for mode in [ProbeMode::Btf, ProbeMode::Tracepoint] {
         let opts = LoadOptions {
-            mode,
-            filter: KernelFilter::default(),
             ring_bytes: 1 << 16,
             wakeup_bytes: 0,
-            arp: true,
+            ..LoadOptions::new(mode, KernelFilter::default())
         };
         match Tracer::load(btf, &reasons, &opts) {
             Ok(mut t) => {

@@ -150,7 +150,8 @@ pub enum LogFormat {
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// TOML config file (keys: vips, metrics_addr, node_name, netns, log_format, events_file,
-    /// events_max_bytes, probe_mode, ring_size, no_arp, discover_vips).
+    /// events_max_bytes, probe_mode, ring_size, no_arp, discover_vips, sample_limit, max_vips,
+    /// nat_entries).
     #[arg(long, env = "LBTRACE_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<std::path::PathBuf>,
     /// Where to serve /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
@@ -186,6 +187,20 @@ pub struct AgentArgs {
     /// Learn VIPs from gratuitous announcements.
     #[arg(long, env = "LBTRACE_DISCOVER_VIPS")]
     pub(crate) discover_vips: bool,
+    /// Drop records sent to userspace per (VIP, reason, location, conntrack event), CPU and
+    /// second; every drop is still counted exactly in the kernel. 0 sends every drop
+    /// [default: 100].
+    #[arg(long, env = "LBTRACE_SAMPLE_LIMIT", value_name = "N")]
+    pub(crate) sample_limit: Option<u32>,
+    /// VIPs (and pools) the kernel attributes to, and VIPs with their own metric label
+    /// [default: 1024].
+    #[arg(long, env = "LBTRACE_MAX_VIPS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub(crate) max_vips: Option<u32>,
+    /// DNAT translations remembered to attribute drops behind kube-proxy: new connections per
+    /// second times how long a flow must stay attributable [default: 131072, about 2.6 s
+    /// at 50k new connections/s]. Evictions are counted.
+    #[arg(long, env = "LBTRACE_NAT_ENTRIES", value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub(crate) nat_entries: Option<u32>,
 }
 
 fn parse_vip_arg(s: &str) -> Result<ipnet::IpNet, String> {

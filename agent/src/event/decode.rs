@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use agent_common::{
     ArpRecord, CtEvent, DropRecord, NeighRecord, PacketInfo, ProbeId, RecordHeader, RecordKind,
     Tuple, ARP_FLAG_BRIDGED, ARP_FLAG_GRATUITOUS, CT_FLAG_CONFIRMED, CT_FLAG_DNAT, CT_FLAG_ENTRY,
-    CT_FLAG_NAT_JOIN, CT_FLAG_SNAT, DIR_TX, FAMILY_IPV4, FAMILY_IPV6,
+    CT_FLAG_NAT_JOIN, CT_FLAG_SNAT, DIR_TX, DROP_FLAG_MAC, DROP_FLAG_SAMPLED, FAMILY_IPV4,
+    FAMILY_IPV6,
 };
 
 use super::{
@@ -150,6 +151,10 @@ pub struct DropEvent {
     pub netns: u32,
     pub packet: Packet,
     pub ct: Conntrack,
+    /// Ethernet (source, destination) when the skb still had a MAC header.
+    pub eth: Option<(Mac, Mac)>,
+    /// One sample of many: the kernel counted every drop of its key (aggregation mode).
+    pub sampled: bool,
 }
 
 fn arp_op(family: u8, op: u16) -> ArpOp {
@@ -270,6 +275,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 netns: r.netns,
                 packet: Packet::from_info(&r.pkt),
                 ct: Conntrack::from_record(&r),
+                eth: (r.flags & DROP_FLAG_MAC != 0).then_some((Mac(r.eth_src), Mac(r.eth_dst))),
+                sampled: r.flags & DROP_FLAG_SAMPLED != 0,
             }))
         }
         RecordKind::Arp => {

@@ -164,6 +164,9 @@ impl Namer {
             reply: d.ct.reply.as_ref().map(flow),
             nat_netns: d.ct.nat_netns,
             vip: None,
+            src_mac: d.eth.map(|(s, _)| s),
+            dst_mac: d.eth.map(|(_, d)| d),
+            sampled: d.sampled,
         }
     }
 

@@ -276,6 +276,16 @@ pub struct DropRec {
     /// With `orig` from the NAT map: the namespace where the DNAT happened.
     pub nat_netns: Option<u32>,
     pub vip: Option<IpAddr>,
+    /// The frame's Ethernet source and destination, when the skb still had a MAC header. The
+    /// destination is the MAC the sender believed holds `dst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_mac: Option<Mac>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_mac: Option<Mac>,
+    /// One sample of many (the agent's aggregation mode): exact counts are in the kernel's
+    /// counters and the summary, not in the number of records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sampled: bool,
 }
 
 impl DropRec {

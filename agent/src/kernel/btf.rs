@@ -23,6 +23,12 @@ pub enum BtfError {
     MissingMember { strukt: String, member: String },
     #[error("kernel BTF is malformed: {0}")]
     Malformed(&'static str),
+    #[error("struct {strukt} member `{member}` lies past the {limit} bytes the programs read")]
+    BeyondRead {
+        strukt: &'static str,
+        member: &'static str,
+        limit: u32,
+    },
 }
 
 const MAGIC: u16 = 0xeb9f;

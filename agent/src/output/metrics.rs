@@ -24,10 +24,10 @@ use crate::{
         attribution::{own_entry, OTHER},
         Housekeeping, Sink,
     },
-    probes::KernelCounters,
+    probes::{AggCount, KernelCounters},
 };
 
-pub const MAX_VIP_LABELS: usize = 64;
+pub const MAX_VIP_LABELS: usize = 1024;
 pub const MAX_MAC_LABELS: usize = 8;
 
 /// The `vip` label of a series. Typed, so that counting an event allocates nothing: text is
@@ -71,10 +71,18 @@ impl fmt::Display for MacLabel {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub node: String,
+    /// VIPs with a label of their own; the rest count as `other`.
+    max_vips: usize,
     vip_labels: BTreeSet<IpAddr>,
     overflow: u64,
+    /// Drops counted from records: every drop, unless the kernel aggregates (then only those
+    /// its full map could not count).
     drops: BTreeMap<(VipLabel, Name), u64>,
     conntrack: BTreeMap<(VipLabel, ConntrackEvent), u64>,
+    /// Drops the kernel counted itself (aggregation), replaced by each read of its totals.
+    kernel_drops: BTreeMap<(VipLabel, Name), u64>,
+    kernel_conntrack: BTreeMap<(VipLabel, ConntrackEvent), u64>,
+    kernel_overflow: u64,
     announcements: BTreeMap<(VipLabel, MacLabel), u64>,
     owner_changes: BTreeMap<VipLabel, u64>,
     owners: BTreeMap<VipLabel, (Mac, u32)>,
@@ -99,8 +107,16 @@ impl Metrics {
             node,
             probes,
             maps_bytes,
+            max_vips: MAX_VIP_LABELS,
             ..Self::default()
         }
+    }
+
+    /// At most `n` VIPs get a label of their own.
+    #[must_use]
+    pub fn with_max_vips(mut self, n: usize) -> Self {
+        self.max_vips = n;
+        self
     }
 
     /// Collectors none of whose probes attached, each with why (for `/healthz`): the agent
@@ -125,22 +141,59 @@ impl Metrics {
 
     /// The label for `vip`, folding VIPs past the bound into `other`.
     fn vip_label(&mut self, vip: Option<IpAddr>) -> VipLabel {
+        let label = self.label_of(vip);
+        if label == VipLabel::Other {
+            self.overflow += 1;
+        }
+        label
+    }
+
+    /// The label for `vip`, taking a label of its own while there is room.
+    fn label_of(&mut self, vip: Option<IpAddr>) -> VipLabel {
         let Some(vip) = vip else {
             return VipLabel::None;
         };
         let known = self.vip_labels.contains(&vip);
-        if own_entry(known, self.vip_labels.len(), MAX_VIP_LABELS) {
+        if own_entry(known, self.vip_labels.len(), self.max_vips) {
             if !known {
                 self.vip_labels.insert(vip);
             }
             return VipLabel::Vip(vip);
         }
-        self.overflow += 1;
         VipLabel::Other
+    }
+
+    /// The kernel's exact totals per aggregation key (agent): they replace the last read.
+    pub fn aggregated(&mut self, agg: &[AggCount], reasons: &DropReasons) {
+        self.kernel_drops.clear();
+        self.kernel_conntrack.clear();
+        self.kernel_overflow = 0;
+        for a in agg {
+            let label = self.label_of(a.vip);
+            if label == VipLabel::Other {
+                self.kernel_overflow += a.count;
+            }
+            let name = self
+                .reason_names
+                .entry(a.reason)
+                .or_insert_with(|| reasons.name(a.reason));
+            let name: Name = name.as_str().into();
+            *self.kernel_drops.entry((label, name)).or_default() += a.count;
+            if let Some(e) = a.event {
+                *self
+                    .kernel_conntrack
+                    .entry((label, ConntrackEvent(e)))
+                    .or_default() += a.count;
+            }
+        }
     }
 
     pub fn record(&mut self, r: &Record) {
         match r {
+            // A sample is already in the kernel's totals.
+            Record::Drop(d) | Record::Conntrack(d) if d.sampled => {
+                *self.events.entry("drop").or_default() += 1;
+            }
             Record::Drop(d) | Record::Conntrack(d) => {
                 let label = self.vip_label(d.vip);
                 *self.events.entry("drop").or_default() += 1;
@@ -222,7 +275,11 @@ impl Metrics {
             "counter",
             "Dropped packets delivered, by VIP and kernel drop reason.",
         );
-        for ((vip, reason), n) in &self.drops {
+        let mut drops = self.drops.clone();
+        for (k, n) in &self.kernel_drops {
+            *drops.entry(k.clone()).or_default() += n;
+        }
+        for ((vip, reason), n) in &drops {
             let vip = vip.to_string();
             e.sample(
                 "lbtrace_drops_total",
@@ -248,7 +305,11 @@ impl Metrics {
             "counter",
             "Drops caused by conntrack, by VIP and event.",
         );
-        for ((vip, event), n) in &self.conntrack {
+        let mut conntrack = self.conntrack.clone();
+        for (k, n) in &self.kernel_conntrack {
+            *conntrack.entry(*k).or_default() += n;
+        }
+        for ((vip, event), n) in &conntrack {
             let (vip, event) = (vip.to_string(), event.to_string());
             let labels = [("vip", vip.as_str()), ("event", event.as_str())];
             e.sample("lbtrace_conntrack_events_total", &labels, n);
@@ -332,6 +393,22 @@ impl Metrics {
             e.sample("lbtrace_events_lost_total", &[("cpu", &cpu.to_string())], n);
         }
         e.family(
+            "lbtrace_events_sampled_out_total",
+            "counter",
+            "Drops counted exactly in the kernel but not sent as records (over the sample limit).",
+        );
+        e.sample(
+            "lbtrace_events_sampled_out_total",
+            &[],
+            self.kernel.sampled_out,
+        );
+        e.family(
+            "lbtrace_aggregation_full_total",
+            "counter",
+            "Drops whose key did not fit the kernel's counters (sent and counted as records).",
+        );
+        e.sample("lbtrace_aggregation_full_total", &[], self.kernel.agg_full);
+        e.family(
             "lbtrace_probe_attached",
             "gauge",
             "1 when the probe is attached.",
@@ -349,7 +426,11 @@ impl Metrics {
             "counter",
             "Events counted under vip=\"other\" or mac=\"other\" because of the label bounds.",
         );
-        e.sample("lbtrace_label_overflow_total", &[], self.overflow);
+        e.sample(
+            "lbtrace_label_overflow_total",
+            &[],
+            self.overflow + self.kernel_overflow,
+        );
         e.family(
             "lbtrace_bpf_maps_bytes",
             "gauge",
@@ -401,6 +482,7 @@ impl Sink for MetricsSink {
     fn housekeeping(&mut self, h: &Housekeeping<'_>) {
         let mut m = self.lock();
         m.kernel(h.counters, h.reasons);
+        m.aggregated(h.agg, h.reasons);
         m.conntrack_tables(h.tables.entries(), h.tables.max);
     }
 }

@@ -100,6 +100,9 @@ pub struct Summary {
     pub events_seen: u64,
     pub events_delivered: u64,
     pub events_lost: u64,
+    /// Drops counted exactly but not sent as records (the agent's sampling):
+    /// `seen = delivered + lost + sampled_out`.
+    pub events_sampled_out: u64,
     pub lost_by_cpu: BTreeMap<String, u64>,
     pub events_printed: u64,
     pub decode_errors: u64,
@@ -145,6 +148,7 @@ impl Summary {
             events_seen: k.matched + k.arp + k.neigh,
             events_delivered: counts.delivered,
             events_lost: k.lost(),
+            events_sampled_out: k.sampled_out,
             lost_by_cpu: k
                 .lost_per_cpu
                 .iter()
@@ -224,10 +228,18 @@ impl Summary {
         }
         writeln!(
             out,
-            "events: {} seen by the kernel, {} delivered, {} lost (ring buffer full){}",
+            "events: {} seen by the kernel, {} delivered, {} lost (ring buffer full){}{}",
             self.events_seen,
             self.events_delivered,
             self.events_lost,
+            if self.events_sampled_out > 0 {
+                format!(
+                    ", {} not sent (sampled; counted exactly)",
+                    self.events_sampled_out
+                )
+            } else {
+                String::new()
+            },
             if self.decode_errors > 0 {
                 format!(", {} undecodable", self.decode_errors)
             } else {

@@ -25,7 +25,7 @@ use crate::{
     event::{decode::decode, values::Name, Namer, Record},
     kernel::{btf::DropReasons, conntrack::TablePressure},
     output::summary::{Summary, VipCounts},
-    probes::{KernelCounters, Tracer},
+    probes::{AggCount, KernelCounters, Tracer},
 };
 use attribution::VipSet;
 use ownership::Ownership;
@@ -61,6 +61,8 @@ pub trait Sink {
 /// What sinks get every second.
 pub struct Housekeeping<'a> {
     pub counters: &'a KernelCounters,
+    /// Exact drop totals per aggregation key (aggregation mode only).
+    pub agg: &'a [AggCount],
     pub tables: &'a TablePressure,
     pub reasons: &'a DropReasons,
 }
@@ -99,6 +101,8 @@ pub struct Pipeline<'s> {
     pub tables: TablePressure,
     pub counts: Counts,
     by_vip: VipCounts,
+    /// The VIP set changed (reload, discovery) since the kernel's copy was made.
+    vips_changed: bool,
     /// A stream's reader went away: keep counting, stop streaming.
     closed: bool,
 }
@@ -123,6 +127,7 @@ impl<'s> Pipeline<'s> {
             tables: TablePressure::empty(),
             counts: Counts::default(),
             by_vip: VipCounts::default(),
+            vips_changed: true,
             closed: false,
         }
     }
@@ -174,7 +179,12 @@ impl<'s> Pipeline<'s> {
             rec.set_node(node);
         }
         let updates = match &rec {
-            Record::Arp(a) => self.ownership.observe(a, &mut self.vips),
+            Record::Arp(a) => {
+                let before = self.vips.addrs().len();
+                let u = self.ownership.observe(a, &mut self.vips);
+                self.vips_changed |= self.vips.addrs().len() != before;
+                u
+            }
             _ => Vec::new(),
         };
         self.vips.attribute(&mut rec);
@@ -207,12 +217,25 @@ impl<'s> Pipeline<'s> {
         self.last_drain.store(unix_now(), Ordering::Relaxed);
     }
 
-    fn housekeeping(&mut self, tracer: &Tracer) {
-        let Ok(counters) = tracer.counters() else {
+    /// Gives the kernel the current VIP set when it changed.
+    fn sync_vips(&mut self, tracer: &mut Tracer) {
+        if !self.vips_changed {
+            return;
+        }
+        match tracer.set_vips(&self.vips) {
+            Ok(()) => self.vips_changed = false,
+            Err(e) => tracing::warn!("updating the kernel's VIP set: {e}"),
+        }
+    }
+
+    fn housekeeping(&mut self, tracer: &mut Tracer) {
+        self.sync_vips(tracer);
+        let (Ok(counters), Ok(agg)) = (tracer.counters(), tracer.agg_counts()) else {
             return;
         };
         let h = Housekeeping {
             counters: &counters,
+            agg: &agg,
             tables: &self.tables,
             reasons: self.namer.reasons(),
         };
@@ -229,6 +252,7 @@ impl<'s> Pipeline<'s> {
             Ok(vips) => {
                 tracing::info!("SIGHUP: configuration reloaded");
                 self.vips = vips;
+                self.vips_changed = true;
             }
             Err(e) => tracing::error!("SIGHUP: keeping the old configuration: {e:#}"),
         }
@@ -245,6 +269,7 @@ impl<'s> Pipeline<'s> {
         ready: impl FnOnce(),
     ) -> anyhow::Result<(Summary, bool)> {
         let ring = tracer.take_ring()?;
+        self.sync_vips(tracer);
         self.tables = TablePressure::start();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -269,7 +294,7 @@ impl<'s> Pipeline<'s> {
         &mut self,
         ring: RingBuf<MapData>,
         duration: Option<Duration>,
-        tracer: &Tracer,
+        tracer: &mut Tracer,
         stop: &Stop,
         ready: impl FnOnce(),
     ) -> anyhow::Result<RingBuf<MapData>> {
@@ -313,6 +338,7 @@ impl<'s> Pipeline<'s> {
                 () = stop.wait() => break,
                 () = &mut deadline => break,
             }
+            self.sync_vips(tracer);
             if self.done() {
                 break;
             }

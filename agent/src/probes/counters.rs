@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    CtEvent, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_REASON_COUNTS, MAP_STATS, STAT_ARP,
-    STAT_CT_NO_BASELINE, STAT_MATCHED, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH,
-    STAT_READ_ERRORS, STAT_RING_LOST, STAT_SEEN,
+    CtEvent, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_REASON_COUNTS, MAP_STATS, STAT_AGG_FULL, STAT_ARP,
+    STAT_CT_NO_BASELINE, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH, STAT_READ_ERRORS,
+    STAT_RING_LOST, STAT_SAMPLED_OUT, STAT_SEEN,
 };
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 
@@ -29,6 +29,10 @@ pub struct KernelCounters {
     /// ARP/NDP and neighbour records that passed the filters.
     pub arp: u64,
     pub neigh: u64,
+    /// Aggregation: drops counted exactly but not sent as records (over the sample limit).
+    pub sampled_out: u64,
+    /// Aggregation: drops whose key did not fit the kernel's map (sent as records instead).
+    pub agg_full: u64,
 }
 
 impl KernelCounters {
@@ -72,7 +76,9 @@ impl Tracer {
             .cloned()
             .unwrap_or_default();
         out.seen = total(STAT_SEEN);
-        out.matched = total(STAT_MATCHED);
+        out.matched = out.by_reason.values().sum();
+        out.sampled_out = total(STAT_SAMPLED_OUT);
+        out.agg_full = total(STAT_AGG_FULL);
         out.read_errors = total(STAT_READ_ERRORS);
         out.ct_no_baseline = total(STAT_CT_NO_BASELINE);
         out.nat_learned = total(STAT_NAT_LEARNED);

@@ -4,17 +4,20 @@
 //! this kernel is skipped with its reason, and the drop collector as a whole fails only when none
 //! of its hooks attaches. Every attempt is kept for `doctor`.
 
+mod aggregate;
 mod collectors;
 mod counters;
 mod filters;
 pub mod offsets;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
-    ProbeConfig, ProbeId, FEATURE_ARP, FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, GLOBAL_CONFIG,
-    MAP_EVENTS, MAP_HOST_FILTER, MAP_REASON_FILTER,
+    ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_ARP, FEATURE_CT_STATS, FEATURE_NAT_CAPTURE,
+    GLOBAL_CONFIG, MAP_AGG, MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_REASON_FILTER, MAP_VIPS4,
+    MAP_VIPS6,
 };
+pub use aggregate::{AggCount, Aggregation};
 use aya::{
     maps::{MapData, RingBuf},
     Ebpf, EbpfLoader,
@@ -64,6 +67,28 @@ pub struct LoadOptions {
     pub wakeup_bytes: u64,
     /// Record ARP/NDP and neighbour updates.
     pub arp: bool,
+    /// Count drops in the kernel and send only samples (the agent).
+    pub aggregate: Option<Aggregation>,
+    /// VIPs and pools the kernel can attribute to (aggregation).
+    pub vip_entries: u32,
+    /// DNAT translations remembered for attribution behind kube-proxy.
+    pub nat_entries: u32,
+}
+
+impl LoadOptions {
+    /// Defaults for everything but the probe mode and filters.
+    pub fn new(mode: ProbeMode, filter: KernelFilter) -> Self {
+        Self {
+            mode,
+            filter,
+            ring_bytes: 4 << 20,
+            wakeup_bytes: 1 << 20,
+            arp: true,
+            aggregate: None,
+            vip_entries: agent_common::VIP_ENTRIES,
+            nat_entries: agent_common::NAT_ENTRIES,
+        }
+    }
 }
 
 /// Whether a feature works on this kernel, and why not.
@@ -173,6 +198,11 @@ fn configure(
     }
     opts.filter.configure(cfg);
     cfg.wakeup_bytes = opts.wakeup_bytes;
+    if let Some(a) = opts.aggregate {
+        cfg.features |= FEATURE_AGGREGATE;
+        cfg.sample_limit = a.sample_limit;
+        cfg.hz = kernel_hz();
+    }
     Ok(Offered {
         layouts,
         conntrack,
@@ -187,6 +217,10 @@ pub struct Tracer {
     /// The drop probe in use.
     pub active: ProbeId,
     pub features: Features,
+    /// Drops are counted in `AGG`; records are samples.
+    pub aggregating: bool,
+    /// What the kernel's VIP trie holds.
+    vips_in_kernel: BTreeSet<ipnet::IpNet>,
 }
 
 /// Per collector, the first probe that attaches (as `mode` allows); every attempt's outcome.
@@ -287,6 +321,10 @@ impl Prepared {
             .btf(None)
             .override_global(GLOBAL_CONFIG, &cfg, true)
             .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+            .map_max_entries(MAP_VIPS4, opts.vip_entries.max(1))
+            .map_max_entries(MAP_VIPS6, opts.vip_entries.max(1))
+            .map_max_entries(MAP_NAT, opts.nat_entries.max(1))
+            .map_max_entries(MAP_AGG, opts.aggregate.map_or(1, |a| a.entries.max(1)))
             .load(EBPF_OBJECT)?;
         release_freed_memory();
         let aya_btf = aya::Btf::from_sys_fs().ok();
@@ -315,7 +353,23 @@ impl Prepared {
                 neighbours: offered.arp.needs(&active, &["neigh"]),
                 conntrack_events: offered.ct_stats,
             },
+            aggregating: opts.aggregate.is_some(),
+            vips_in_kernel: BTreeSet::new(),
         })
+    }
+}
+
+/// The kernel's tick rate: the resolution of the coarse clocks is one jiffy.
+fn kernel_hz() -> u32 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres only writes the timespec it is given.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } == 0;
+    match (ok, res.tv_sec, u32::try_from(res.tv_nsec)) {
+        (true, 0, Ok(ns)) if ns > 0 => 1_000_000_000 / ns,
+        _ => 0,
     }
 }
 

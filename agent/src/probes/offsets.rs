@@ -75,6 +75,7 @@ pub fn kernel_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfE
     cfg.skb_len = btf.member_offset("sk_buff", "len")?;
     cfg.skb_protocol = btf.member_offset("sk_buff", "protocol")?;
     cfg.skb_network_header = btf.member_offset("sk_buff", "network_header")?;
+    cfg.skb_mac_header = btf.member_offset("sk_buff", "mac_header")?;
     cfg.skb_dev = btf.member_offset("sk_buff", "dev")?;
     cfg.skb_sk = btf.member_offset("sk_buff", "sk")?;
     cfg.dev_ifindex = btf.member_offset("net_device", "ifindex")?;
@@ -107,7 +108,6 @@ pub fn conntrack_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), B
 /// Offsets for ARP/NDP frames and neighbour entries.
 pub fn arp_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
     cfg.skb_data = btf.member_offset("sk_buff", "data")?;
-    cfg.skb_mac_header = btf.member_offset("sk_buff", "mac_header")?;
     cfg.dev_type = btf.member_offset("net_device", "type")?;
     cfg.dev_priv_flags = btf.member_offset("net_device", "priv_flags")?;
     cfg.priv_flag_bridge_port = btf
@@ -128,9 +128,22 @@ pub fn arp_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfErro
 /// Offsets for the per-CPU conntrack statistics of a namespace.
 pub fn ct_stat_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
     cfg.net_ct_stat = btf.member_offset("net", "ct.stat")?;
-    cfg.stat_insert_failed = btf.member_offset("ip_conntrack_stat", "insert_failed")?;
-    cfg.stat_drop = btf.member_offset("ip_conntrack_stat", "drop")?;
-    cfg.stat_early_drop = btf.member_offset("ip_conntrack_stat", "early_drop")?;
+    // The program reads the first STAT_BYTES of the struct in one go.
+    const STAT_BYTES: u32 = 32;
+    let within = |member: &'static str| -> Result<u32, BtfError> {
+        let off = btf.member_offset("ip_conntrack_stat", member)?;
+        if off + 4 > STAT_BYTES {
+            return Err(BtfError::BeyondRead {
+                strukt: "ip_conntrack_stat",
+                member,
+                limit: STAT_BYTES,
+            });
+        }
+        Ok(off)
+    };
+    cfg.stat_insert_failed = within("insert_failed")?;
+    cfg.stat_drop = within("drop")?;
+    cfg.stat_early_drop = within("early_drop")?;
     cfg.array_pptrs = btf.member_offset("bpf_array", "pptrs")?;
     Ok(())
 }

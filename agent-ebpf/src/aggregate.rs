@@ -1,0 +1,226 @@
+//! Aggregation mode (the agent): every drop counted in `AGG` by what the metrics expose, and
+//! only a bounded number of samples per key and second sent through the ring.
+//!
+//! Every drop pays this path, so it reads as little as it can: no header at all when no VIP is
+//! configured, only the two addresses when one is, and conntrack or the NAT map only when the
+//! packet itself carries no VIP.
+
+use agent_common::{
+    AggKey, AggValue, DropRecord, Vip4Key, Vip6Key, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, FAMILY_IPV4,
+    FAMILY_IPV6, STAT_AGG_FULL,
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
+
+use crate::{
+    conf,
+    drop::{parse_into, Drop},
+    kernel::{read, Mem},
+    maps::{stat_inc, AGG, VIPS4, VIPS6, VIP_META},
+    packet::{ETH_IPV4, ETH_IPV6, HEADER_UNSET},
+};
+
+/// Bits of `VIP_META[0]`.
+const META_IPV4: u32 = 1 << 0;
+const META_IPV6: u32 = 1 << 1;
+
+/// What becomes of a drop once counted.
+pub enum Outcome {
+    /// Counted in `AGG`; send it as a sample.
+    Sample,
+    /// Counted in `AGG`; over this key's sample limit.
+    Skip,
+    /// `AGG` is full: send it unaggregated, so userspace still counts it.
+    Unaggregated,
+}
+
+#[inline(always)]
+fn vip4(addr: [u8; 4]) -> bool {
+    let key = Vip4Key {
+        prefix_len: 32,
+        addr,
+    };
+    // SAFETY: Vip4Key has the layout of the trie's packed key (u32 then four bytes).
+    let key = unsafe { &*(&raw const key).cast::<Key<[u8; 4]>>() };
+    VIPS4.get(key).is_some()
+}
+
+#[inline(always)]
+fn vip6(addr: [u8; 16]) -> bool {
+    let key = Vip6Key {
+        prefix_len: 128,
+        addr,
+    };
+    // SAFETY: as in `vip4`.
+    let key = unsafe { &*(&raw const key).cast::<Key<[u8; 16]>>() };
+    VIPS6.get(key).is_some()
+}
+
+#[inline(always)]
+fn take4(key: &mut AggKey, addr: [u8; 4]) -> bool {
+    if !vip4(addr) {
+        return false;
+    }
+    key.vip = [u32::from_ne_bytes(addr), 0, 0, 0];
+    key.family = FAMILY_IPV4;
+    true
+}
+
+#[inline(always)]
+fn take6(key: &mut AggKey, addr: &[u8; 16]) -> bool {
+    if !vip6(*addr) {
+        return false;
+    }
+    // SAFETY: [u8; 16] and [u32; 4] have the same size; any bit pattern is valid.
+    key.vip = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
+    key.family = FAMILY_IPV6;
+    true
+}
+
+/// Sets `key`'s VIP to the first of `addrs` that is one.
+#[inline(always)]
+fn take_tuple(key: &mut AggKey, family: u8, daddr: &[u8; 16], saddr: &[u8; 16], meta: u32) {
+    match family {
+        FAMILY_IPV4 if meta & META_IPV4 != 0 => {
+            let _ = take4(key, [daddr[0], daddr[1], daddr[2], daddr[3]])
+                || take4(key, [saddr[0], saddr[1], saddr[2], saddr[3]]);
+        }
+        FAMILY_IPV6 if meta & META_IPV6 != 0 => {
+            let _ = take6(key, daddr) || take6(key, saddr);
+        }
+        _ => {}
+    }
+}
+
+/// Attributes by the packet's own destination, then source, read in one small block at the
+/// network header. Returns whether a VIP was found.
+#[inline(always)]
+fn by_packet<M: Mem>(skb: u64, key: &mut AggKey, meta: u32) -> bool {
+    let (Ok(proto), Ok(head), Ok(nh)) = (
+        M::read::<u16>(skb, conf!(skb_protocol)),
+        M::read::<u64>(skb, conf!(skb_head)),
+        M::read::<u16>(skb, conf!(skb_network_header)),
+    ) else {
+        return false;
+    };
+    if nh == HEADER_UNSET {
+        return false;
+    }
+    let l3 = head + u64::from(nh);
+    if proto == ETH_IPV4 && meta & META_IPV4 != 0 {
+        // saddr and daddr: the 8 bytes at offset 12 of the IPv4 header.
+        let Ok(a) = read::<[u8; 8]>(l3, 12) else {
+            return false;
+        };
+        return take4(key, [a[4], a[5], a[6], a[7]]) || take4(key, [a[0], a[1], a[2], a[3]]);
+    }
+    if proto == ETH_IPV6 && meta & META_IPV6 != 0 {
+        // daddr, then saddr: 16 bytes each at offsets 24 and 8 of the IPv6 header.
+        let (Ok(dst), Ok(src)) = (read::<[u8; 16]>(l3, 24), read::<[u8; 16]>(l3, 8)) else {
+            return false;
+        };
+        return take6(key, &dst) || take6(key, &src);
+    }
+    false
+}
+
+/// The drop's VIP, in the order userspace attributes: the packet's destination, its source,
+/// then (only when the packet carries none and the flow is translated) conntrack's original
+/// tuple or the NAT map's. Sets `parsed` when the whole record was read for that.
+#[inline(always)]
+fn attribute<M: Mem>(skb: u64, key: &mut AggKey, rec: &mut DropRecord, parsed: &mut bool) {
+    // SAFETY: an array slot that always exists; a plain u32.
+    let meta = VIP_META.get(0).copied().unwrap_or(0);
+    if meta == 0 || by_packet::<M>(skb, key, meta) {
+        return;
+    }
+    if !crate::conntrack::translated::<M>(skb) {
+        return;
+    }
+    parse_into::<M>(skb, rec);
+    *parsed = true;
+    if rec.ct_flags & (CT_FLAG_ENTRY | CT_FLAG_NAT_JOIN) != 0 {
+        let o = &rec.orig;
+        take_tuple(key, o.family, &o.daddr, &o.saddr, meta);
+    }
+}
+
+/// The current sampling window, in seconds: from jiffies (inlined by the JIT, no clock read)
+/// when the agent told the tick rate.
+#[inline(always)]
+fn window() -> u64 {
+    let hz = conf!(hz);
+    // SAFETY: plain helpers without arguments.
+    unsafe {
+        if hz != 0 {
+            bpf_jiffies64() / u64::from(hz)
+        } else {
+            bpf_ktime_get_ns() / 1_000_000_000
+        }
+    }
+}
+
+/// Takes a sample when this key's window has room.
+#[inline(always)]
+fn sample(v: &mut AggValue) -> Outcome {
+    let limit = conf!(sample_limit);
+    if limit == 0 {
+        return Outcome::Sample;
+    }
+    let now = window();
+    if v.window != now {
+        v.window = now;
+        v.samples = 0;
+    }
+    if v.samples < limit {
+        v.samples += 1;
+        Outcome::Sample
+    } else {
+        Outcome::Skip
+    }
+}
+
+/// Counts the drop under its key.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the key and value are copied again on the 512-byte BPF stack"
+)]
+pub fn count<M: Mem>(d: &Drop, event: u8, rec: &mut DropRecord, parsed: &mut bool) -> Outcome {
+    let mut key = AggKey {
+        vip: [0; 4],
+        family: 0,
+        ct_event: event,
+        _pad0: [0; 2],
+        reason: d.reason,
+        location: d.location,
+    };
+    attribute::<M>(d.skb, &mut key, rec, parsed);
+    if let Some(v) = AGG.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot; programs do not nest on one CPU.
+        let v = unsafe { &mut *v };
+        v.count += 1;
+        return sample(v);
+    }
+    let first = AggValue {
+        count: 1,
+        window: window(),
+        samples: 1,
+        _pad0: 0,
+    };
+    if AGG.insert(&key, &first, u64::from(BPF_NOEXIST)).is_ok() {
+        return Outcome::Sample;
+    }
+    // Another CPU created the key (this CPU's slot starts at zero), or the map is full.
+    if let Some(v) = AGG.get_ptr_mut(&key) {
+        // SAFETY: as above.
+        let v = unsafe { &mut *v };
+        v.count += 1;
+        return sample(v);
+    }
+    stat_inc(STAT_AGG_FULL);
+    Outcome::Unaggregated
+}

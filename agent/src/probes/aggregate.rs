@@ -1,0 +1,148 @@
+//! Aggregation mode: the VIP set the kernel attributes drops to, and the exact per-key counts
+//! it keeps (read at housekeeping, never per event).
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use agent_common::{AggKey, AggValue, CtEvent, MAP_AGG, MAP_VIPS4, MAP_VIPS6, MAP_VIP_META};
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuHashMap},
+    Ebpf,
+};
+use ipnet::IpNet;
+
+use super::{map_err, ProbeError, Tracer};
+use crate::pipeline::attribution::VipSet;
+
+/// Aggregation settings (the agent's).
+#[derive(Clone, Copy, Debug)]
+pub struct Aggregation {
+    /// Records per key (VIP, reason, location, conntrack event), CPU and second; 0: all.
+    pub sample_limit: u32,
+    /// Keys `AGG` holds; drops of keys past it are sent as records and still counted.
+    pub entries: u32,
+}
+
+/// One key's exact total over all CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AggCount {
+    pub vip: Option<IpAddr>,
+    pub reason: u32,
+    pub location: u64,
+    /// The conntrack event (unknown values kept), when conntrack caused the drop.
+    pub event: Option<Result<CtEvent, u8>>,
+    pub count: u64,
+}
+
+fn addr_of(key: &AggKey) -> Option<IpAddr> {
+    // The words hold the address in network byte order, as the packet did.
+    let bytes: Vec<u8> = key.vip.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match key.family {
+        agent_common::FAMILY_IPV4 => {
+            let b: [u8; 4] = bytes[..4].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        agent_common::FAMILY_IPV6 => {
+            let b: [u8; 16] = bytes.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// Adds and removes `net`s of one family in its trie.
+fn update_trie<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    add: &[(u8, [u8; N])],
+    remove: &[(u8, [u8; N])],
+) -> Result<(), ProbeError> {
+    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    let mut trie: LpmTrie<&mut MapData, [u8; N], u8> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
+    for (len, addr) in add {
+        trie.insert(&Key::new(u32::from(*len), *addr), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    for (len, addr) in remove {
+        let _ = trie.remove(&Key::new(u32::from(*len), *addr));
+    }
+    Ok(())
+}
+
+/// The prefixes of `nets`, split by family.
+#[expect(
+    clippy::type_complexity,
+    reason = "two lists of (prefix length, address) pairs"
+)]
+fn split<'a>(nets: impl Iterator<Item = &'a IpNet>) -> (Vec<(u8, [u8; 4])>, Vec<(u8, [u8; 16])>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for n in nets {
+        match n {
+            IpNet::V4(n) => v4.push((n.prefix_len(), n.addr().octets())),
+            IpNet::V6(n) => v6.push((n.prefix_len(), n.addr().octets())),
+        }
+    }
+    (v4, v6)
+}
+
+/// The prefixes a VIP set puts in the kernel's trie.
+pub fn prefixes(vips: &VipSet) -> BTreeSet<IpNet> {
+    vips.addrs()
+        .iter()
+        .map(|a| IpNet::from(*a))
+        .chain(vips.pools().iter().copied())
+        .collect()
+}
+
+impl Tracer {
+    /// Makes the kernel's VIP trie hold exactly `vips`: adds before it removes, so a VIP kept
+    /// across a reload never goes unattributed.
+    pub fn set_vips(&mut self, vips: &VipSet) -> Result<(), ProbeError> {
+        if !self.aggregating {
+            return Ok(());
+        }
+        let want = prefixes(vips);
+        let (add4, add6) = split(want.difference(&self.vips_in_kernel));
+        let (del4, del6) = split(self.vips_in_kernel.difference(&want));
+        update_trie(&mut self.ebpf, MAP_VIPS4, &add4, &del4)?;
+        update_trie(&mut self.ebpf, MAP_VIPS6, &add6, &del6)?;
+        let meta = want.iter().fold(0u32, |m, n| match n {
+            IpNet::V4(_) => m | 1,
+            IpNet::V6(_) => m | 2,
+        });
+        let map = self
+            .ebpf
+            .map_mut(MAP_VIP_META)
+            .ok_or(ProbeError::MissingMap(MAP_VIP_META))?;
+        let mut arr: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(map_err(MAP_VIP_META))?;
+        arr.set(0, meta, 0).map_err(map_err(MAP_VIP_META))?;
+        self.vips_in_kernel = want;
+        Ok(())
+    }
+
+    /// Exact totals per aggregation key (empty unless aggregating).
+    pub fn agg_counts(&self) -> Result<Vec<AggCount>, ProbeError> {
+        if !self.aggregating {
+            return Ok(Vec::new());
+        }
+        let map = self
+            .ebpf
+            .map(MAP_AGG)
+            .ok_or(ProbeError::MissingMap(MAP_AGG))?;
+        let agg: PerCpuHashMap<&MapData, AggKey, AggValue> =
+            PerCpuHashMap::try_from(map).map_err(map_err(MAP_AGG))?;
+        let mut out = Vec::new();
+        for item in agg.iter() {
+            let (key, per_cpu) = item.map_err(map_err(MAP_AGG))?;
+            out.push(AggCount {
+                vip: addr_of(&key),
+                reason: key.reason,
+                location: key.location,
+                event: (key.ct_event != 0).then(|| CtEvent::try_from(key.ct_event)),
+                count: per_cpu.iter().map(|v| v.count).sum(),
+            });
+        }
+        Ok(out)
+    }
+}
