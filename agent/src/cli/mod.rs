@@ -125,9 +125,14 @@ pub struct WatchArgs {
     /// Do not record ARP, IPv6 neighbour discovery or neighbour-cache updates.
     #[arg(long)]
     pub(crate) no_arp: bool,
-    /// Learn VIPs from the gratuitous announcements seen (as a MetalLB speaker makes them).
+    /// Learn VIPs from announcements (gratuitous ARP/NA, ARP replies) and from the addresses
+    /// configured in the namespaces lbtrace can enter.
     #[arg(long)]
     pub(crate) discover_vips: bool,
+    /// Also show drops that are not loss: packets the kernel freed after they did their job,
+    /// socket teardown, the host's own noise (each record's `class` says which).
+    #[arg(long)]
+    pub(crate) all_drops: bool,
     /// Which hooks to use: tp_btf first (auto), or only one kind (btf, tracepoint).
     #[arg(long, default_value_t = ProbeMode::Auto, value_parser = probe_modes())]
     pub(crate) probe_mode: ProbeMode,

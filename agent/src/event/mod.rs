@@ -1,5 +1,6 @@
 //! Ring-buffer bytes → typed [`decode::Event`]s → [`Record`]s with names and wall-clock times.
 
+pub mod class;
 pub mod decode;
 pub mod record;
 pub mod values;
@@ -164,7 +165,12 @@ impl Namer {
             reply: d.ct.reply.as_ref().map(flow),
             nat_netns: d.ct.nat_netns,
             vip: None,
+            // Filled from the kernel's record once its programs copy the MAC header.
+            src_mac: None,
+            dst_mac: None,
+            class: None,
         }
+        .classified()
     }
 
     fn arp_rec(&mut self, a: &ArpEvent) -> ArpRec {

@@ -147,7 +147,11 @@ impl Metrics {
                 if let Some(ev) = d.event {
                     *self.conntrack.entry((label, ev)).or_default() += 1;
                 }
-                *self.drops.entry((label, d.reason.clone())).or_default() += 1;
+                // issue 15: benign frees and local noise stay out of lbtrace_drops_total (one
+                // rule: event::class::classify, cheap enough to call at scrape time too).
+                if d.is_loss() {
+                    *self.drops.entry((label, d.reason.clone())).or_default() += 1;
+                }
             }
             Record::Arp(a) => {
                 let label = self.vip_label(a.vip);
@@ -220,7 +224,7 @@ impl Metrics {
         e.family(
             "lbtrace_drops_total",
             "counter",
-            "Dropped packets delivered, by VIP and kernel drop reason.",
+            "Lost packets delivered, by VIP and kernel drop reason (benign frees and local noise not counted).",
         );
         for ((vip, reason), n) in &self.drops {
             let vip = vip.to_string();
