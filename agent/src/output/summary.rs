@@ -126,6 +126,7 @@ pub struct Summary {
     /// Lost packets per VIP (drop records delivered, attributed and classed as loss).
     pub drops_by_vip: BTreeMap<String, BTreeMap<String, u64>>,
     /// Per VIP, drop records that were not loss (benign frees, local noise): not counted above.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub not_loss_by_vip: BTreeMap<String, u64>,
     /// Per netns: conntrack table pressure and per-CPU counter movement while watching.
     #[serde(with = "crate::event::values::number_keys")]
