@@ -203,3 +203,96 @@ pub(super) fn stale_arp(vip: &str, st: &VipState, all: &[&Sample]) -> Option<Fin
         "clients kept the old owner's MAC after the VIP moved: make the speaker send gratuitous ARP / unsolicited NA on failover, lower the clients' neighbour timers (base_reachable_time_ms, gc_stale_time), or let the old node forward (externalTrafficPolicy: Cluster)",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        analysis::Analyzer,
+        event::{
+            record::{DropRec, VipOwnerRec},
+            values::{Mac, Time},
+            Record,
+        },
+    };
+
+    fn at(s: u64) -> Option<Time> {
+        Some(Time::from_secs_f64(1_800_000_000.0 + s as f64))
+    }
+
+    fn drop_rec(s: u64, vip: &str, netns: u32, reason: &str, dst: &str) -> Record {
+        Record::Drop(DropRec {
+            time: at(s),
+            reason: reason.into(),
+            location: "ip_error+0x1".into(),
+            netns,
+            dst: dst.parse().ok(),
+            src: "10.200.0.2".parse().ok(),
+            vip: vip.parse().ok(),
+            ..DropRec::default()
+        })
+    }
+
+    fn owner(s: u64, vip: &str, old: Option<(u8, u32)>, new: (u8, u32)) -> Record {
+        Record::VipOwner(Box::new(VipOwnerRec {
+            node: None,
+            time: at(s),
+            vip: vip.parse().unwrap(),
+            old_mac: old.map(|(m, _)| Mac([0xaa, 0, 0, 0, 0, m])),
+            old_netns: old.map(|(_, n)| n),
+            new_mac: Mac([0xaa, 0, 0, 0, 0, new.0]),
+            new_netns: Some(new.1),
+            ifname: None,
+            source: None,
+        }))
+    }
+
+    #[test]
+    fn started_mid_incident_the_frames_name_the_stale_mac_per_client() {
+        // No owner known: a client sends A's traffic to MAC 0a (dropped as not that host's
+        // address) from 2 s to 11 s; at 12 s 0b answers. That is a move, and stale ARP.
+        let vip = "10.200.0.100";
+        let mut a = Analyzer::new([vip.to_owned()]);
+        for s in 2..=11 {
+            let Record::Drop(mut d) = drop_rec(s, vip, 11, "IP_INADDRERRORS", vip) else {
+                unreachable!()
+            };
+            d.src = "10.200.0.1".parse().ok();
+            d.src_mac = Some(Mac([2, 0, 0, 0, 0, 1]));
+            d.dst_mac = Some(Mac([0xaa, 0, 0, 0, 0, 0xa]));
+            a.add(&Record::Drop(d));
+        }
+        a.add(&owner(12, vip, None, (0xb, 12)));
+        assert_eq!(
+            a.changes(vip).len(),
+            1,
+            "the first owner after drops elsewhere is a move"
+        );
+        let d = a.diagnose();
+        let f = &d[0].findings[0];
+        let crate::analysis::diagnosis::Evidence::StaleArp(e) = &f.evidence else {
+            panic!("{f:?}")
+        };
+        assert_eq!(e.old_mac.as_deref(), Some("aa:00:00:00:00:0a"));
+        assert_eq!(e.clients.len(), 1);
+        let c = &e.clients[0];
+        assert_eq!(c.client, "10.200.0.1");
+        assert_eq!(c.client_mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!((c.drops, c.window_s), (10, 9.0));
+    }
+
+    #[test]
+    fn benign_frees_are_in_no_view() {
+        let vip = "10.200.0.101";
+        let mut a = Analyzer::new([vip.to_owned()]);
+        for s in 0..10 {
+            let Record::Drop(mut d) = drop_rec(s, vip, 11, "NOT_SPECIFIED", vip) else {
+                unreachable!()
+            };
+            d.location = "tcp_rcv_state_process+0x1d2".into();
+            a.add(&Record::Drop(d));
+        }
+        let total = a.timeline(vip).unwrap().total();
+        assert_eq!((total.drops, total.not_loss), (0, 10));
+        assert!(a.diagnose()[0].findings.is_empty());
+    }
+}

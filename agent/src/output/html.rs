@@ -136,7 +136,7 @@ pub fn html(a: &Analyzer, diagnosis: &[VipDiagnosis], records: &[Record], title:
         o,
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;margin:2em;color:#222}}h2{{border-bottom:1px solid #ccc}}\
-table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td p{{margin:.2em 0}}table.evidence{{font-size:12px}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}\
+table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td p{{margin:.2em 0}}table.evidence{{font-size:12px}}table.evidence td,tr.finding td:nth-child(3),tr.finding td:nth-child(4){{white-space:nowrap}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}\
 .legend span{{margin-right:1em;font-size:12px}}.legend i{{display:inline-block;width:10px;height:10px;margin-right:4px}}\
 .legend i.dash{{border-top:2px dashed #000;height:0;width:14px}}.none{{color:#080}}</style></head><body><h1>{t}</h1>",
         t = esc(title)

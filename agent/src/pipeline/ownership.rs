@@ -415,4 +415,95 @@ mod tests {
         assert_eq!(kinds(&u), ["discovered", "changed"]);
         assert_eq!(vips.addrs(), ["10.200.0.100".parse::<IpAddr>().unwrap()]);
     }
+
+    /// A speaker's announcement of `ip` from `mac` at `t` ms, in one of the shapes real
+    /// speakers send.
+    fn shaped(shape: &str, t_ms: u64, mac: u8, ip: &str) -> ArpRec {
+        let mut a = garp(0, mac, ip);
+        a.time = Some(Time::from_secs_f64(t_ms as f64 / 1000.0));
+        match shape {
+            "request" => {}
+            // An ARP reply to the broadcast address with sender = target = the VIP.
+            "reply" => a.op = ArpOp::Reply,
+            // Unsolicited NA with override, from the interface's link-local address.
+            "na" => {
+                a.op = ArpOp::Advertisement;
+                a.family = crate::event::values::Family::Ipv6;
+                a.sender_ip = "fe80::1".parse().ok();
+                a.ndp_flags = Some(crate::event::record::NdpFlags::from_wire(
+                    crate::event::record::NDP_OVERRIDE,
+                ));
+            }
+            _ => unreachable!(),
+        }
+        a
+    }
+
+    #[test]
+    fn every_shape_of_announcement_counts_one_move_per_real_move() {
+        for (shape, vip) in [
+            ("request", "10.200.0.100"),
+            ("reply", "10.200.0.100"),
+            ("na", "fd00:200::100"),
+        ] {
+            let mut vips = VipSet::new(vec![vip.parse().unwrap()]);
+            let mut o = Ownership::new(OwnershipConfig::default(), false);
+            let mut recs = Vec::new();
+            // A holds the VIP and re-announces it every 10 s, as MetalLB does.
+            for t in (0..30_000).step_by(10_000) {
+                recs.extend(o.observe(&shaped(shape, t, 0xa, vip), &mut vips));
+            }
+            // The move: B sends a burst of 3, 20 ms apart, again 2 s later, then re-announces
+            // every 10 s for two minutes; a bridge's copies and the receivers' are not counted.
+            for burst in [30_000, 32_000] {
+                for i in 0..3 {
+                    let mut a = shaped(shape, burst + 20 * i, 0xb, vip);
+                    recs.extend(o.observe(&a, &mut vips));
+                    a.bridged = true;
+                    recs.extend(o.observe(&a, &mut vips));
+                    a.bridged = false;
+                    a.direction = Direction::Rx;
+                    recs.extend(o.observe(&a, &mut vips));
+                }
+            }
+            for t in (40_000..160_000).step_by(10_000) {
+                recs.extend(o.observe(&shaped(shape, t, 0xb, vip), &mut vips));
+            }
+            let k = kinds(&recs);
+            assert_eq!(
+                k,
+                ["changed", "changed"],
+                "{shape}: first owner, then one move"
+            );
+            let (_, _, changes) = o.owners().next().unwrap();
+            assert!(changes[1].from.is_some(), "{shape}");
+            assert_eq!(
+                changes[1].garps,
+                6 + 12,
+                "{shape}: every announcement of B counted once"
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_learns_an_address_answered_for_by_a_second_host() {
+        let mut vips = VipSet::default();
+        let mut o = Ownership::new(OwnershipConfig::default(), true);
+        let mut reply = garp(0, 0xa, "10.200.0.100");
+        reply.gratuitous = false;
+        reply.op = ArpOp::Reply;
+        assert!(
+            o.observe(&reply, &mut vips).is_empty(),
+            "one host: a node's own address"
+        );
+        assert!(o.observe(&reply, &mut vips).is_empty());
+        reply.sender_mac = Mac([2, 0, 0, 0, 0, 0xb]);
+        let u = o.observe(&reply, &mut vips);
+        assert_eq!(kinds(&u), ["discovered", "changed"]);
+        let (_, _, changes) = o.owners().next().unwrap();
+        assert_eq!(
+            changes[0].from.as_ref().unwrap().mac,
+            Mac([2, 0, 0, 0, 0, 0xa])
+        );
+    }
 }

@@ -707,7 +707,9 @@ fn diagnosis_checks(
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = crate::lbtrace::run(&args);
-    let _ = std::fs::remove_file(&file);
+    if out.is_err() {
+        let _ = std::fs::remove_file(&file);
+    }
     let out = out?;
     ensure!(
         out.status.success(),
@@ -722,6 +724,45 @@ fn diagnosis_checks(
     let mut checks = finding_checks(scenario.expected_cause(), vips, &by_vip);
     if let Some(mac) = old_owner {
         checks.extend(super::accounts::client_window_checks(vips, &by_vip, &mac));
+    }
+    let views = quiet_views(vips, &file);
+    let _ = std::fs::remove_file(&file);
+    checks.extend(views?);
+    Ok(checks)
+}
+
+/// Every VIP that must lose nothing shows no drop in `lbtrace timeline` and no bar in its
+/// chart of `lbtrace report`, both from the recording.
+fn quiet_views(vips: &[VipOutcome], file: &std::path::Path) -> Result<Vec<Check>> {
+    let html = file.with_extension("html");
+    let out = crate::lbtrace::run(&[
+        "report",
+        &file.display().to_string(),
+        "-o",
+        &html.display().to_string(),
+    ])?;
+    ensure!(out.status.success(), "lbtrace report failed");
+    let page = std::fs::read_to_string(&html);
+    let _ = std::fs::remove_file(&html);
+    let page = page?;
+    let mut checks = Vec::new();
+    for v in vips.iter().filter(|v| v.role != Role::Affected) {
+        let vip = v.vip.to_string();
+        let out = crate::lbtrace::run(&["timeline", "--vip", &vip, &file.display().to_string()])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let drops = text.lines().filter(|l| l.contains(" drops ")).count();
+        let section = page
+            .split("<section class=\"vip\"")
+            .find(|s| s.contains(&format!("data-vip=\"{vip}\"")))
+            .unwrap_or("");
+        let bars = section.matches("class=\"bar\"").count();
+        checks.push(Check::new(
+            out.status.success() && drops == 0 && bars == 0 && !section.is_empty(),
+            format!(
+                "{vip} ({}): timeline lines with drops {drops}, report bars {bars}: both 0",
+                v.role.name()
+            ),
+        ));
     }
     Ok(checks)
 }
