@@ -163,6 +163,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     p.sinks = sinks;
     p.node = Some(s.node.as_str().into());
     p.reload = Some(reload(&args));
+    p.learn_holders(s.netns);
     let health = http::Health {
         last_drain: p.last_drain.clone(),
         ready: Arc::default(),

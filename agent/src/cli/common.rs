@@ -191,7 +191,7 @@ pub(crate) fn trace(
             probes: tracer.statuses.clone(),
         }));
     }
-    p.learn_holders();
+    p.learn_holders(args.netns);
     let banner = format!(
         "lbtrace: tracing drops with {} (ring buffer {} KiB); Ctrl-C to stop",
         probe_name(tracer.active),

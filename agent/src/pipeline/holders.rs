@@ -27,10 +27,14 @@ pub struct NsView {
     pub neighbours: Vec<rtnl::Neighbour>,
 }
 
-/// Reads every namespace lbtrace can enter; those it cannot are skipped (logged).
-pub fn scan() -> Vec<NsView> {
+/// Reads every namespace lbtrace can enter (only `only`, when given: `--netns`); those it
+/// cannot are skipped (logged).
+pub fn scan(only: Option<u32>) -> Vec<NsView> {
     let mut out = Vec::new();
     for (ino, path) in netns::namespaces() {
+        if only.is_some_and(|o| o != ino) {
+            continue;
+        }
         match netns::in_netns(&path, || {
             Ok::<_, std::io::Error>((rtnl::addresses()?, rtnl::neighbours()?))
         }) {
