@@ -33,6 +33,7 @@ pub struct FileConfig {
     pub probe_mode: Option<String>,
     pub ring_size: Option<u32>,
     pub no_arp: Option<bool>,
+    pub arp_rx: Option<bool>,
     pub discover_vips: Option<bool>,
     pub sample_limit: Option<u32>,
     pub max_vips: Option<u32>,

@@ -71,4 +71,5 @@ scenario_tests! {
     conntrack_full: ConntrackFull,
     mtu_mismatch: MtuMismatch,
     policy_race: PolicyRace,
+    late_start: LateStart,
 }

@@ -442,7 +442,8 @@ fn each_forced_fallback_leaves_the_other_probes_attached() {
     let ns = Netns::new("rfb").unwrap();
     let inode = ns.inode.to_string();
     for (i, (collector, preferred, fallback)) in COLLECTORS.iter().enumerate() {
-        let a = Agent::start(&["--netns", &inode], &[(DISABLE, preferred)]).unwrap();
+        // --arp-rx: the agent hooks received packets only when asked; here every collector is.
+        let a = Agent::start(&["--netns", &inode, "--arp-rx"], &[(DISABLE, preferred)]).unwrap();
         assert_eq!(attached(&a, preferred), 0, "{collector}");
         assert_eq!(attached(&a, fallback), 1, "{collector} falls back");
         for (j, (other, p, fb)) in COLLECTORS.iter().enumerate() {
@@ -459,7 +460,7 @@ fn each_forced_fallback_leaves_the_other_probes_attached() {
     assert_eq!(f.summary["probe"], "tracepoint/skb/kfree_skb");
     // --probe-mode forces every fallback (or none) at once.
     for mode in ["tracepoint", "btf"] {
-        let a = Agent::start(&["--netns", &inode, "--probe-mode", mode], &[]).unwrap();
+        let a = Agent::start(&["--netns", &inode, "--arp-rx", "--probe-mode", mode], &[]).unwrap();
         for (collector, preferred, fallback) in COLLECTORS {
             let (on, off) = match mode {
                 "btf" => (preferred, fallback),
@@ -648,7 +649,7 @@ fn kill_9_leaves_nothing_behind_and_the_next_start_works() {
         .into_iter()
         .map(|k| (k, bpf_ids_of(a.pid(), &format!("{k}_id")).unwrap()))
         .collect();
-    assert!(held[0].1.len() >= 4, "programs held: {held:?}");
+    assert!(held[0].1.len() >= 3, "programs held: {held:?}");
     assert!(!held[2].1.is_empty(), "maps held: {held:?}");
     let status = a.kill9().unwrap();
     assert_eq!(

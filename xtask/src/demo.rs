@@ -1,5 +1,5 @@
-//! `cargo xtask demo`: the lab's stale-arp and failover-garp scenarios while `lbtrace watch`
-//! streams their drops live, then each VIP's ground truth next to lbtrace.
+//! `cargo xtask demo`: the lab's stale-arp and failover-garp scenarios, each while an `lbtrace
+//! watch` of its own streams its drops live, then each VIP's ground truth next to lbtrace.
 
 use anyhow::{Context, Result};
 use lbtest::{
@@ -25,29 +25,25 @@ pub fn demo() -> Result<()> {
     for v in &vips {
         args.extend(["--vip", v]);
     }
-    step(&format!("demo: lbtrace watch {}", args.join(" ")));
-    let live = Watch::start_live(&args)?;
     let mut outcomes = Vec::new();
+    // One lbtrace per scenario: each lab's hosts have fresh MACs, which one watch over both
+    // labs would take for moves of the VIPs.
     for s in [Scenario::StaleArp, Scenario::FailoverGarp] {
         step(&format!("demo: scenario {}: {}", s.name(), s.about()));
+        step(&format!("demo: lbtrace watch {}", args.join(" ")));
+        let live = Watch::start_live(&args)?;
         let out = crate::lab::run(s, None).with_context(|| s.name());
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = live.stop();
-                return Err(e);
-            }
-        };
+        step(&format!("demo: lbtrace's summary of {}", s.name()));
+        let finished = live.stop()?;
+        let out = out?;
+        anyhow::ensure!(
+            finished.status.success(),
+            "lbtrace failed: {}",
+            finished.stderr
+        );
         eprint!("{}", out.render());
         outcomes.push(out);
     }
-    step("demo: lbtrace's summary");
-    let finished = live.stop()?;
-    anyhow::ensure!(
-        finished.status.success(),
-        "lbtrace failed: {}",
-        finished.stderr
-    );
     step("demo: per VIP, what the client lost, what the kernel counted, what lbtrace reported");
     for out in &outcomes {
         eprintln!("{}:", out.scenario.name());

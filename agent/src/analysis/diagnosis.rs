@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{OwnerChange, Sample, VipState};
+pub use super::stale::{ClientWindow, StaleArpEvidence};
+use super::{stale::stale_arp, OwnerChange, Sample, VipState};
 use crate::event::values::Time;
 
 /// What the diagnosis can name.
@@ -49,19 +50,6 @@ pub struct MtuEvidence {
     pub drops: usize,
     pub functions: Counts,
     pub reasons: Counts,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StaleArpEvidence {
-    pub client_updates_seen: usize,
-    pub drops_at_old_owner: usize,
-    pub garps_sent: u64,
-    pub moved_at: Option<Time>,
-    pub new_mac: Option<String>,
-    pub old_mac: Option<String>,
-    pub old_owner_netns: Counts,
-    pub reasons: Counts,
-    pub window_s: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,7 +109,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn new(
+    pub(super) fn new(
         cause: Cause,
         confidence: f64,
         span: (f64, f64),
@@ -146,7 +134,7 @@ pub struct VipDiagnosis {
     pub vip: String,
 }
 
-fn span(samples: &[&Sample]) -> (f64, f64) {
+pub(super) fn span(samples: &[&Sample]) -> (f64, f64) {
     let first = samples.iter().map(|s| s.t).fold(f64::INFINITY, f64::min);
     let last = samples
         .iter()
@@ -155,7 +143,7 @@ fn span(samples: &[&Sample]) -> (f64, f64) {
     (first, last)
 }
 
-fn count_by(samples: &[&Sample], key: impl Fn(&Sample) -> String) -> Counts {
+pub(super) fn count_by(samples: &[&Sample], key: impl Fn(&Sample) -> String) -> Counts {
     let mut m = BTreeMap::new();
     for s in samples {
         *m.entry(key(s)).or_default() += 1;
@@ -164,7 +152,7 @@ fn count_by(samples: &[&Sample], key: impl Fn(&Sample) -> String) -> Counts {
 }
 
 /// The last time of the burst that starts at `first`: times no more than `gap` seconds apart.
-fn burst_end(samples: &[&Sample], first: f64, gap: f64) -> f64 {
+pub(super) fn burst_end(samples: &[&Sample], first: f64, gap: f64) -> f64 {
     let mut ts: Vec<f64> = samples
         .iter()
         .map(|s| s.t)
@@ -205,11 +193,11 @@ fn too_big(s: &Sample) -> bool {
         || s.icmp == Some((3, 4))
 }
 
-fn reasons(samples: &[&Sample]) -> Counts {
+pub(super) fn reasons(samples: &[&Sample]) -> Counts {
     count_by(samples, |s| s.reason.to_string())
 }
 
-fn netns(samples: &[&Sample]) -> Counts {
+pub(super) fn netns(samples: &[&Sample]) -> Counts {
     count_by(samples, |s| s.netns.to_string())
 }
 
@@ -292,87 +280,14 @@ fn mtu_mismatch(all: &[&Sample]) -> Option<Finding> {
     ))
 }
 
-/// Stale ARP: traffic for the VIP still reaches a node that announced it before and drops
-/// there: after a move to another owner, or with "not my address" (the VIP left it silently).
-fn stale_arp(vip: &str, st: &VipState, all: &[&Sample]) -> Option<Finding> {
-    let moves: Vec<&OwnerChange> = st.changes.iter().filter(|c| c.old_mac.is_some()).collect();
-    let owner_at = |t: f64| st.changes.iter().rev().find(|c| c.t <= t);
-    let stale: Vec<&Sample> = all
-        .iter()
-        .copied()
-        .filter(|s| s.ct_event.is_none() && !s.behind_dnat && s.dst == vip)
-        .filter(|s| {
-            let Some(o) = owner_at(s.t) else {
-                return false;
-            };
-            let moved_on = st
-                .changes
-                .iter()
-                .any(|c| c.t > o.t && c.new_mac != o.new_mac);
-            let at_owner = o.new_netns.map(u64::from) == Some(s.netns);
-            let at_old = moves
-                .iter()
-                .any(|c| c.t <= s.t && c.old_netns.map(u64::from) == Some(s.netns));
-            (at_owner && (moved_on || &*s.reason == "IP_INADDRERRORS")) || at_old
-        })
-        .collect();
-    if stale.is_empty() {
-        return None;
-    }
-    let (first, last) = span(&stale);
-    // The move these drops follow, or the one that ended them.
-    let change = moves
-        .iter()
-        .rev()
-        .find(|c| c.t <= first)
-        .or_else(|| moves.iter().find(|c| c.t >= first))
-        .copied();
-    // Until the move, or until the end of the first burst of drops at the old owner when a
-    // client still used its MAC after the move was seen (an IPv6 owner answers others'
-    // solicitations before the client asks).
-    let window = match change {
-        Some(c) if c.t > first => c.t.max(burst_end(&stale, first, 3.0)) - first,
-        Some(c) => last - c.t,
-        None => last - first,
-    };
-    let garps = change.map_or(0, |c| c.garps);
-    let updated = change.map_or(0, |c| {
-        st.neigh
-            .iter()
-            .filter(|(t, mac)| *t >= c.t && *mac == c.new_mac)
-            .count()
-    });
-    let confidence = if garps == 0 || window > 3.0 {
-        0.9
-    } else {
-        0.45
-    };
-    let evidence = Evidence::StaleArp(StaleArpEvidence {
-        client_updates_seen: updated,
-        drops_at_old_owner: stale.len(),
-        garps_sent: garps,
-        moved_at: change.map(|c| Time::from_secs_f64(c.t)),
-        new_mac: change.map(|c| c.new_mac.to_string()),
-        old_mac: change
-            .and_then(|c| c.old_mac)
-            .or_else(|| owner_at(first).map(|o| o.new_mac))
-            .map(|m| m.to_string()),
-        old_owner_netns: netns(&stale),
-        reasons: reasons(&stale),
-        window_s: (window * 10.0).round() / 10.0,
-    });
-    Some(Finding::new(
-        Cause::StaleArp,
-        confidence,
-        (first, last),
-        evidence,
-        "clients kept the old owner's MAC after the VIP moved: make the speaker send gratuitous ARP / unsolicited NA on failover, lower the clients' neighbour timers (base_reachable_time_ms, gc_stale_time), or let the old node forward (externalTrafficPolicy: Cluster)",
-    ))
-}
-
 fn speaker_failover(st: &VipState, all: &[&Sample], stale_conf: f64) -> Option<Finding> {
     let moves: Vec<&OwnerChange> = st.changes.iter().filter(|c| c.old_mac.is_some()).collect();
-    let (first, last) = (moves.first()?.t, moves.last()?.t);
+    // A VIP held by two hosts at once is a finding even when only one of them announced.
+    let (first, last) = match (moves.first(), moves.last()) {
+        (Some(f), Some(l)) => (f.t, l.t),
+        _ if st.split_brain => (st.split_brain_at, st.split_brain_at),
+        _ => return None,
+    };
     let near = all
         .iter()
         .filter(|s| moves.iter().any(|c| s.t >= c.t - 1.0 && s.t <= c.t + 10.0))

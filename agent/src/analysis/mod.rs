@@ -7,9 +7,13 @@
 //! buckets count them). Bucket totals always equal the records they summarize.
 
 pub mod diagnosis;
+mod stale;
 pub mod timeline;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 pub use diagnosis::{Cause, Finding, VipDiagnosis};
 pub use timeline::{Bucket, Timeline, COARSE_BUCKETS, FINE_BUCKETS};
@@ -44,6 +48,11 @@ struct Sample {
     /// The packet's destination, as text (empty when it had none).
     dst: String,
     icmp: Option<(u8, u8)>,
+    /// The sender of a packet to the VIP itself: a client.
+    client: Option<IpAddr>,
+    src_mac: Option<Mac>,
+    /// The MAC the sender addressed the frame to: its view of who holds the VIP.
+    dst_mac: Option<Mac>,
 }
 
 #[derive(Clone, Debug)]
@@ -66,7 +75,13 @@ struct VipState {
     neigh: Vec<(f64, Mac)>,
     flapping: bool,
     split_brain: bool,
+    split_brain_at: f64,
+    /// MACs of hosts seen in the VIP's ARP/NDP packets (a client's, asking for the VIP).
+    macs: BTreeMap<IpAddr, Mac>,
 }
+
+/// Hosts' MACs kept per VIP.
+const MAX_MACS: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct Analyzer {
@@ -135,7 +150,12 @@ impl Analyzer {
             }
             Record::Finding(f) => match f.finding {
                 FindingKind::Flapping => st.flapping = true,
-                FindingKind::SplitBrain => st.split_brain = true,
+                FindingKind::SplitBrain => {
+                    if !st.split_brain {
+                        st.split_brain_at = t;
+                    }
+                    st.split_brain = true;
+                }
             },
             _ => {}
         }
@@ -188,7 +208,12 @@ impl Analyzer {
 }
 
 impl VipState {
-    fn add_drop(&mut self, t: f64, d: &DropRec, vip: std::net::IpAddr) {
+    fn add_drop(&mut self, t: f64, d: &DropRec, vip: IpAddr) {
+        // Benign frees and local noise are no part of any per-VIP view.
+        if !d.is_loss() {
+            self.timeline.bucket(t as u64).not_loss += 1;
+            return;
+        }
         let reason: Name = if d.reason.is_empty() {
             "UNKNOWN".into()
         } else {
@@ -216,10 +241,18 @@ impl VipState {
             toward_client: d.orig.as_ref().is_some_and(|o| d.dst == Some(o.src)),
             dst: d.dst.map(|a| a.to_string()).unwrap_or_default(),
             icmp: d.icmp_type.map(|ty| (ty, d.icmp_code.unwrap_or(0))),
+            client: d.src.filter(|_| d.dst == Some(vip)),
+            src_mac: d.src_mac,
+            dst_mac: d.dst_mac,
         });
     }
 
     fn add_arp(&mut self, t: f64, a: &ArpRec) {
+        if let Some(ip) = a.sender_ip {
+            if self.macs.len() < MAX_MACS && !a.sender_mac.is_zero() {
+                self.macs.insert(ip, a.sender_mac);
+            }
+        }
         if a.announced().is_none() {
             return;
         }
@@ -236,15 +269,20 @@ impl VipState {
     }
 
     fn add_owner(&mut self, t: f64, o: &VipOwnerRec) {
-        // First sighting of an owner (no old MAC) is not a change. The announcement that made
-        // a change follows this record and counts then.
-        if o.old_mac.is_some() {
+        // First sighting of an owner (no old MAC) is not a change, unless clients were seen
+        // sending the VIP's traffic to another MAC before: then that MAC held it. The
+        // announcement that made a change follows this record and counts then.
+        let (old_mac, old_netns) = match o.old_mac {
+            Some(m) => (Some(m), o.old_netns),
+            None => self.held_before(t, o.new_mac),
+        };
+        if old_mac.is_some() {
             self.timeline.bucket(t as u64).owner_changes += 1;
         }
         self.changes.push(OwnerChange {
             t,
-            old_mac: o.old_mac,
-            old_netns: o.old_mac.and(o.old_netns),
+            old_mac,
+            old_netns: old_mac.and(old_netns),
             new_mac: o.new_mac,
             new_netns: o.new_netns,
             garps: 0,
@@ -255,9 +293,30 @@ impl VipState {
     }
 }
 
+impl VipState {
+    /// Before the first owner is known: the MAC (and namespace) the last dropped frame for
+    /// the VIP itself was addressed to, if not `new`.
+    fn held_before(&self, t: f64, new: Mac) -> (Option<Mac>, Option<u32>) {
+        if !self.changes.is_empty() {
+            return (None, None);
+        }
+        self.samples
+            .iter()
+            .rev()
+            .filter(|s| s.t <= t && s.client.is_some() && !s.behind_dnat)
+            .find_map(|s| {
+                let m = s
+                    .dst_mac
+                    .filter(|m| *m != new && !m.is_zero() && m.0[0] & 1 == 0)?;
+                Some((Some(m), u32::try_from(s.netns).ok()))
+            })
+            .unwrap_or((None, None))
+    }
+}
+
 /// A packet of a flow opened towards `vip` on its way to a backend: its source may be the VIP
 /// itself when the node also masquerades (externalTrafficPolicy: Cluster).
-fn to_backend(d: &DropRec, vip: std::net::IpAddr) -> bool {
+fn to_backend(d: &DropRec, vip: IpAddr) -> bool {
     d.orig
         .as_ref()
         .is_some_and(|o| o.dst == vip && d.dst != Some(o.src))
@@ -306,6 +365,7 @@ mod tests {
             new_mac: Mac([0xaa, 0, 0, 0, 0, new.0]),
             new_netns: Some(new.1),
             ifname: None,
+            source: None,
         }))
     }
 

@@ -20,6 +20,8 @@ pub struct Bucket {
     pub garps: u64,
     pub owner_changes: u64,
     pub neigh_changes: u64,
+    /// Drop records that were not loss (benign frees, local noise): in no other count.
+    pub not_loss: u64,
 }
 
 impl Bucket {
@@ -38,6 +40,7 @@ impl Bucket {
         self.garps += o.garps;
         self.owner_changes += o.owner_changes;
         self.neigh_changes += o.neigh_changes;
+        self.not_loss += o.not_loss;
     }
 }
 

@@ -56,6 +56,7 @@ struct Settings {
     probe_mode: ProbeMode,
     ring_size: u32,
     arp: bool,
+    arp_rx: bool,
     discover_vips: bool,
     sample_limit: u32,
     max_vips: u32,
@@ -119,6 +120,7 @@ fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
         probe_mode,
         ring_size: args.ring_size.or(f.ring_size).unwrap_or(4 << 20),
         arp: !(args.no_arp || f.no_arp == Some(true)),
+        arp_rx: args.arp_rx || f.arp_rx == Some(true),
         discover_vips: args.discover_vips || f.discover_vips == Some(true),
         sample_limit: args
             .sample_limit
@@ -158,6 +160,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         ring_bytes: s.ring_size,
         wakeup_bytes: u64::from(s.ring_size / 4),
         arp: s.arp,
+        arp_rx: s.arp_rx,
         aggregate: Some(Aggregation {
             sample_limit: s.sample_limit,
             entries: agg_entries(s.max_vips),
@@ -197,6 +200,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     p.sinks = sinks;
     p.node = Some(s.node.as_str().into());
     p.reload = Some(reload(&args));
+    p.learn_holders(s.netns);
     let health = http::Health {
         last_drain: p.last_drain.clone(),
         ready: Arc::default(),

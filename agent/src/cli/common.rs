@@ -179,6 +179,8 @@ pub(crate) fn trace(
     p.selection = Selection {
         vips_only: !args.vips.is_empty(),
         limit: args.count,
+        // A recording keeps everything: its readers class each drop themselves.
+        all_drops: args.all_drops || recording,
     };
     p.sinks = sinks;
     if let Some(h) = header {
@@ -188,6 +190,7 @@ pub(crate) fn trace(
             probes: tracer.statuses.clone(),
         }));
     }
+    p.learn_holders(args.netns);
     let banner = format!(
         "lbtrace: tracing drops with {} (ring buffer {} KiB); Ctrl-C to stop",
         probe_name(tracer.active),

@@ -125,9 +125,14 @@ pub struct WatchArgs {
     /// Do not record ARP, IPv6 neighbour discovery or neighbour-cache updates.
     #[arg(long)]
     pub(crate) no_arp: bool,
-    /// Learn VIPs from the gratuitous announcements seen (as a MetalLB speaker makes them).
+    /// Learn VIPs from announcements (gratuitous ARP/NA, ARP replies) and from the addresses
+    /// configured in the namespaces lbtrace can enter.
     #[arg(long)]
     pub(crate) discover_vips: bool,
+    /// Also show drops that are not loss: packets the kernel freed after they did their job,
+    /// socket teardown, the host's own noise (each record's `class` says which).
+    #[arg(long)]
+    pub(crate) all_drops: bool,
     /// Which hooks to use: tp_btf first (auto), or only one kind (btf, tracepoint).
     #[arg(long, default_value_t = ProbeMode::Auto, value_parser = probe_modes())]
     pub(crate) probe_mode: ProbeMode,
@@ -150,8 +155,8 @@ pub enum LogFormat {
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// TOML config file (keys: vips, metrics_addr, node_name, netns, log_format, events_file,
-    /// events_max_bytes, probe_mode, ring_size, no_arp, discover_vips, sample_limit, max_vips,
-    /// nat_entries).
+    /// events_max_bytes, probe_mode, ring_size, no_arp, arp_rx, discover_vips, sample_limit,
+    /// max_vips, nat_entries).
     #[arg(long, env = "LBTRACE_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<std::path::PathBuf>,
     /// Where to serve /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
@@ -187,6 +192,10 @@ pub struct AgentArgs {
     /// Learn VIPs from gratuitous announcements.
     #[arg(long, env = "LBTRACE_DISCOVER_VIPS")]
     pub(crate) discover_vips: bool,
+    /// Also see ARP/NDP on receive: hooks every received packet (about 45 ns each here).
+    /// Ownership needs only what each node transmits, so the agent leaves it off.
+    #[arg(long, env = "LBTRACE_ARP_RX")]
+    pub(crate) arp_rx: bool,
     /// Drop records sent to userspace per (VIP, reason, location, conntrack event), CPU and
     /// second; every drop is still counted exactly in the kernel. 0 sends every drop
     /// [default: 100].

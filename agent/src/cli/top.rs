@@ -49,6 +49,12 @@ impl Sink for Feed {
             st.probe = s.probe.to_string();
         }
         st.analyzer.add(r);
+        if let Record::Drop(d) | Record::Conntrack(d) = r {
+            // Benign frees and local noise are no part of a VIP's view.
+            if !d.is_loss() {
+                return Ok(());
+            }
+        }
         if let (Some(vip), Some(text)) = (r.vip(), describe(r)) {
             let q = st.recent.entry(vip.to_string()).or_default();
             q.push_back(text);

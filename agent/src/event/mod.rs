@@ -1,5 +1,6 @@
 //! Ring-buffer bytes → typed [`decode::Event`]s → [`Record`]s with names and wall-clock times.
 
+pub mod class;
 pub mod decode;
 pub mod record;
 pub mod values;
@@ -89,6 +90,11 @@ impl Namer {
             .clone()
     }
 
+    /// The function at a kernel text address, when symbols are readable.
+    pub fn function(&self, addr: u64) -> Option<&str> {
+        self.kallsyms.function(addr)
+    }
+
     fn symbol(&mut self, addr: u64) -> Name {
         if self.symbols.len() >= MAX_CACHED && !self.symbols.contains_key(&addr) {
             self.symbols.clear();
@@ -167,7 +173,9 @@ impl Namer {
             src_mac: d.eth.map(|(s, _)| s),
             dst_mac: d.eth.map(|(_, d)| d),
             sampled: d.sampled,
+            class: None,
         }
+        .classified()
     }
 
     fn arp_rec(&mut self, a: &ArpEvent) -> ArpRec {

@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+use super::class::{classify_packet, Class};
 use super::values::{
     ArpOp, ConntrackEvent, Direction, Family, L4Proto, Mac, Name, NudState, TcpFlags, Time,
 };
@@ -276,12 +277,16 @@ pub struct DropRec {
     /// With `orig` from the NAT map: the namespace where the DNAT happened.
     pub nat_netns: Option<u32>,
     pub vip: Option<IpAddr>,
-    /// The frame's Ethernet source and destination, when the skb still had a MAC header. The
-    /// destination is the MAC the sender believed holds `dst`.
+    /// The frame's Ethernet addresses, when the skb had a MAC header: `dst_mac` is the MAC the
+    /// sender used for `dst` (for a VIP, the sender's view of who holds it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src_mac: Option<Mac>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst_mac: Option<Mac>,
+    /// Loss, benign or local noise ([`super::class`]); absent in recordings made before it
+    /// existed, which [`DropRec::class`] then classifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<Class>,
     /// One sample of many (the agent's aggregation mode): exact counts are in the kernel's
     /// counters and the summary, not in the number of records.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -289,6 +294,30 @@ pub struct DropRec {
 }
 
 impl DropRec {
+    /// What this drop stands for: the recorded class, else the one rule's answer.
+    pub fn class(&self) -> Class {
+        match (self.class, self.event) {
+            (Some(c), _) => c,
+            // A drop conntrack caused is always loss.
+            (None, Some(_)) => Class::Loss,
+            (None, None) => classify_packet(
+                &self.reason,
+                self.function(),
+                self.dst.is_some_and(|d| d.is_multicast()),
+            ),
+        }
+    }
+
+    pub fn is_loss(&self) -> bool {
+        self.class().is_loss()
+    }
+
+    /// With `class` set from the rule (a live record carries it into recordings).
+    pub fn classified(mut self) -> Self {
+        self.class = Some(self.class());
+        self
+    }
+
     /// The function part of `location`.
     pub fn function(&self) -> &str {
         self.location.split('+').next().unwrap_or("")
@@ -413,6 +442,21 @@ pub struct VipOwnerRec {
     pub new_netns: Option<u32>,
     #[serde(default)]
     pub ifname: Option<Name>,
+    /// How the new owner was learned (absent in older recordings: an announcement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<OwnerSource>,
+}
+
+/// How lbtrace learned who holds a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OwnerSource {
+    /// The host announced it (GARP, ARP reply, neighbour advertisement).
+    Announced,
+    /// At start: the address is configured on that host's interface.
+    Configured,
+    /// At start: a neighbour table maps the VIP to that MAC (the host is not reachable).
+    Neighbour,
 }
 
 /// A VIP learned from an announcement (`--discover-vips`).

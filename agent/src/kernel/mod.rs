@@ -6,4 +6,5 @@ pub mod conntrack;
 pub mod kallsyms;
 pub mod netns;
 pub mod privileges;
+pub mod rtnl;
 pub mod tracefs;

@@ -2,25 +2,41 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::timeline::{clock, number};
+use super::{
+    evidence::{esc, evidence_html, rel},
+    timeline::{clock, number},
+};
 use crate::{
     analysis::{Analyzer, Bucket, VipDiagnosis},
     event::Record,
 };
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-const COLOURS: [&str; 8] = [
+const COLOURS: [&str; 12] = [
     "#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#393b79", "#ad494a",
 ];
 
+/// One colour per reason for the whole report: every chart shows a reason in the same colour.
+type Colours = BTreeMap<String, &'static str>;
+
+fn colours(a: &Analyzer) -> Colours {
+    let mut reasons: Vec<String> = Vec::new();
+    for vip in a.vips() {
+        if let Some(tl) = a.timeline(&vip) {
+            reasons.extend(tl.total().drops_by_reason.into_keys());
+        }
+    }
+    reasons.sort();
+    reasons.dedup();
+    reasons
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| (r, COLOURS[i % COLOURS.len()]))
+        .collect()
+}
+
 /// A stacked bar chart of drops by reason per bucket, with ownership moves as lines.
-fn chart(a: &Analyzer, vip: &str) -> String {
+fn chart(a: &Analyzer, vip: &str, colour: &Colours) -> String {
     let Some(tl) = a.timeline(vip) else {
         return "<p>No events for this VIP.</p>".into();
     };
@@ -37,11 +53,6 @@ fn chart(a: &Analyzer, vip: &str) -> String {
         .unwrap_or(0)
         .max(1) as f64;
     let reasons = reason_totals(&buckets);
-    let colour: BTreeMap<&str, &str> = reasons
-        .keys()
-        .enumerate()
-        .map(|(i, r)| (*r, COLOURS[i % COLOURS.len()]))
-        .collect();
     let (w, h, left, bottom) = (900.0, 240.0, 40.0, 20.0);
     let plot_w = w - left - 10.0;
     let plot_h = h - bottom - 10.0;
@@ -72,7 +83,7 @@ fn chart(a: &Analyzer, vip: &str) -> String {
                 svg,
                 "<rect class=\"bar\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{bw:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {}: {n}</title></rect>",
                 x(*start),
-                colour.get(reason.as_str()).unwrap_or(&"#999"),
+                colour.get(reason).unwrap_or(&"#999"),
                 clock(*start),
                 esc(reason),
             );
@@ -90,7 +101,7 @@ fn chart(a: &Analyzer, vip: &str) -> String {
         );
     }
     svg.push_str("</svg>");
-    legend(&mut svg, &reasons, &colour);
+    legend(&mut svg, &reasons, colour);
     svg
 }
 
@@ -105,13 +116,13 @@ fn reason_totals<'a>(buckets: &[(u64, u64, &'a Bucket)]) -> BTreeMap<&'a str, u6
     reasons
 }
 
-fn legend(o: &mut String, reasons: &BTreeMap<&str, u64>, colour: &BTreeMap<&str, &str>) {
+fn legend(o: &mut String, reasons: &BTreeMap<&str, u64>, colour: &Colours) {
     o.push_str("<div class=\"legend\">");
     for (r, n) in reasons {
         let _ = write!(
             o,
             "<span><i style=\"background:{}\"></i>{} ({n})</span> ",
-            colour[r],
+            colour.get(*r).unwrap_or(&"#999"),
             esc(r)
         );
     }
@@ -125,11 +136,25 @@ pub fn html(a: &Analyzer, diagnosis: &[VipDiagnosis], records: &[Record], title:
         o,
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>\
 body{{font-family:sans-serif;margin:2em;color:#222}}h2{{border-bottom:1px solid #ccc}}\
-table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td code{{white-space:pre-wrap;word-break:break-word;font-size:11px}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}\
+table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td p{{margin:.2em 0}}table.evidence{{font-size:12px}}table.evidence td,tr.finding td:nth-child(3),tr.finding td:nth-child(4){{white-space:nowrap}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}\
 .legend span{{margin-right:1em;font-size:12px}}.legend i{{display:inline-block;width:10px;height:10px;margin-right:4px}}\
 .legend i.dash{{border-top:2px dashed #000;height:0;width:14px}}.none{{color:#080}}</style></head><body><h1>{t}</h1>",
         t = esc(title)
     );
+    let colour = colours(a);
+    // The incident starts with the first finding of any VIP: every time is relative to it.
+    let t0 = diagnosis
+        .iter()
+        .flat_map(|d| &d.findings)
+        .map(|f| f.first_seen.as_secs_f64())
+        .fold(f64::INFINITY, f64::min);
+    if t0.is_finite() {
+        let _ = write!(
+            o,
+            "<p>Times in the findings are relative to the incident's start, {} UTC (the first drop of any finding).</p>",
+            clock(t0 as u64)
+        );
+    }
     for d in diagnosis {
         let vip = d.vip.as_str();
         let _ = write!(
@@ -137,8 +162,8 @@ table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td code{{white-spa
             "<section class=\"vip\" data-vip=\"{0}\"><h2>VIP {0}</h2>",
             esc(vip)
         );
-        o.push_str(&chart(a, vip));
-        findings_table(&mut o, d);
+        o.push_str(&chart(a, vip, &colour));
+        findings_table(&mut o, d, t0);
         top_flows(&mut o, vip, records);
         o.push_str("</section>");
     }
@@ -146,36 +171,35 @@ table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td code{{white-spa
     o
 }
 
-fn findings_table(o: &mut String, d: &VipDiagnosis) {
+fn findings_table(o: &mut String, d: &VipDiagnosis, t0: f64) {
     if d.findings.is_empty() {
         o.push_str("<p class=\"none\">No finding: nothing wrong was seen for this VIP.</p>");
         return;
     }
     o.push_str("<h3>Findings (most likely first)</h3><table><tr><th>cause</th><th>confidence</th><th>first seen</th><th>last seen</th><th>evidence</th><th>what to do</th></tr>");
     for f in &d.findings {
-        let evidence = serde_json::to_string(&f.evidence).unwrap_or_default();
         let _ = write!(
             o,
-            "<tr class=\"finding\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+            "<tr class=\"finding\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"evidence\">{}</td><td>{}</td></tr>",
             esc(f.cause.as_str()),
             number(f.confidence),
-            esc(&f.first_seen.to_string()),
-            esc(&f.last_seen.to_string()),
-            esc(&evidence),
+            rel(f.first_seen, t0),
+            rel(f.last_seen, t0),
+            evidence_html(&f.evidence, t0),
             esc(&f.hint),
         );
     }
     o.push_str("</table>");
 }
 
-/// The flows that lost the most packets for the VIP.
+/// The flows that lost the most packets for the VIP (loss only).
 fn top_flows(o: &mut String, vip: &str, records: &[Record]) {
     let mut flows: BTreeMap<String, u64> = BTreeMap::new();
     for r in records {
         let (Record::Drop(d) | Record::Conntrack(d)) = r else {
             continue;
         };
-        if d.vip.map(|v| v.to_string()).as_deref() != Some(vip) {
+        if !d.is_loss() || d.vip.map(|v| v.to_string()).as_deref() != Some(vip) {
             continue;
         }
         let port = |p: Option<u16>| p.map_or("null".to_owned(), |p| p.to_string());

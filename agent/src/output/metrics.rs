@@ -15,9 +15,10 @@ use std::{
 
 use crate::{
     event::{
+        class::classify,
         record::ProbeStatus,
         values::{ConntrackEvent, Mac, Name},
-        Record,
+        Namer, Record,
     },
     kernel::btf::DropReasons,
     pipeline::{
@@ -164,7 +165,8 @@ impl Metrics {
     }
 
     /// The kernel's exact totals per aggregation key (agent): they replace the last read.
-    pub fn aggregated(&mut self, agg: &[AggCount], reasons: &DropReasons) {
+    pub fn aggregated(&mut self, agg: &[AggCount], namer: &Namer) {
+        let reasons = namer.reasons();
         self.kernel_drops.clear();
         self.kernel_conntrack.clear();
         self.kernel_overflow = 0;
@@ -178,6 +180,11 @@ impl Metrics {
                 .entry(a.reason)
                 .or_insert_with(|| reasons.name(a.reason));
             let name: Name = name.as_str().into();
+            // Benign frees and local noise stay out of lbtrace_drops_total, as for records.
+            let function = namer.function(a.location).unwrap_or_default();
+            if !classify(&name, function).is_loss() {
+                continue;
+            }
             *self.kernel_drops.entry((label, name)).or_default() += a.count;
             if let Some(e) = a.event {
                 *self
@@ -200,7 +207,11 @@ impl Metrics {
                 if let Some(ev) = d.event {
                     *self.conntrack.entry((label, ev)).or_default() += 1;
                 }
-                *self.drops.entry((label, d.reason.clone())).or_default() += 1;
+                // issue 15: benign frees and local noise stay out of lbtrace_drops_total (one
+                // rule: event::class::classify, cheap enough to call at scrape time too).
+                if d.is_loss() {
+                    *self.drops.entry((label, d.reason.clone())).or_default() += 1;
+                }
             }
             Record::Arp(a) => {
                 let label = self.vip_label(a.vip);
@@ -273,7 +284,7 @@ impl Metrics {
         e.family(
             "lbtrace_drops_total",
             "counter",
-            "Dropped packets delivered, by VIP and kernel drop reason.",
+            "Lost packets delivered, by VIP and kernel drop reason (benign frees and local noise not counted).",
         );
         let mut drops = self.drops.clone();
         for (k, n) in &self.kernel_drops {
@@ -482,7 +493,7 @@ impl Sink for MetricsSink {
     fn housekeeping(&mut self, h: &Housekeeping<'_>) {
         let mut m = self.lock();
         m.kernel(h.counters, h.reasons);
-        m.aggregated(h.agg, h.reasons);
+        m.aggregated(h.agg, h.namer);
         m.conntrack_tables(h.tables.entries(), h.tables.max);
     }
 }

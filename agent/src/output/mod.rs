@@ -1,6 +1,7 @@
 //! Where records end up: terminal lines, NDJSON, the summary, metrics and their HTTP endpoint,
 //! text timelines and the HTML report.
 
+pub mod evidence;
 pub mod html;
 pub mod http;
 pub mod metrics;

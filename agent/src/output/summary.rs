@@ -37,10 +37,13 @@ impl std::fmt::Display for DropLabel {
     }
 }
 
-/// Delivered drops per VIP and reason (or conntrack event); counting allocates nothing once a
-/// VIP and label were seen.
+/// Delivered drops per VIP and reason (or conntrack event), loss only, and per VIP the drops
+/// that were not loss; counting allocates nothing once a VIP and label were seen.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VipCounts(BTreeMap<IpAddr, BTreeMap<DropLabel, u64>>);
+pub struct VipCounts {
+    loss: BTreeMap<IpAddr, BTreeMap<DropLabel, u64>>,
+    not_loss: BTreeMap<IpAddr, u64>,
+}
 
 impl VipCounts {
     pub fn add(&mut self, r: &Record) {
@@ -50,16 +53,28 @@ impl VipCounts {
         let Some(vip) = d.vip else {
             return;
         };
+        if !d.is_loss() {
+            *self.not_loss.entry(vip).or_default() += 1;
+            return;
+        }
         let label = match d.event {
             Some(e) => DropLabel::Conntrack(e),
             None => DropLabel::Reason(d.reason.clone()),
         };
-        *self.0.entry(vip).or_default().entry(label).or_default() += 1;
+        *self.loss.entry(vip).or_default().entry(label).or_default() += 1;
+    }
+
+    /// Per VIP, the drops that were not loss (benign, local noise).
+    pub fn not_loss_text(&self) -> BTreeMap<String, u64> {
+        self.not_loss
+            .iter()
+            .map(|(v, n)| (v.to_string(), *n))
+            .collect()
     }
 
     /// As the summary writes them: VIP → label → count.
     pub fn into_text(self) -> BTreeMap<String, BTreeMap<String, u64>> {
-        self.0
+        self.loss
             .into_iter()
             .map(|(vip, labels)| {
                 let labels = labels.into_iter().map(|(l, n)| (l.to_string(), n));
@@ -101,7 +116,8 @@ pub struct Summary {
     pub events_delivered: u64,
     pub events_lost: u64,
     /// Drops counted exactly but not sent as records (the agent's sampling):
-    /// `seen = delivered + lost + sampled_out`.
+    /// `seen = delivered + lost + sampled_out`. Absent when nothing was sampled.
+    #[serde(skip_serializing_if = "is_zero")]
     pub events_sampled_out: u64,
     pub lost_by_cpu: BTreeMap<String, u64>,
     pub events_printed: u64,
@@ -111,8 +127,11 @@ pub struct Summary {
     /// DNAT translations learned, and drops attributed through them.
     pub nat_learned: u64,
     pub nat_joined: u64,
-    /// Drops per VIP (records delivered and attributed).
+    /// Lost packets per VIP (drop records delivered, attributed and classed as loss).
     pub drops_by_vip: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Per VIP, drop records that were not loss (benign frees, local noise): not counted above.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub not_loss_by_vip: BTreeMap<String, u64>,
     /// Per netns: conntrack table pressure and per-CPU counter movement while watching.
     #[serde(with = "crate::event::values::number_keys")]
     pub conntrack_tables: BTreeMap<u32, TableReport>,
@@ -126,6 +145,10 @@ pub struct Summary {
     pub discovered_vips: Vec<String>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Summary {
     /// The summary of a finished run.
     pub fn build(
@@ -134,6 +157,7 @@ impl Summary {
         k: &KernelCounters,
         duration: Duration,
     ) -> Self {
+        let vip_counts = p.take_vip_counts();
         let reasons = p.namer.reasons();
         let counts = p.counts;
         Self {
@@ -165,7 +189,8 @@ impl Summary {
                 .collect(),
             nat_learned: k.nat_learned,
             nat_joined: k.nat_joined,
-            drops_by_vip: p.take_vip_counts().into_text(),
+            not_loss_by_vip: vip_counts.not_loss_text(),
+            drops_by_vip: vip_counts.into_text(),
             conntrack_tables: p.tables.finish(),
             arp_events: k.arp,
             neigh_events: k.neigh,
@@ -225,6 +250,12 @@ impl Summary {
             let total: u64 = reasons.values().sum();
             let detail: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
             writeln!(out, "vip {vip}: {total} drops ({})", detail.join(", "))?;
+        }
+        for (vip, n) in &self.not_loss_by_vip {
+            writeln!(
+                out,
+                "vip {vip}: {n} benign frees or local noise, not loss (--all-drops shows them)"
+            )?;
         }
         writeln!(
             out,

@@ -2,6 +2,7 @@
 //! sinks. `watch`, `record`, `top`, live `diagnose` and `agent` differ only in their sinks.
 
 pub mod attribution;
+pub mod holders;
 pub mod ownership;
 mod stop;
 
@@ -63,6 +64,8 @@ pub struct Housekeeping<'a> {
     pub counters: &'a KernelCounters,
     /// Exact drop totals per aggregation key (aggregation mode only).
     pub agg: &'a [AggCount],
+    /// Symbols for the drop sites of `agg`.
+    pub namer: &'a Namer,
     pub tables: &'a TablePressure,
     pub reasons: &'a DropReasons,
 }
@@ -74,6 +77,19 @@ pub struct Selection {
     pub vips_only: bool,
     /// Stop after this many events.
     pub limit: Option<u64>,
+    /// Stream drops that are not loss too (benign frees, local noise: `--all-drops`).
+    pub all_drops: bool,
+}
+
+impl Selection {
+    /// Whether the stream shows this record.
+    fn shows(&self, r: &Record) -> bool {
+        let loss = match r {
+            Record::Drop(d) | Record::Conntrack(d) => d.is_loss(),
+            _ => true,
+        };
+        (!self.vips_only || r.vip().is_some()) && (loss || self.all_drops)
+    }
 }
 
 /// Re-reads the VIP list (SIGHUP).
@@ -163,6 +179,20 @@ impl<'s> Pipeline<'s> {
         self.emit(r, true);
     }
 
+    /// Learns who holds each VIP now, from what the host's namespaces know (configured
+    /// addresses, neighbour tables; only namespace `only` when given), and streams what that
+    /// says.
+    pub fn learn_holders(&mut self, only: Option<u32>) {
+        let views = holders::scan(only);
+        let now = crate::event::values::Time::now();
+        for mut r in holders::learn(&views, &mut self.ownership, &mut self.vips, now) {
+            if let Some(node) = &self.node {
+                r.set_node(node);
+            }
+            self.emit(&r, true);
+        }
+    }
+
     /// Handles one record read from the ring.
     pub fn process(&mut self, bytes: &[u8]) {
         self.counts.delivered += 1;
@@ -194,9 +224,8 @@ impl<'s> Pipeline<'s> {
             }
             self.emit(&u, true);
         }
-        let selected = !self.selection.vips_only || rec.vip().is_some();
-        if selected && !self.done() {
-            self.by_vip.add(&rec);
+        self.by_vip.add(&rec);
+        if self.selection.shows(&rec) && !self.done() {
             self.emit(&rec, true);
             self.counts.printed += 1;
         } else {
@@ -236,6 +265,7 @@ impl<'s> Pipeline<'s> {
         let h = Housekeeping {
             counters: &counters,
             agg: &agg,
+            namer: &self.namer,
             tables: &self.tables,
             reasons: self.namer.reasons(),
         };

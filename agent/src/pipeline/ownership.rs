@@ -2,14 +2,14 @@
 //! leader flapping and split brain, from the ARP/NDP announcements hosts transmit.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
     time::Duration,
 };
 
 use crate::{
     event::{
-        record::{ArpRec, FindingKind, FindingRec, VipDiscoveredRec, VipOwnerRec},
+        record::{ArpRec, FindingKind, FindingRec, OwnerSource, VipDiscoveredRec, VipOwnerRec},
         values::{Mac, Name, Time},
         Record,
     },
@@ -39,8 +39,26 @@ impl Default for OwnershipConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub mac: Mac,
+    /// 0 when not known (an owner learned from another host's neighbour table).
     pub netns: u32,
     pub ifname: Option<Name>,
+}
+
+impl Owner {
+    pub fn netns(&self) -> Option<u32> {
+        (self.netns != 0).then_some(self.netns)
+    }
+}
+
+fn discovered(ip: IpAddr, owner: &Owner, note: &str) -> Record {
+    Record::VipDiscovered(VipDiscoveredRec {
+        node: None,
+        vip: ip,
+        mac: owner.mac,
+        netns: owner.netns,
+        ifname: owner.ifname.clone(),
+        note: note.to_owned(),
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -70,10 +88,14 @@ pub struct Ownership {
     vips: BTreeMap<IpAddr, VipState>,
     pub findings: Vec<FindingRec>,
     pub discovered: Vec<IpAddr>,
+    /// `--discover-vips`: who first answered for an address that is not a VIP (yet).
+    answered: HashMap<IpAddr, Owner>,
 }
 
 /// Bound on the changes kept per VIP (older ones are summarized by their count).
 const MAX_CHANGES_KEPT: usize = 256;
+/// Bound on the addresses remembered for discovery by a second answer.
+const MAX_ANSWERED: usize = 4096;
 
 impl Ownership {
     pub fn new(cfg: OwnershipConfig, discover: bool) -> Self {
@@ -92,31 +114,65 @@ impl Ownership {
         let Some(ip) = a.announced() else {
             return out;
         };
-        let now = a.time.unwrap_or_default();
         let owner = Owner {
             mac: a.sender_mac,
             netns: a.netns,
             ifname: a.ifname.clone(),
         };
         if vips.of_addr(ip).is_none() {
-            if !(self.discover && a.is_garp()) {
+            let Some(note) = self.discovers(ip, &owner, a.is_garp()) else {
                 return out;
-            }
+            };
             vips.insert(ip);
             self.discovered.push(ip);
-            out.push(Record::VipDiscovered(VipDiscoveredRec {
-                node: None,
-                vip: ip,
-                mac: owner.mac,
-                netns: owner.netns,
-                ifname: owner.ifname.clone(),
-                note: "learned from a gratuitous announcement (--discover-vips)".to_owned(),
-            }));
+            out.push(discovered(ip, &owner, note));
         }
+        let now = a.time.unwrap_or_default();
+        out.extend(self.claim(ip, owner, a.is_garp(), now, OwnerSource::Announced));
+        out
+    }
+
+    /// Whether `--discover-vips` learns `ip` from this announcement, and why: a gratuitous
+    /// one, or an address answered for by a second host (a floating address: node and client
+    /// addresses never move). The first host is then its owner before the move.
+    fn discovers(&mut self, ip: IpAddr, owner: &Owner, garp: bool) -> Option<&'static str> {
+        if !self.discover {
+            return None;
+        }
+        if garp {
+            return Some("learned from a gratuitous announcement (--discover-vips)");
+        }
+        match self.answered.get(&ip) {
+            Some(first) if first.mac != owner.mac => {
+                let first = first.clone();
+                self.vips.entry(ip).or_default().owner = Some(first);
+                Some("answered for by a second host: a floating address (--discover-vips)")
+            }
+            Some(_) => None,
+            None => {
+                if self.answered.len() < MAX_ANSWERED {
+                    self.answered.insert(ip, owner.clone());
+                }
+                None
+            }
+        }
+    }
+
+    /// `owner` holds `ip` from `now` on: a change when it is not the current owner (with the
+    /// finding it makes, if any); else one more gratuitous announcement of the current one.
+    pub fn claim(
+        &mut self,
+        ip: IpAddr,
+        owner: Owner,
+        garp: bool,
+        now: Time,
+        source: OwnerSource,
+    ) -> Vec<Record> {
+        let mut out = Vec::new();
         let cfg = self.cfg;
         let st = self.vips.entry(ip).or_default();
         if st.owner.as_ref().is_some_and(|o| o.mac == owner.mac) {
-            if a.is_garp() {
+            if garp {
                 if let Some(c) = st.changes.last_mut() {
                     c.garps += 1;
                 }
@@ -128,7 +184,7 @@ impl Ownership {
             at: now,
             from: previous.clone(),
             to: owner,
-            garps: u32::from(a.is_garp()),
+            garps: u32::from(garp),
         };
         if let Some(f) = st.finding(&cfg, ip, &change) {
             self.findings.push(f.clone());
@@ -142,13 +198,44 @@ impl Ownership {
             time: Some(now),
             vip: ip,
             old_mac: change.from.as_ref().map(|o| o.mac),
-            old_netns: change.from.as_ref().map(|o| o.netns),
+            old_netns: change.from.as_ref().and_then(|o| o.netns()),
             new_mac: change.to.mac,
-            new_netns: Some(change.to.netns),
+            new_netns: change.to.netns(),
             ifname: change.to.ifname.clone(),
+            source: Some(source),
         })));
         st.changes.push(change);
         out
+    }
+
+    /// A finding made outside the announcements (a VIP configured on two hosts at once).
+    pub fn found(&mut self, f: FindingRec) -> Record {
+        self.findings.push(f.clone());
+        Record::Finding(f)
+    }
+
+    /// Learns a VIP found configured (`--discover-vips`).
+    pub fn discover_configured(
+        &mut self,
+        ip: IpAddr,
+        owner: &Owner,
+        vips: &mut VipSet,
+    ) -> Option<Record> {
+        if !self.discover || vips.of_addr(ip).is_some() {
+            return None;
+        }
+        vips.insert(ip);
+        self.discovered.push(ip);
+        Some(discovered(
+            ip,
+            owner,
+            "configured on an interface next to an address of its subnet (--discover-vips)",
+        ))
+    }
+
+    /// Whether VIPs are learned (`--discover-vips`).
+    pub fn discovers_vips(&self) -> bool {
+        self.discover
     }
 
     /// Current owner and changes per VIP.
@@ -327,5 +414,96 @@ mod tests {
         let u = o.observe(&garp(1, 0xa, "10.200.0.100"), &mut vips);
         assert_eq!(kinds(&u), ["discovered", "changed"]);
         assert_eq!(vips.addrs(), ["10.200.0.100".parse::<IpAddr>().unwrap()]);
+    }
+
+    /// A speaker's announcement of `ip` from `mac` at `t` ms, in one of the shapes real
+    /// speakers send.
+    fn shaped(shape: &str, t_ms: u64, mac: u8, ip: &str) -> ArpRec {
+        let mut a = garp(0, mac, ip);
+        a.time = Some(Time::from_secs_f64(t_ms as f64 / 1000.0));
+        match shape {
+            "request" => {}
+            // An ARP reply to the broadcast address with sender = target = the VIP.
+            "reply" => a.op = ArpOp::Reply,
+            // Unsolicited NA with override, from the interface's link-local address.
+            "na" => {
+                a.op = ArpOp::Advertisement;
+                a.family = crate::event::values::Family::Ipv6;
+                a.sender_ip = "fe80::1".parse().ok();
+                a.ndp_flags = Some(crate::event::record::NdpFlags::from_wire(
+                    crate::event::record::NDP_OVERRIDE,
+                ));
+            }
+            _ => unreachable!(),
+        }
+        a
+    }
+
+    #[test]
+    fn every_shape_of_announcement_counts_one_move_per_real_move() {
+        for (shape, vip) in [
+            ("request", "10.200.0.100"),
+            ("reply", "10.200.0.100"),
+            ("na", "fd00:200::100"),
+        ] {
+            let mut vips = VipSet::new(vec![vip.parse().unwrap()]);
+            let mut o = Ownership::new(OwnershipConfig::default(), false);
+            let mut recs = Vec::new();
+            // A holds the VIP and re-announces it every 10 s, as MetalLB does.
+            for t in (0..30_000).step_by(10_000) {
+                recs.extend(o.observe(&shaped(shape, t, 0xa, vip), &mut vips));
+            }
+            // The move: B sends a burst of 3, 20 ms apart, again 2 s later, then re-announces
+            // every 10 s for two minutes; a bridge's copies and the receivers' are not counted.
+            for burst in [30_000, 32_000] {
+                for i in 0..3 {
+                    let mut a = shaped(shape, burst + 20 * i, 0xb, vip);
+                    recs.extend(o.observe(&a, &mut vips));
+                    a.bridged = true;
+                    recs.extend(o.observe(&a, &mut vips));
+                    a.bridged = false;
+                    a.direction = Direction::Rx;
+                    recs.extend(o.observe(&a, &mut vips));
+                }
+            }
+            for t in (40_000..160_000).step_by(10_000) {
+                recs.extend(o.observe(&shaped(shape, t, 0xb, vip), &mut vips));
+            }
+            let k = kinds(&recs);
+            assert_eq!(
+                k,
+                ["changed", "changed"],
+                "{shape}: first owner, then one move"
+            );
+            let (_, _, changes) = o.owners().next().unwrap();
+            assert!(changes[1].from.is_some(), "{shape}");
+            assert_eq!(
+                changes[1].garps,
+                6 + 12,
+                "{shape}: every announcement of B counted once"
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_learns_an_address_answered_for_by_a_second_host() {
+        let mut vips = VipSet::default();
+        let mut o = Ownership::new(OwnershipConfig::default(), true);
+        let mut reply = garp(0, 0xa, "10.200.0.100");
+        reply.gratuitous = false;
+        reply.op = ArpOp::Reply;
+        assert!(
+            o.observe(&reply, &mut vips).is_empty(),
+            "one host: a node's own address"
+        );
+        assert!(o.observe(&reply, &mut vips).is_empty());
+        reply.sender_mac = Mac([2, 0, 0, 0, 0, 0xb]);
+        let u = o.observe(&reply, &mut vips);
+        assert_eq!(kinds(&u), ["discovered", "changed"]);
+        let (_, _, changes) = o.owners().next().unwrap();
+        assert_eq!(
+            changes[0].from.as_ref().unwrap().mac,
+            Mac([2, 0, 0, 0, 0, 0xa])
+        );
     }
 }

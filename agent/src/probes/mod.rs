@@ -37,6 +37,9 @@ use crate::{
     kernel::btf::{DropReasons, KernelBtf},
 };
 
+/// The collector that hooks every received packet.
+const RX_COLLECTOR: &str = "rx";
+
 /// The kernel object, built by `agent/build.rs` and embedded so the binary runs on its own.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
@@ -67,6 +70,9 @@ pub struct LoadOptions {
     pub wakeup_bytes: u64,
     /// Record ARP/NDP and neighbour updates.
     pub arp: bool,
+    /// Also hook every received packet for ARP/NDP received (not needed for ownership, which
+    /// comes from what each node transmits; every healthy packet pays this hook).
+    pub arp_rx: bool,
     /// Count drops in the kernel and send only samples (the agent).
     pub aggregate: Option<Aggregation>,
     /// VIPs and pools the kernel can attribute to (aggregation).
@@ -84,6 +90,7 @@ impl LoadOptions {
             ring_bytes: 4 << 20,
             wakeup_bytes: 1 << 20,
             arp: true,
+            arp_rx: true,
             aggregate: None,
             vip_entries: agent_common::VIP_ENTRIES,
             nat_entries: agent_common::NAT_ENTRIES,
@@ -227,12 +234,15 @@ pub struct Tracer {
 fn attach_all(
     ebpf: &mut Ebpf,
     btf: Option<&aya::Btf>,
-    mode: ProbeMode,
+    opts: &LoadOptions,
     offered: &Offered,
 ) -> Result<(Vec<ProbeStatus>, BTreeMap<&'static str, ProbeId>), ProbeError> {
+    let mode = opts.mode;
     let mut statuses = Vec::new();
     let mut active = BTreeMap::new();
-    for collector in COLLECTORS {
+    // Nothing to hook on receive without ARP, or when receive is not asked for.
+    let rx = opts.arp && opts.arp_rx;
+    for collector in COLLECTORS.iter().filter(|c| rx || c.name != RX_COLLECTOR) {
         for spec in collector.probes {
             let name = probe_name(spec.id);
             let state = if active.contains_key(collector.name) {
@@ -340,7 +350,7 @@ impl Prepared {
         if offered.ct_stats.is_on() {
             seed_ct_baselines(&mut ebpf)?;
         }
-        let (statuses, active) = attach_all(&mut ebpf, aya_btf.as_ref(), opts.mode, &offered)?;
+        let (statuses, active) = attach_all(&mut ebpf, aya_btf.as_ref(), &opts, &offered)?;
         drop(aya_btf);
         release_freed_memory();
         Ok(Tracer {
@@ -349,7 +359,11 @@ impl Prepared {
             active: active["drops"],
             features: Features {
                 nat_attribution: offered.conntrack.needs(&active, &["xmit"]),
-                arp: offered.arp.needs(&active, &["xmit", "rx"]),
+                arp: if opts.arp && opts.arp_rx {
+                    offered.arp.needs(&active, &["xmit", RX_COLLECTOR])
+                } else {
+                    offered.arp.needs(&active, &["xmit"])
+                },
                 neighbours: offered.arp.needs(&active, &["neigh"]),
                 conntrack_events: offered.ct_stats,
             },

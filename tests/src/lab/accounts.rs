@@ -96,6 +96,8 @@ pub struct VipOutcome {
     pub lbtrace_noise: u64,
     /// Records of the VIP that are neither its loss nor noise ([`Class::Other`]), by reason.
     pub lbtrace_other: BTreeMap<String, u64>,
+    /// Of those, the ones lbtrace classes as loss (the rest it calls local noise).
+    pub lbtrace_other_loss: u64,
     pub lbtrace_per_second: Vec<u64>,
 }
 
@@ -109,7 +111,7 @@ pub fn vip_outcome(
     let seconds = report.duration.as_secs().max(1) as usize;
     let mut by_reason = BTreeMap::new();
     let mut per_second = vec![0; seconds];
-    let (mut noise, mut other) = (0, BTreeMap::new());
+    let (mut noise, mut other, mut other_loss) = (0, BTreeMap::new(), 0);
     let vip_s = vip.to_string();
     for e in events.iter().filter(|e| {
         (e["kind"] == "drop" || e["kind"] == "conntrack") && e["vip"].as_str() == Some(&vip_s)
@@ -127,6 +129,7 @@ pub fn vip_outcome(
                     e["proto"].as_str().unwrap_or("?")
                 );
                 *other.entry(what).or_insert(0) += 1;
+                other_loss += u64::from(e["class"] == "loss");
                 continue;
             }
         }
@@ -154,6 +157,7 @@ pub fn vip_outcome(
         lbtrace_by_reason: by_reason,
         lbtrace_noise: noise,
         lbtrace_other: other,
+        lbtrace_other_loss: other_loss,
         lbtrace_per_second: per_second,
     }
 }
@@ -254,6 +258,97 @@ pub fn finding_checks(
                 ),
             )),
         }
+    }
+    checks
+}
+
+/// The watch summary's per-VIP loss (`drops_by_vip`, loss only) against lbtrace's records the
+/// lab does not count as noise: equal for every VIP, so 0 for control and hidden ones.
+pub fn summary_checks(vips: &[VipOutcome], summary: &Value) -> Vec<Check> {
+    vips.iter()
+        .map(|v| {
+            let by = &summary["drops_by_vip"][v.vip.to_string()];
+            let total: u64 = by
+                .as_object()
+                .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+            // The summary's loss: the lab's loss, and other records lbtrace classes as loss.
+            let records = v.lbtrace + v.lbtrace_other_loss;
+            Check::new(
+                total == records,
+                format!(
+                    "{} ({}): the watch summary's loss {total} = lbtrace's loss records {records}",
+                    v.vip,
+                    v.role.name(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// lbtrace's `class` of every drop record agrees with the lab's: the lab's noise is benign
+/// or local noise, a TCP/UDP drop the lab counts as loss is loss.
+pub fn class_checks(events: &[Value]) -> Vec<Check> {
+    let mut wrong = BTreeMap::new();
+    let mut n = 0;
+    for e in events
+        .iter()
+        .filter(|e| e["kind"] == "drop" || e["kind"] == "conntrack")
+    {
+        let ours = classify(e);
+        let theirs = e["class"].as_str().unwrap_or("missing");
+        let agree = match ours {
+            Class::Noise => theirs == "benign" || theirs == "local-noise",
+            Class::Loss => theirs == "loss",
+            Class::Other => true,
+        };
+        n += 1;
+        if !agree {
+            let what = format!(
+                "{} at {}: {theirs}",
+                e["reason"].as_str().unwrap_or("?"),
+                e["location"].as_str().unwrap_or("?")
+            );
+            *wrong.entry(what).or_insert(0u64) += 1;
+        }
+    }
+    vec![Check::new(
+        wrong.is_empty(),
+        format!(
+            "lbtrace's class of {n} drop records agrees with the lab's (disagreeing: {wrong:?})"
+        ),
+    )]
+}
+
+/// A stale-ARP finding started mid-incident names the old owner's MAC and, per affected VIP,
+/// the client with a window within 1 s of its measured loss window.
+pub fn client_window_checks(
+    vips: &[VipOutcome],
+    by_vip: &BTreeMap<String, Value>,
+    old_mac: &str,
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for v in vips.iter().filter(|v| v.role == Role::Affected) {
+        let e = by_vip
+            .get(&v.vip.to_string())
+            .map_or(&Value::Null, |d| &d["findings"][0]["evidence"]);
+        checks.push(Check::new(
+            e["old_mac"] == old_mac,
+            format!("{}: old owner {} (n0 is {old_mac})", v.vip, e["old_mac"]),
+        ));
+        let client = if v.vip.is_ipv4() {
+            "10.200.0.1"
+        } else {
+            "fd00:200::1"
+        };
+        let measured = v.loss_span.map_or(0.0, |(a, b)| (b - a).as_secs_f64());
+        let window = e["clients"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["client"] == client))
+            .and_then(|c| c["window_s"].as_f64());
+        checks.push(Check::new(
+            window.is_some_and(|w| (w - measured).abs() <= 1.0),
+            format!("{}: client {client}'s window {window:?} s vs its measured {measured:.1} s (within 1 s)", v.vip),
+        ));
     }
     checks
 }
