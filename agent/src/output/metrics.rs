@@ -89,6 +89,7 @@ pub struct Metrics {
     owners: BTreeMap<VipLabel, (Mac, u32)>,
     events: BTreeMap<&'static str, u64>,
     kernel: KernelCounters,
+    nat: Option<crate::probes::NatOccupancy>,
     reason_names: BTreeMap<u32, String>,
     probes: Vec<ProbeStatus>,
     conntrack_entries: BTreeMap<u32, u64>,
@@ -386,6 +387,46 @@ impl Metrics {
         }
     }
 
+    fn render_nat(&self, e: &mut Expo) {
+        e.family(
+            "lbtrace_nat_learned_total",
+            "counter",
+            "DNAT translations learned (one per new translated connection).",
+        );
+        e.sample("lbtrace_nat_learned_total", &[], self.kernel.nat_learned);
+        e.family(
+            "lbtrace_nat_joined_total",
+            "counter",
+            "Drops attributed to a VIP through a learned translation.",
+        );
+        e.sample("lbtrace_nat_joined_total", &[], self.kernel.nat_joined);
+        let Some(n) = self.nat else {
+            return;
+        };
+        e.family(
+            "lbtrace_nat_entries",
+            "gauge",
+            "Translations the NAT map holds (counted every 30 s), of lbtrace_nat_capacity.",
+        );
+        e.sample("lbtrace_nat_entries", &[], n.entries);
+        e.family(
+            "lbtrace_nat_capacity",
+            "gauge",
+            "Size of the NAT map (--nat-entries).",
+        );
+        e.sample("lbtrace_nat_capacity", &[], n.capacity);
+        e.family(
+            "lbtrace_nat_evictions_total",
+            "counter",
+            "Translations learned but no longer held (evicted by newer ones): drops of those flows behind DNAT go unattributed. Raise --nat-entries when it grows.",
+        );
+        e.sample(
+            "lbtrace_nat_evictions_total",
+            &[],
+            n.evicted(self.kernel.nat_learned),
+        );
+    }
+
     fn render_health(&self, e: &mut Expo) {
         e.family(
             "lbtrace_events_total",
@@ -403,6 +444,7 @@ impl Metrics {
         for (cpu, n) in self.kernel.lost_per_cpu.iter().enumerate() {
             e.sample("lbtrace_events_lost_total", &[("cpu", &cpu.to_string())], n);
         }
+        self.render_nat(e);
         e.family(
             "lbtrace_events_sampled_out_total",
             "counter",
@@ -494,6 +536,9 @@ impl Sink for MetricsSink {
         let mut m = self.lock();
         m.kernel(h.counters, h.reasons);
         m.aggregated(h.agg, h.namer);
+        if h.nat.is_some() {
+            m.nat = h.nat;
+        }
         m.conntrack_tables(h.tables.entries(), h.tables.max);
     }
 }

@@ -26,7 +26,7 @@ use crate::{
     event::{decode::decode, values::Name, Namer, Record},
     kernel::{btf::DropReasons, conntrack::TablePressure},
     output::summary::{Summary, VipCounts},
-    probes::{AggCount, KernelCounters, Tracer},
+    probes::{AggCount, KernelCounters, NatOccupancy, Tracer},
 };
 use attribution::VipSet;
 use ownership::Ownership;
@@ -68,7 +68,12 @@ pub struct Housekeeping<'a> {
     pub namer: &'a Namer,
     pub tables: &'a TablePressure,
     pub reasons: &'a DropReasons,
+    /// The NAT map's occupancy, counted every [`NAT_COUNT_INTERVAL`] once it learned anything.
+    pub nat: Option<NatOccupancy>,
 }
+
+/// A NAT map key walk costs about a microsecond per entry: rare enough to stay cheap.
+const NAT_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What selects records for the stream, and how many.
 #[derive(Clone, Debug, Default)]
@@ -119,6 +124,8 @@ pub struct Pipeline<'s> {
     by_vip: VipCounts,
     /// The VIP set changed (reload, discovery) since the kernel's copy was made.
     vips_changed: bool,
+    /// The NAT map's last count, and when it was made.
+    nat: Option<(NatOccupancy, Instant)>,
     /// A stream's reader went away: keep counting, stop streaming.
     closed: bool,
 }
@@ -144,6 +151,7 @@ impl<'s> Pipeline<'s> {
             counts: Counts::default(),
             by_vip: VipCounts::default(),
             vips_changed: true,
+            nat: None,
             closed: false,
         }
     }
@@ -262,12 +270,22 @@ impl<'s> Pipeline<'s> {
         let (Ok(counters), Ok(agg)) = (tracer.counters(), tracer.agg_counts()) else {
             return;
         };
+        let due = self
+            .nat
+            .is_none_or(|(_, at)| at.elapsed() >= NAT_COUNT_INTERVAL);
+        if tracer.aggregating && counters.nat_learned > 0 && due {
+            match tracer.nat_occupancy() {
+                Ok(n) => self.nat = Some((n, Instant::now())),
+                Err(e) => tracing::debug!("counting the NAT map: {e}"),
+            }
+        }
         let h = Housekeeping {
             counters: &counters,
             agg: &agg,
             namer: &self.namer,
             tables: &self.tables,
             reasons: self.namer.reasons(),
+            nat: self.nat.map(|(n, _)| n),
         };
         for s in &mut self.sinks {
             s.housekeeping(&h);

@@ -209,7 +209,14 @@ impl Ownership {
     }
 
     /// A finding made outside the announcements (a VIP configured on two hosts at once).
+    /// The same VIP's split brain seen again in its announcements is not a second finding.
     pub fn found(&mut self, f: FindingRec) -> Record {
+        let now = f.time.unwrap_or_else(Time::now);
+        let window = self.cfg.flap_window;
+        self.vips
+            .entry(f.vip)
+            .or_default()
+            .hush(f.finding, now, window);
         self.findings.push(f.clone());
         Record::Finding(f)
     }
@@ -266,8 +273,13 @@ impl VipState {
             }
         }
         let from_mac = c.from.as_ref().map_or(c.to.mac, |p| p.mac);
-        let (finding, macs, detail) = if back_and_forth && self.quiet(FindingKind::SplitBrain, now)
-        {
+        if back_and_forth && !self.quiet(FindingKind::SplitBrain, now) {
+            // A split brain already reported (from the announcements or the configured
+            // addresses): its alternations are neither a second finding nor flapping.
+            self.hush(FindingKind::Flapping, now, cfg.flap_window);
+            return None;
+        }
+        let (finding, macs, detail) = if back_and_forth {
             // Alternations of a split brain are not also counted as flapping.
             self.hush(FindingKind::Flapping, now, cfg.flap_window);
             self.hush(FindingKind::SplitBrain, now, cfg.flap_window);

@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    CtEvent, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_REASON_COUNTS, MAP_STATS, STAT_AGG_FULL, STAT_ARP,
-    STAT_CT_NO_BASELINE, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH, STAT_READ_ERRORS,
-    STAT_RING_LOST, STAT_SAMPLED_OUT, STAT_SEEN,
+    CtEvent, Tuple, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_NAT, MAP_REASON_COUNTS, MAP_STATS,
+    STAT_AGG_FULL, STAT_ARP, STAT_CT_NO_BASELINE, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH,
+    STAT_READ_ERRORS, STAT_RING_LOST, STAT_SAMPLED_OUT, STAT_SEEN,
 };
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 
 use super::{map_err, ProbeError, Tracer};
 
@@ -41,7 +41,35 @@ impl KernelCounters {
     }
 }
 
+/// The NAT map's occupancy: how many translations it holds of how many it can.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatOccupancy {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+impl NatOccupancy {
+    /// Translations learned but no longer held: the LRU map evicted them (a translated
+    /// 5-tuple reused by a later connection counts too: its entry was replaced).
+    pub fn evicted(&self, learned: u64) -> u64 {
+        learned.saturating_sub(self.entries)
+    }
+}
+
 impl Tracer {
+    /// Counts the NAT map's entries: one key walk, so the caller keeps it rare.
+    pub fn nat_occupancy(&self) -> Result<NatOccupancy, ProbeError> {
+        let map = self
+            .ebpf
+            .map(MAP_NAT)
+            .ok_or(ProbeError::MissingMap(MAP_NAT))?;
+        let capacity = map_capacity(map);
+        let nat: HashMap<&MapData, Tuple, agent_common::NatOrigin> =
+            HashMap::try_from(map).map_err(map_err(MAP_NAT))?;
+        let entries = nat.keys().filter(Result::is_ok).count() as u64;
+        Ok(NatOccupancy { entries, capacity })
+    }
+
     fn per_cpu_array(&self, name: &'static str) -> Result<Vec<Vec<u64>>, ProbeError> {
         let map = self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))?;
         let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
@@ -95,4 +123,11 @@ impl Tracer {
         }
         Ok(out)
     }
+}
+
+fn map_capacity(map: &aya::maps::Map) -> u64 {
+    let aya::maps::Map::LruHashMap(d) = map else {
+        return 0;
+    };
+    d.info().map_or(0, |i| u64::from(i.max_entries()))
 }

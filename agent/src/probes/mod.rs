@@ -25,7 +25,7 @@ use aya::{
 pub use collectors::error_chain;
 use collectors::{attach_btf, attach_tracepoint, disabled_by_env, Hook, COLLECTORS};
 pub use collectors::{probe_name, ProbeMode, DISABLE_PROBES_ENV};
-pub use counters::KernelCounters;
+pub use counters::{KernelCounters, NatOccupancy};
 pub use filters::KernelFilter;
 use filters::{fill_set, host_key, seed_ct_baselines};
 use offsets::{
