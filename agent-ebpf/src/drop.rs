@@ -60,10 +60,10 @@ fn ct_event<M: Mem>(d: &Drop) -> Option<(u8, u32)> {
     Some((conntrack::classify(net, netns, cpu), netns))
 }
 
-/// The agent's path: count under (VIP, reason, location, conntrack event); a record only for a
-/// sample. Headers are read only when a VIP is configured.
+/// The conntrack event (0 when none), or `None` when the namespace or event filter rejects
+/// the drop. The namespace is read once, for both.
 #[inline(always)]
-fn aggregated<M: Mem>(d: &Drop, filters: u32) {
+fn namespace_and_event<M: Mem>(d: &Drop, filters: u32) -> Option<u8> {
     let ct = ct_event::<M>(d);
     let event = ct.map_or(0, |(e, _)| e);
     if filters & FILTER_NETNS != 0 {
@@ -72,12 +72,22 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
             None => skb_net::<M>(d.skb, d.rx_sk).1,
         };
         if netns != conf!(filter_netns) {
-            return;
+            return None;
         }
     }
     if filters & FILTER_CT_EVENT != 0 && conf!(filter_ct_events) & (1 << event) == 0 {
-        return;
+        return None;
     }
+    Some(event)
+}
+
+/// The agent's path: count under (VIP, reason, location, conntrack event); a record only for a
+/// sample. Headers are read only when a VIP is configured.
+#[inline(always)]
+fn aggregated<M: Mem>(d: &Drop, filters: u32) {
+    let Some(event) = namespace_and_event::<M>(d, filters) else {
+        return;
+    };
     count_reason(d.reason);
     if event != 0 {
         array_inc(&CT_COUNTS, u32::from(event));
@@ -105,20 +115,9 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
 /// `watch` and `record`: every drop that passes the filters becomes a record.
 #[inline(always)]
 fn every<M: Mem>(d: &Drop, filters: u32) {
-    let ct = ct_event::<M>(d);
-    let event = ct.map_or(0, |(e, _)| e);
-    if filters & FILTER_NETNS != 0 {
-        let netns = match ct {
-            Some((_, n)) => n,
-            None => skb_net::<M>(d.skb, d.rx_sk).1,
-        };
-        if netns != conf!(filter_netns) {
-            return;
-        }
-    }
-    if filters & FILTER_CT_EVENT != 0 && conf!(filter_ct_events) & (1 << event) == 0 {
+    let Some(event) = namespace_and_event::<M>(d, filters) else {
         return;
-    }
+    };
     // The record is built in per-CPU scratch memory: it does not fit the 512-byte stack.
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return;

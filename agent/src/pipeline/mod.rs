@@ -274,7 +274,7 @@ impl<'s> Pipeline<'s> {
             .nat
             .is_none_or(|(_, at)| at.elapsed() >= NAT_COUNT_INTERVAL);
         if tracer.aggregating && counters.nat_learned > 0 && due {
-            match tracer.nat_occupancy() {
+            match tracer.nat_occupancy(counters.nat_learned) {
                 Ok(n) => self.nat = Some((n, Instant::now())),
                 Err(e) => tracing::debug!("counting the NAT map: {e}"),
             }

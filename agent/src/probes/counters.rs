@@ -46,19 +46,22 @@ impl KernelCounters {
 pub struct NatOccupancy {
     pub entries: u64,
     pub capacity: u64,
+    /// Translations learned when the count began: `evicted` compares the two of one moment.
+    pub learned: u64,
 }
 
 impl NatOccupancy {
-    /// Translations learned but no longer held: the LRU map evicted them (a translated
-    /// 5-tuple reused by a later connection counts too: its entry was replaced).
-    pub fn evicted(&self, learned: u64) -> u64 {
-        learned.saturating_sub(self.entries)
+    /// Translations learned but no longer held at the count: the LRU map evicted them (a
+    /// translated 5-tuple reused by a later connection counts too: its entry was replaced).
+    /// Learned before the walk began, so translations added during it never count as evicted.
+    pub fn evicted(&self) -> u64 {
+        self.learned.saturating_sub(self.entries)
     }
 }
 
 impl Tracer {
     /// Counts the NAT map's entries: one key walk, so the caller keeps it rare.
-    pub fn nat_occupancy(&self) -> Result<NatOccupancy, ProbeError> {
+    pub fn nat_occupancy(&self, learned: u64) -> Result<NatOccupancy, ProbeError> {
         let map = self
             .ebpf
             .map(MAP_NAT)
@@ -67,7 +70,11 @@ impl Tracer {
         let nat: HashMap<&MapData, Tuple, agent_common::NatOrigin> =
             HashMap::try_from(map).map_err(map_err(MAP_NAT))?;
         let entries = nat.keys().filter(Result::is_ok).count() as u64;
-        Ok(NatOccupancy { entries, capacity })
+        Ok(NatOccupancy {
+            entries,
+            capacity,
+            learned,
+        })
     }
 
     fn per_cpu_array(&self, name: &'static str) -> Result<Vec<Vec<u64>>, ProbeError> {
