@@ -115,7 +115,11 @@ pub fn build() -> Result<PathBuf> {
         "-p",
         "integration-tests",
     ]))?;
-    let bin = root().join("target/release/lbtrace");
+    // Where cargo put it: CARGO_TARGET_DIR (relative to the workspace, where cargo runs) or
+    // the workspace's target/.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), |d| root().join(d));
+    let bin = target.join("release/lbtrace");
     anyhow::ensure!(bin.is_file(), "{} was not built", bin.display());
     Ok(bin)
 }
