@@ -240,8 +240,9 @@ const METHOD: &str = "\
   in the node's namespace only). Exact = lbtrace_drops_total{reason=NO_SOCKET} of every VIP
   equals what was sent to it, with nothing anywhere else; judged only at the offered rate and
   when the pod's Udp NoPorts and the node's counter equal what was sent. Scrapes are timed
-  (connect to last byte) after the load; evictions at least = new connections − NAT map
-  entries.
+  (connect to last byte) after the load; evictions in the kernel = new connections − the
+  entries the agent's NAT map holds after the load (`bpftool map dump`), against
+  `lbtrace_nat_evictions_total` at the same moment.
 - **Latency**: during the 10k run, marker datagrams to a third closed port, one every 20–60 ms
   (pseudo-random, so they do not lock onto the reader's 50 ms tick), each from its own socket;
   the time from `send_to` to the moment the bench reads the line with that source port on
@@ -300,11 +301,18 @@ fn scale_md(s: &Value) -> String {
         ),
         ("lbtrace: label overflow", a["label_overflow"].to_string()),
         (
-            "NAT map entries / evictions at least / reported",
+            "NAT map size / held after the load (bpftool)",
             format!(
-                "{} / {} / {}",
+                "{} / {}",
                 nat["map_entries"],
-                nat["evictions_at_least"],
+                num(&nat["held_in_kernel"], 0)
+            ),
+        ),
+        (
+            "NAT evictions in the kernel (new − held) / lbtrace_nat_evictions_total",
+            format!(
+                "{} / {}",
+                num(&nat["evictions_in_kernel"], 0),
                 num(&nat["evictions_reported"], 0)
             ),
         ),

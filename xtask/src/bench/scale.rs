@@ -113,6 +113,41 @@ fn nat_series(text: &str) -> BTreeMap<String, u64> {
     out
 }
 
+/// Translations the agent's NAT map holds, from the kernel (`bpftool map dump`): new
+/// connections minus these are the evictions.
+fn nat_map_entries(pid: u32) -> Result<u64> {
+    let mut held = std::collections::BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+            held.insert(id.trim().to_owned());
+        }
+    }
+    let out =
+        crate::util::output(std::process::Command::new("bpftool").args(["map", "show", "-j"]))?;
+    let maps: Value = serde_json::from_slice(&out.stdout).context("bpftool map show -j")?;
+    let id = maps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == "NAT" && held.contains(&m["id"].to_string()))
+        .context("the agent holds no map named NAT")?["id"]
+        .to_string();
+    let out = crate::util::output(
+        std::process::Command::new("bpftool").args(["map", "dump", "id", &id]),
+    )?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Found ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .context("no element count in bpftool map dump")
+}
+
 fn agent_args(pod_netns: u32) -> Vec<String> {
     let netns = pod_netns.to_string();
     let nat = NAT_ENTRIES.to_string();
@@ -180,16 +215,16 @@ fn run_inner(ctx: &Ctx, duration: Duration) -> Result<Value> {
     let (per_vip, elapsed) = send(&lab.socks, duration)?;
     let o = lab.oracle()?.minus(o0);
     let text = settled(addr, o.no_ports)?;
+    // No traffic now: the map holds what it will hold at the scrapes.
+    let held = nat_map_entries(pid).ok();
     let daemon = Daemon::measure(pid, &p0);
     let scrape_ms = scrape_times(addr)?;
     tracer.stop(&ctx.names)?;
     drop(lab);
     let sent: u64 = per_vip.iter().sum();
     let nat = nat_series(&text);
-    let evictions = nat
-        .iter()
-        .find(|(k, _)| k.contains("evict"))
-        .map(|(_, v)| *v);
+    let evictions = nat.get("lbtrace_nat_evictions_total").copied();
+    let learned = nat.get("lbtrace_nat_learned_total").copied();
     let a = attribution(&text, &per_vip);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     Ok(json!({
@@ -221,7 +256,10 @@ fn run_inner(ctx: &Ctx, duration: Duration) -> Result<Value> {
         "nat": {
             "series": nat,
             "map_entries": NAT_ENTRIES,
+            "learned_reported": learned,
+            "held_in_kernel": held,
             "evictions_reported": evictions,
+            "evictions_in_kernel": held.map(|h| o.new_conns.saturating_sub(h)),
             "evictions_at_least": o.new_conns.saturating_sub(NAT_ENTRIES),
         },
     }))

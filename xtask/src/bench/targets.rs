@@ -290,14 +290,20 @@ pub fn scale_targets(s: &Value) -> Vec<Value> {
         Verdict::Missed
     };
     let nat = &s["nat"];
-    let evictions = match nat["evictions_reported"].as_u64() {
-        Some(_) => Verdict::Met,
-        None => Verdict::Missed,
+    let evictions = match (
+        nat["evictions_reported"].as_u64(),
+        nat["evictions_in_kernel"].as_u64(),
+    ) {
+        (Some(r), Some(k)) if r == k => Verdict::Met,
+        (_, None) => Verdict::NotMeasured("the NAT map's entries could not be read".into()),
+        _ => Verdict::Missed,
     };
     let nat_note = format!(
-        "NAT map {} entries, {} new connections: at least {} evictions; lbtrace's series: {}",
+        "NAT map of {} entries holding {} after {} new connections: {} evictions in the kernel (at least {}); lbtrace's series after the load: {}",
         nat["map_entries"],
+        nat["held_in_kernel"],
         o["node_new_connections"],
+        nat["evictions_in_kernel"],
         nat["evictions_at_least"],
         match nat["series"].as_object().filter(|m| !m.is_empty()) {
             Some(m) => m
@@ -323,7 +329,7 @@ pub fn scale_targets(s: &Value) -> Vec<Value> {
             nat["evictions_reported"]
                 .as_f64()
                 .and_then(|x| Spread::of(&[x])),
-            "an evictions series in /metrics",
+            "lbtrace_nat_evictions_total = new connections − entries the map holds",
             &evictions,
             &nat_note,
         ),
