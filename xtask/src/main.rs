@@ -64,6 +64,9 @@ enum Command {
         /// Soak load in drops per second.
         #[arg(long, default_value_t = 50_000, requires = "soak")]
         soak_rate: u64,
+        /// Instead: only the scale phase (1,000 VIPs behind DNAT); prints its targets.
+        #[arg(long, conflicts_with = "soak")]
+        scale: bool,
     },
 }
 
@@ -82,12 +85,14 @@ fn main() {
             soak,
             soak_secs,
             soak_rate,
+            scale,
         } => bench::bench(bench::Opts {
             quick,
             compare,
             soak,
             soak_secs,
             soak_rate,
+            scale,
         }),
     };
     if let Err(e) = result {
@@ -115,7 +120,11 @@ pub fn build() -> Result<PathBuf> {
         "-p",
         "integration-tests",
     ]))?;
-    let bin = root().join("target/release/lbtrace");
+    // Where cargo put it: CARGO_TARGET_DIR (relative to the workspace, where cargo runs) or
+    // the workspace's target/.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), |d| root().join(d));
+    let bin = target.join("release/lbtrace");
     anyhow::ensure!(bin.is_file(), "{} was not built", bin.display());
     Ok(bin)
 }

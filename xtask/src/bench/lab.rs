@@ -31,7 +31,7 @@ pub struct Oracle {
     pub nft_dropped: u64,
 }
 
-fn mac(ns: &Netns, ifname: &str) -> Result<String> {
+pub(super) fn mac(ns: &Netns, ifname: &str) -> Result<String> {
     let out = ns.ip(&["-j", "link", "show", "dev", ifname])?;
     let v: Value = serde_json::from_slice(&out.stdout)?;
     v[0]["address"]

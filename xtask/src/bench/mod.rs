@@ -4,7 +4,8 @@
 //! A client namespace sends small UDP datagrams over a veth to a node namespace (the VIP), where
 //! they are dropped: to a closed port (NO_SOCKET) and to a port an nftables rule drops
 //! (NETFILTER_DROP), 3:1, with exact counts. Each tracer is started afresh for each load:
-//! saturation (as fast as the generator goes), 10k and 200k drops/s.
+//! saturation (as fast as the generator goes), 10k and 200k drops/s. Then passing traffic
+//! ([`passing`]) and 1,000 VIPs behind DNAT ([`scale`]).
 
 mod bpfstats;
 mod figures;
@@ -13,6 +14,8 @@ mod measure;
 mod passing;
 mod report;
 mod report_md;
+mod scale;
+mod scale_lab;
 mod soak;
 mod targets;
 mod tracer;
@@ -55,6 +58,8 @@ pub struct Opts {
     pub soak: bool,
     pub soak_secs: u64,
     pub soak_rate: u64,
+    /// Only the scale phase.
+    pub scale: bool,
 }
 
 /// How long each measurement runs.
@@ -69,6 +74,8 @@ struct Durations {
     /// Passing traffic (see [`passing`]): how long, how many rounds per tracer.
     passing: Duration,
     passing_rounds: usize,
+    /// The scale phase (see [`scale`]).
+    scale: Duration,
 }
 
 impl Durations {
@@ -82,6 +89,7 @@ impl Durations {
                 high: Duration::from_secs(6),
                 passing: Duration::from_secs(2),
                 passing_rounds: 2,
+                scale: Duration::from_secs(3),
             }
         } else {
             Self {
@@ -92,6 +100,7 @@ impl Durations {
                 high: Duration::from_secs(60),
                 passing: Duration::from_secs(5),
                 passing_rounds: 3,
+                scale: Duration::from_secs(10),
             }
         }
     }
@@ -456,6 +465,9 @@ pub fn bench(opts: Opts) -> Result<()> {
     }
     let started = Instant::now();
     let d = Durations::new(opts.quick);
+    if opts.scale {
+        return scale::alone(&ctx, d.scale);
+    }
     step(&format!(
         "bench: lab (client {CLIENT} → veth → node {VIP}; UDP to :{CLOSED_PORT} closed and :{FILTERED_PORT} nft-dropped, 3:1)"
     ));
@@ -516,9 +528,15 @@ pub fn bench(opts: Opts) -> Result<()> {
             }
         }
     }
+    let scale = if available[&Kind::Agent].is_ok() {
+        scale::run(&ctx, d.scale)
+    } else {
+        json!({"error": "lbtrace agent is not available"})
+    };
     let results = report::results(
         &phases,
         &passing,
+        &scale,
         &available,
         lab.scope(),
         &d_json(&d, opts.quick),
@@ -563,5 +581,6 @@ fn d_json(d: &Durations, quick: bool) -> Value {
         "load_200k_s": d.high.as_secs_f64(),
         "passing_s": d.passing.as_secs_f64(),
         "passing_rounds": d.passing_rounds,
+        "scale_s": d.scale.as_secs_f64(),
     })
 }

@@ -225,6 +225,7 @@ fn passing_json(passing: &[Passing], k: Kind) -> Value {
 pub fn results(
     phases: &[PhaseResult],
     passing: &[Passing],
+    scale: &Value,
     available: &BTreeMap<Kind, Result<(), String>>,
     scope: Scope,
     durations: &Value,
@@ -374,6 +375,7 @@ pub fn results(
         "tracers": tracers,
         "phases": phases.iter().map(PhaseResult::to_json).collect::<Vec<_>>(),
         "passing": passing.iter().map(Passing::to_json).collect::<Vec<_>>(),
+        "scale": scale,
     });
     out["targets"] = super::targets::targets(&out, primary, phases, passing, &used);
     out

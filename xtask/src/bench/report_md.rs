@@ -232,11 +232,110 @@ const METHOD: &str = "\
   thread); clean = the sink and the kernel (Udp InDatagrams, RcvbufErrors) say every datagram
   was delivered. ns per passing packet = a program's run time / packets delivered; throughput
   loss = 1 − packets/s with the tracer / packets/s with none.
+- **Scale**: namespaces client → node → pod; the node DNATs UDP to each of 1,000 VIPs of a /22
+  (port 80) to its own closed port of the pod, so every datagram is a NO_SOCKET drop in the
+  pod's namespace, which lbtrace can attribute only through its NAT map. Each client socket
+  (its own source port) sends one datagram to every VIP, so every datagram is a new conntrack
+  entry (the node's nft counter on the DNAT rule counts them; `nf_conntrack_udp_timeout` is 2 s
+  in the node's namespace only). Exact = lbtrace_drops_total{reason=NO_SOCKET} of every VIP
+  equals what was sent to it, with nothing anywhere else; judged only at the offered rate and
+  when the pod's Udp NoPorts and the node's counter equal what was sent. Scrapes are timed
+  (connect to last byte) after the load; evictions in the kernel = new connections − the
+  entries the agent's NAT map holds after the load (`bpftool map dump`), against
+  `lbtrace_nat_evictions_total` at the same moment.
 - **Latency**: during the 10k run, marker datagrams to a third closed port, one every 20–60 ms
   (pseudo-random, so they do not lock onto the reader's 50 ms tick), each from its own socket;
   the time from `send_to` to the moment the bench reads the line with that source port on
   lbtrace's stdout.
 ";
+
+/// The scale phase: 1,000 VIPs, 50k new DNATed connections/s (see `scale.rs`).
+fn scale_md(s: &Value) -> String {
+    if let Some(e) = s["error"].as_str() {
+        return format!("## Scale\n\nNot measured: {e}\n\n");
+    }
+    let (o, a, nat) = (&s["oracle"], &s["attribution"], &s["nat"]);
+    let rows = [
+        (
+            "agent",
+            format!("`{}`", s["command"].as_str().unwrap_or("")),
+        ),
+        (
+            "VIPs with traffic / pool",
+            format!("{} / {}", s["vips"], s["pool"].as_str().unwrap_or("")),
+        ),
+        (
+            "new connections/s offered / achieved",
+            format!("{} / {}", s["offered_per_s"], num(&s["achieved_per_s"], 0)),
+        ),
+        ("duration s", num(&s["duration_s"], 1)),
+        ("sent (generator)", s["sent"].to_string()),
+        (
+            "new DNATed connections (node nft counter)",
+            o["node_new_connections"].to_string(),
+        ),
+        (
+            "NO_SOCKET drops (pod Udp NoPorts)",
+            o["pod_udp_no_ports"].to_string(),
+        ),
+        (
+            "node conntrack insert_failed / drop / early_drop",
+            format!(
+                "{} / {} / {}",
+                o["node_conntrack_insert_failed"],
+                o["node_conntrack_drop"],
+                o["node_conntrack_early_drop"]
+            ),
+        ),
+        (
+            "lbtrace: NO_SOCKET on the VIPs",
+            a["attributed"].to_string(),
+        ),
+        (
+            "lbtrace: VIPs exact / differing",
+            format!("{} / {}", a["vips_exact"], a["vips_differ"]),
+        ),
+        (
+            "lbtrace: drops elsewhere (none, other, unsent pool addresses)",
+            format!("{} {}", a["elsewhere"], a["elsewhere_by_label"]),
+        ),
+        ("lbtrace: label overflow", a["label_overflow"].to_string()),
+        (
+            "NAT map size / held after the load (bpftool)",
+            format!(
+                "{} / {}",
+                nat["map_entries"],
+                num(&nat["held_in_kernel"], 0)
+            ),
+        ),
+        (
+            "NAT evictions in the kernel (new − held) / lbtrace_nat_evictions_total",
+            format!(
+                "{} / {}",
+                num(&nat["evictions_in_kernel"], 0),
+                num(&nat["evictions_reported"], 0)
+            ),
+        ),
+        ("lbtrace_nat* series", nat["series"].to_string()),
+        (
+            "/metrics scrape ms, median (min–max)",
+            spread_md(&s["scrape_ms"], 1),
+        ),
+        ("/metrics bytes", s["metrics_bytes"].to_string()),
+        (
+            "agent RSS / peak MiB",
+            format!("{} / {}", num(&s["rss_mb"], 1), num(&s["rss_peak_mb"], 1)),
+        ),
+        ("agent BPF maps MiB", num(&s["maps_mb"], 1)),
+        ("agent CPU % of a core", num(&s["agent_cpu_pct"], 1)),
+    ];
+    let mut md = String::from("## Scale\n\n| figure | value |\n|---|--:|\n");
+    for (k, v) in rows {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    md.push('\n');
+    md
+}
 
 /// Writes results.json and report.md under `dir`, keeping the previous run as *.prev.*; prints
 /// the summary (and the comparison with the previous run when asked).
@@ -318,6 +417,7 @@ pub fn write(dir: &Path, r: &Value, compare: bool) -> Result<()> {
         r["latency_samples"],
         r["latency_markers_missed"],
     );
+    md.push_str(&scale_md(&r["scale"]));
     md.push_str(METHOD);
     if let Some(c) = &comparison {
         let _ = write!(md, "\n## Against the previous run\n\n{c}");

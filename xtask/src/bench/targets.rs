@@ -192,7 +192,7 @@ pub fn targets(
         &v,
         &format!("{} rounds, events lost in total: {sat_lost}", sat.len()),
     );
-    json!([
+    let mut rows = vec![
         ratio_t,
         target_with(
             "kfree_skb program ns/run vs bpftrace's program (ratio)",
@@ -226,24 +226,132 @@ pub fn targets(
             single("wakeups_per_s"),
             2000.0,
             "/s",
-            "the higher of 10k and 200k drops/s"
+            "the higher of 10k and 200k drops/s",
         ),
         target(
             "daemon RSS",
             single("rss_mb"),
             32.0,
             " MiB",
-            "VmRSS under load"
+            "VmRSS under load",
         ),
         target(
             "BPF maps",
             single("maps_mb"),
             32.0,
             " MiB",
-            "kernel memlock of the maps the daemon holds, defaults: the NAT map (131072 flows, 2.6 s at 50k new connections/s) is most of it"
+            "kernel memlock of the maps the daemon holds, defaults: the NAT map (131072 flows, 2.6 s at 50k new connections/s) is most of it",
         ),
         lat_t,
-    ])
+    ];
+    rows.extend(scale_targets(&r["scale"]));
+    Value::Array(rows)
+}
+
+/// The scale phase's rows: attribution, evictions, scrape time, RSS (see `scale.rs`).
+pub fn scale_targets(s: &Value) -> Vec<Value> {
+    const WHAT: &str = "1,000 VIPs, 50k new DNATed connections/s";
+    let name = |t: &str| format!("{WHAT}: {t}");
+    if let Some(e) = s["error"].as_str() {
+        let why = Verdict::NotMeasured(e.to_owned());
+        return [
+            "every drop attributed",
+            "evictions counted",
+            "/metrics scrape",
+            "agent RSS",
+        ]
+        .map(|t| target_with(&name(t), None, "", &why, ""))
+        .to_vec();
+    }
+    let (o, a) = (&s["oracle"], &s["attribution"]);
+    let achieved = s["achieved_per_s"].as_f64().unwrap_or(0.0);
+    let offered = s["offered_per_s"].as_f64().unwrap_or(0.0);
+    let note = format!(
+        "{:.0} new conns/s for {:.1} s: sent {}, pod NoPorts {}, node DNATs {}; lbtrace: {} on the VIPs, {}/1000 VIPs exact, {} elsewhere (none/other/unsent), label overflow {}",
+        achieved,
+        s["duration_s"].as_f64().unwrap_or(0.0),
+        s["sent"],
+        o["pod_udp_no_ports"],
+        o["node_new_connections"],
+        a["attributed"],
+        a["vips_exact"],
+        a["elsewhere"],
+        a["label_overflow"],
+    );
+    let attributed = if achieved < 0.95 * offered {
+        Verdict::NotMeasured(format!(
+            "not measurable at that rate: {achieved:.0}/s achieved of {offered:.0} offered"
+        ))
+    } else if o["agrees"] != true {
+        Verdict::NotMeasured("the kernel's counters disagree with the generator".into())
+    } else if s["exact"] == true {
+        Verdict::Met
+    } else {
+        Verdict::Missed
+    };
+    let nat = &s["nat"];
+    let evictions = match (
+        nat["evictions_reported"].as_u64(),
+        nat["evictions_in_kernel"].as_u64(),
+    ) {
+        (Some(r), Some(k)) if r == k => Verdict::Met,
+        (_, None) => Verdict::NotMeasured("the NAT map's entries could not be read".into()),
+        _ => Verdict::Missed,
+    };
+    let nat_note = format!(
+        "NAT map of {} entries holding {} after {} new connections: {} evictions in the kernel (at least {}); lbtrace's series after the load: {}",
+        nat["map_entries"],
+        nat["held_in_kernel"],
+        o["node_new_connections"],
+        nat["evictions_in_kernel"],
+        nat["evictions_at_least"],
+        match nat["series"].as_object().filter(|m| !m.is_empty()) {
+            Some(m) => m
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => "no lbtrace_nat* series in /metrics".into(),
+        },
+    );
+    let mb = |k: &str| s[k].as_f64();
+    let rss = mb("rss_mb").zip(mb("rss_peak_mb")).map(|(a, b)| a.max(b));
+    vec![
+        target_with(
+            &name("every drop attributed"),
+            None,
+            "per VIP = sent; nothing elsewhere",
+            &attributed,
+            &note,
+        ),
+        target_with(
+            &name("evictions counted"),
+            nat["evictions_reported"]
+                .as_f64()
+                .and_then(|x| Spread::of(&[x])),
+            "lbtrace_nat_evictions_total = new connections − entries the map holds",
+            &evictions,
+            &nat_note,
+        ),
+        target(
+            &name("/metrics scrape"),
+            Spread::from_json(&s["scrape_ms"]),
+            100.0,
+            " ms",
+            &format!("after the load, {} bytes", s["metrics_bytes"]),
+        ),
+        target(
+            &name("agent RSS"),
+            rss.and_then(|x| Spread::of(&[x])),
+            32.0,
+            " MiB",
+            &format!(
+                "the higher of steady {:.1} MiB and peak (VmHWM) {:.1} MiB",
+                mb("rss_mb").unwrap_or(f64::NAN),
+                mb("rss_peak_mb").unwrap_or(f64::NAN)
+            ),
+        ),
+    ]
 }
 
 /// Each tracer's overhead with its spread.

@@ -263,6 +263,16 @@ impl Running {
         scope: Scope,
         markers: Option<(u16, Sender<MarkerSeen>)>,
     ) -> Result<Self> {
+        Self::start_args(kind, bin, kind.args(scope), markers)
+    }
+
+    /// [`Running::start`] with its own command line (`ADDR` stands for the metrics address).
+    pub fn start_args(
+        kind: Kind,
+        bin: &Path,
+        args: Vec<String>,
+        markers: Option<(u16, Sender<MarkerSeen>)>,
+    ) -> Result<Self> {
         if kind == Kind::None {
             return Ok(Self {
                 kind,
@@ -281,7 +291,7 @@ impl Running {
         } else {
             bin
         });
-        for a in kind.args(scope) {
+        for a in args {
             cmd.arg(match metrics {
                 Some(m) if a == "ADDR" => m.to_string(),
                 _ => a,
@@ -322,6 +332,11 @@ impl Running {
             std::thread::sleep(Duration::from_millis(750));
         }
         Ok(running)
+    }
+
+    /// Where the agent serves /metrics.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -422,7 +437,7 @@ fn settled_metrics(addr: SocketAddr) -> Result<String> {
 }
 
 /// `GET path`: the body of a 200 answer.
-fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+pub(super) fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
@@ -539,7 +554,10 @@ fn bpftrace_counts(stdout: &str, names: &BTreeMap<u32, String>) -> Counts {
 }
 
 /// The samples of metric `name` in Prometheus text: `(labels, value)`.
-fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+pub(super) fn samples<'a>(
+    text: &'a str,
+    name: &'a str,
+) -> impl Iterator<Item = (&'a str, u64)> + 'a {
     text.lines().filter_map(move |l| {
         let (labels, value) = l.strip_prefix(name)?.rsplit_once(' ')?;
         if !labels.is_empty() && !labels.starts_with('{') {
@@ -549,7 +567,7 @@ fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, u
     })
 }
 
-fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+pub(super) fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
     labels.split(&format!("{key}=\"")).nth(1)?.split('"').next()
 }
 
