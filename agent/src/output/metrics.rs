@@ -418,13 +418,9 @@ impl Metrics {
         e.family(
             "lbtrace_nat_evictions_total",
             "counter",
-            "Translations learned but no longer held (evicted by newer ones): drops of those flows behind DNAT go unattributed. Raise --nat-entries when it grows.",
+            "Translations learned but no longer held at the last count (every 30 s; evicted by newer ones): drops of those flows behind DNAT go unattributed. Raise --nat-entries when it grows.",
         );
-        e.sample(
-            "lbtrace_nat_evictions_total",
-            &[],
-            n.evicted(self.kernel.nat_learned),
-        );
+        e.sample("lbtrace_nat_evictions_total", &[], n.evicted());
     }
 
     fn render_health(&self, e: &mut Expo) {
