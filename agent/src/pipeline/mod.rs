@@ -72,8 +72,11 @@ pub struct Housekeeping<'a> {
     pub nat: Option<NatOccupancy>,
 }
 
-/// A NAT map key walk costs about a microsecond per entry: rare enough to stay cheap.
+/// A NAT map key walk costs about a microsecond per entry: rare enough to stay cheap, more often
+/// (every [`NAT_COUNT_BUSY`]) while translations churn through an eighth of the map between
+/// counts.
 const NAT_COUNT_INTERVAL: Duration = Duration::from_secs(30);
+const NAT_COUNT_BUSY: Duration = Duration::from_secs(5);
 
 /// What selects records for the stream, and how many.
 #[derive(Clone, Debug, Default)]
@@ -270,9 +273,10 @@ impl<'s> Pipeline<'s> {
         let (Ok(counters), Ok(agg)) = (tracer.counters(), tracer.agg_counts()) else {
             return;
         };
-        let due = self
-            .nat
-            .is_none_or(|(_, at)| at.elapsed() >= NAT_COUNT_INTERVAL);
+        let due = self.nat.is_none_or(|(n, at)| {
+            let churn = counters.nat_learned.saturating_sub(n.learned) >= n.capacity / 8;
+            at.elapsed() >= NAT_COUNT_INTERVAL || (churn && at.elapsed() >= NAT_COUNT_BUSY)
+        });
         if tracer.aggregating && counters.nat_learned > 0 && due {
             match tracer.nat_occupancy(counters.nat_learned) {
                 Ok(n) => self.nat = Some((n, Instant::now())),

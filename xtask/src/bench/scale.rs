@@ -49,6 +49,18 @@ fn settled(addr: SocketAddr, want: u64) -> Result<String> {
     }
 }
 
+/// The scrape once the agent's own count of its NAT map (`lbtrace_nat_entries`) is `held`.
+fn recounted(addr: SocketAddr, held: u64) -> Result<String> {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = tracer::http_get(addr, "/metrics")?;
+        if nat_series(&text).get("lbtrace_nat_entries") == Some(&held) || Instant::now() > end {
+            return Ok(text);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// `SCRAPES` timed scrapes of /metrics, in ms.
 fn scrape_times(addr: SocketAddr) -> Result<Vec<f64>> {
     (0..SCRAPES)
@@ -217,6 +229,11 @@ fn run_inner(ctx: &Ctx, duration: Duration) -> Result<Value> {
     let text = settled(addr, o.no_ports)?;
     // No traffic now: the map holds what it will hold at the scrapes.
     let held = nat_map_entries(pid).ok();
+    // The agent recounts its map a few seconds after a burst of learning: wait for it.
+    let text = match held {
+        Some(h) => recounted(addr, h).unwrap_or(text),
+        None => text,
+    };
     let daemon = Daemon::measure(pid, &p0);
     let scrape_ms = scrape_times(addr)?;
     tracer.stop(&ctx.names)?;
