@@ -403,9 +403,10 @@ pub struct ProbeConfig {
     pub wakeup_bytes: u64,
     /// With `FEATURE_AGGREGATE`: records per `AGG` key, CPU and second (0: every drop).
     pub sample_limit: u32,
-    /// The kernel's tick rate (jiffies per second), for sampling windows without a clock read;
-    /// 0 when unknown (then the monotonic clock is read).
-    pub hz: u32,
+    /// Sampling windows are 2^`window_shift` jiffies, the power of two nearest the kernel's
+    /// tick rate (about a second, without a clock read or a division); 0 when the rate is
+    /// unknown (then the monotonic clock is read).
+    pub window_shift: u32,
 }
 const _: () = assert!(size_of::<ProbeConfig>() == 248);
 
@@ -474,32 +475,31 @@ impl ProbeConfig {
             kfree_skb_args: 0,
             wakeup_bytes: 0,
             sample_limit: 0,
-            hz: 0,
+            window_shift: 0,
         }
     }
 }
 
-/// Index into the per-CPU `STATS` array.
+/// Index into the per-CPU `STATS` array. (Drops that passed the filters are the sum of the
+/// per-reason counts, and nothing counts every drop before the filters: each increment is paid
+/// by every drop.)
 pub const STAT_RING_LOST: u32 = 0;
-/// Drops seen by a program before any filter.
-pub const STAT_SEEN: u32 = 1;
 /// Reads of kernel memory that failed: records are still sent, with the fields left zero.
-/// (Drops that passed the filters are the sum of the per-reason counts: not counted twice.)
-pub const STAT_READ_ERRORS: u32 = 2;
+pub const STAT_READ_ERRORS: u32 = 1;
 /// Conntrack statistics whose baseline was missing or ran backwards (counted, not classified).
-pub const STAT_CT_NO_BASELINE: u32 = 3;
+pub const STAT_CT_NO_BASELINE: u32 = 2;
 /// DNAT translations learned into the NAT map.
-pub const STAT_NAT_LEARNED: u32 = 4;
+pub const STAT_NAT_LEARNED: u32 = 3;
 /// Drops attributed through the NAT map.
-pub const STAT_NAT_JOINED: u32 = 5;
+pub const STAT_NAT_JOINED: u32 = 4;
 /// ARP/NDP and neighbour records that passed the filters.
-pub const STAT_ARP: u32 = 6;
-pub const STAT_NEIGH: u32 = 7;
+pub const STAT_ARP: u32 = 5;
+pub const STAT_NEIGH: u32 = 6;
 /// Aggregation: drops counted in `AGG` but not sent as records (over the sample limit).
-pub const STAT_SAMPLED_OUT: u32 = 8;
+pub const STAT_SAMPLED_OUT: u32 = 7;
 /// Aggregation: drops whose key found `AGG` full (sent as records, counted from them).
-pub const STAT_AGG_FULL: u32 = 9;
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_AGG_FULL: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
 
 /// Key of `CT_LAST`: the last conntrack statistics seen per netns and CPU.
 #[repr(C)]
@@ -572,7 +572,7 @@ const _: () = assert!(size_of::<AggKey>() == 32);
 pub struct AggValue {
     /// Every drop of this key on this CPU (exact).
     pub count: u64,
-    /// Second (jiffies / HZ) of the current sampling window.
+    /// The current sampling window (about a second, see `ProbeConfig::window_shift`).
     pub window: u64,
     /// Records sent in that window.
     pub samples: u32,

@@ -148,17 +148,17 @@ fn attribute<M: Mem>(skb: u64, key: &mut AggKey, rec: &mut DropRecord, parsed: &
     }
 }
 
-/// The current sampling window, in seconds: from jiffies (inlined by the JIT, no clock read)
-/// when the agent told the tick rate.
+/// The current sampling window, about a second: 2^`window_shift` jiffies (inlined by the JIT:
+/// no clock read, no division), or 2^30 ns when the agent could not tell the tick rate.
 #[inline(always)]
 fn window() -> u64 {
-    let hz = conf!(hz);
+    let shift = conf!(window_shift);
     // SAFETY: plain helpers without arguments.
     unsafe {
-        if hz != 0 {
-            bpf_jiffies64() / u64::from(hz)
+        if shift != 0 {
+            bpf_jiffies64() >> (shift & 31)
         } else {
-            bpf_ktime_get_ns() / 1_000_000_000
+            bpf_ktime_get_ns() >> 30
         }
     }
 }

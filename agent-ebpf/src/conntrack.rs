@@ -11,7 +11,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use crate::{
     conf,
     kernel::{read, Mem},
-    maps::{stat_inc, CPU_OFFSET, CT_LAST, NAT, STATS},
+    maps::{stat_inc, CPU_OFFSET, CT_CACHE, CT_LAST, NAT, STATS},
     packet::{flow_of, parse_packet, skb_net},
 };
 
@@ -215,9 +215,72 @@ pub fn classify(net: u64, netns: u32, cpu: u32) -> u8 {
         early_drop: stat_field(&stats, conf!(stat_early_drop)),
         _pad0: 0,
     };
+    let last = swap_baseline(netns, cpu, now);
+    if now.insert_failed < last.insert_failed || now.drop < last.drop {
+        stat_inc(STAT_CT_NO_BASELINE);
+        return 0;
+    }
+    // An insert failure also counts in `drop`: check it first.
+    if now.insert_failed != last.insert_failed {
+        CtEvent::InsertFailed as u8
+    } else if now.drop != last.drop {
+        CtEvent::TableFull as u8
+    } else if now.early_drop != last.early_drop {
+        CtEvent::EarlyDrop as u8
+    } else {
+        0
+    }
+}
+
+/// A slot of `CT_CACHE`: one namespace's last statistics on this CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CtCacheSlot {
+    pub netns: u32,
+    pub _pad0: u32,
+    pub last: CtStatValue,
+}
+
+/// Slots of the per-CPU direct-mapped cache in front of `CT_LAST` (a power of two).
+pub const CT_CACHE_SLOTS: u32 = 64;
+
+/// This namespace's last statistics on this CPU, replaced by `now`. A direct-mapped per-CPU
+/// cache answers without a hash lookup; a namespace it evicts is written back to `CT_LAST`.
+#[inline(always)]
+fn swap_baseline(netns: u32, cpu: u32, now: CtStatValue) -> CtStatValue {
+    let Some(slot) = CT_CACHE.get_ptr_mut(netns & (CT_CACHE_SLOTS - 1)) else {
+        return last_from_map(netns, cpu, now);
+    };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU.
+    let slot = unsafe { &mut *slot };
+    if slot.netns == netns && netns != 0 {
+        let last = slot.last;
+        slot.last = now;
+        return last;
+    }
+    if slot.netns != 0 {
+        let evicted = CtStatKey {
+            netns: slot.netns,
+            cpu,
+        };
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value, the copies overflow the 512-byte BPF stack"
+        )]
+        let _ = CT_LAST.insert(&evicted, &slot.last, 0);
+    }
+    let last = last_from_map(netns, cpu, now);
+    slot.netns = netns;
+    slot.last = now;
+    last
+}
+
+/// The baseline kept in `CT_LAST` (seeded by the agent), replaced by `now`.
+#[inline(always)]
+fn last_from_map(netns: u32, cpu: u32, now: CtStatValue) -> CtStatValue {
     let key = CtStatKey { netns, cpu };
     // Updated in place: only this CPU writes this key, and an LRU insert costs far more.
-    let last = match CT_LAST.get_ptr_mut(key) {
+    match CT_LAST.get_ptr_mut(key) {
         Some(slot) => {
             // SAFETY: this CPU's own key; programs do not nest on one CPU.
             let slot = unsafe { &mut *slot };
@@ -233,20 +296,6 @@ pub fn classify(net: u64, netns: u32, cpu: u32) -> u8 {
             let _ = CT_LAST.insert(&key, &now, 0);
             CtStatValue::default()
         }
-    };
-    if now.insert_failed < last.insert_failed || now.drop < last.drop {
-        stat_inc(STAT_CT_NO_BASELINE);
-        return 0;
-    }
-    // An insert failure also counts in `drop`: check it first.
-    if now.insert_failed != last.insert_failed {
-        CtEvent::InsertFailed as u8
-    } else if now.drop != last.drop {
-        CtEvent::TableFull as u8
-    } else if now.early_drop != last.early_drop {
-        CtEvent::EarlyDrop as u8
-    } else {
-        0
     }
 }
 

@@ -8,7 +8,7 @@ use agent_common::{
     DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
     DROP_FLAG_SAMPLED, FEATURE_AGGREGATE, FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST,
     FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON, STAT_NAT_JOINED, STAT_READ_ERRORS,
-    STAT_SAMPLED_OUT, STAT_SEEN,
+    STAT_SAMPLED_OUT,
 };
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
@@ -33,7 +33,6 @@ pub struct Drop {
 
 #[inline(always)]
 pub fn handle_drop<M: Mem>(d: Drop) {
-    stat_inc(STAT_SEEN);
     let filters = conf!(filter_flags);
     if filters & FILTER_REASON != 0 && REASON_FILTER.get_ptr(d.reason).is_none() {
         // Still moves the conntrack baseline, as every NETFILTER_DROP must.
@@ -88,23 +87,24 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     let Some(event) = namespace_and_event::<M>(d, filters) else {
         return;
     };
-    count_reason(d.reason);
-    if event != 0 {
-        array_inc(&CT_COUNTS, u32::from(event));
-    }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        count_exactly(d.reason, event);
         return;
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
     let mut parsed = false;
+    // `AGG` holds the exact counts per reason and event; the arrays only what it could not.
     let flags = match aggregate::count::<M>(d, event, rec, &mut parsed) {
         Outcome::Skip => {
             stat_inc(STAT_SAMPLED_OUT);
             return;
         }
         Outcome::Sample => DROP_FLAG_SAMPLED,
-        Outcome::Unaggregated => 0,
+        Outcome::Unaggregated => {
+            count_exactly(d.reason, event);
+            0
+        }
     };
     if !parsed {
         parse_into::<M>(d.skb, rec);
@@ -128,11 +128,17 @@ fn every<M: Mem>(d: &Drop, filters: u32) {
     if !packet_matches(rec) {
         return;
     }
-    count_reason(d.reason);
+    count_exactly(d.reason, event);
+    send::<M>(d, event, rec, 0);
+}
+
+/// The per-reason and per-conntrack-event counts, independent of the ring.
+#[inline(always)]
+fn count_exactly(reason: u32, event: u8) {
+    count_reason(reason);
     if event != 0 {
         array_inc(&CT_COUNTS, u32::from(event));
     }
-    send::<M>(d, event, rec, 0);
 }
 
 /// Headers and conntrack state of the packet, into the scratch record.

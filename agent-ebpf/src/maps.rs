@@ -74,6 +74,11 @@ pub static VIPS6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(VIP_ENTRIES,
 #[map]
 pub static VIP_META: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Per-CPU direct-mapped cache in front of `CT_LAST`, by namespace.
+#[map]
+pub static CT_CACHE: PerCpuArray<crate::conntrack::CtCacheSlot> =
+    PerCpuArray::with_max_entries(crate::conntrack::CT_CACHE_SLOTS, 0);
+
 /// This CPU's per-CPU offset, once found (conntrack classification).
 #[map]
 pub static CPU_OFFSET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

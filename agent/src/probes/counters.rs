@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use agent_common::{
     CtEvent, Tuple, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_NAT, MAP_REASON_COUNTS, MAP_STATS,
     STAT_AGG_FULL, STAT_ARP, STAT_CT_NO_BASELINE, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH,
-    STAT_READ_ERRORS, STAT_RING_LOST, STAT_SAMPLED_OUT, STAT_SEEN,
+    STAT_READ_ERRORS, STAT_RING_LOST, STAT_SAMPLED_OUT,
 };
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 
@@ -18,7 +18,6 @@ pub struct KernelCounters {
     pub by_reason: BTreeMap<u32, u64>,
     /// Records that did not fit in the ring buffer, per CPU.
     pub lost_per_cpu: Vec<u64>,
-    pub seen: u64,
     pub matched: u64,
     pub read_errors: u64,
     /// Conntrack-caused drops that passed the filters, per event.
@@ -110,8 +109,6 @@ impl Tracer {
             .get(STAT_RING_LOST as usize)
             .cloned()
             .unwrap_or_default();
-        out.seen = total(STAT_SEEN);
-        out.matched = out.by_reason.values().sum();
         out.sampled_out = total(STAT_SAMPLED_OUT);
         out.agg_full = total(STAT_AGG_FULL);
         out.read_errors = total(STAT_READ_ERRORS);
@@ -125,9 +122,17 @@ impl Tracer {
                 .ok()
                 .and_then(|i| CtEvent::try_from(i).ok());
             if let Some(e) = event {
-                out.ct_events.insert(e, per_cpu.iter().sum());
+                *out.ct_events.entry(e).or_default() += per_cpu.iter().sum::<u64>();
             }
         }
+        // Aggregating, the kernel counts per key what the arrays count otherwise.
+        for a in self.agg_counts()? {
+            *out.by_reason.entry(a.reason).or_default() += a.count;
+            if let Some(Ok(e)) = a.event {
+                *out.ct_events.entry(e).or_default() += a.count;
+            }
+        }
+        out.matched = out.by_reason.values().sum();
         Ok(out)
     }
 }

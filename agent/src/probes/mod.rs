@@ -208,7 +208,7 @@ fn configure(
     if let Some(a) = opts.aggregate {
         cfg.features |= FEATURE_AGGREGATE;
         cfg.sample_limit = a.sample_limit;
-        cfg.hz = kernel_hz();
+        cfg.window_shift = window_shift(kernel_hz());
     }
     Ok(Offered {
         layouts,
@@ -384,6 +384,20 @@ fn kernel_hz() -> u32 {
     match (ok, res.tv_sec, u32::try_from(res.tv_nsec)) {
         (true, 0, Ok(ns)) if ns > 0 => 1_000_000_000 / ns,
         _ => 0,
+    }
+}
+
+/// The power of two of jiffies nearest a second (0 when the tick rate is unknown).
+fn window_shift(hz: u32) -> u32 {
+    if hz == 0 {
+        return 0;
+    }
+    let below = 31 - hz.leading_zeros();
+    let (lo, hi) = (1u64 << below, 1u64 << (below + 1));
+    if u64::from(hz) - lo <= hi - u64::from(hz) {
+        below.max(1)
+    } else {
+        below + 1
     }
 }
 
