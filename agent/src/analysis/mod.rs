@@ -236,9 +236,8 @@ impl VipState {
             reason,
             ct_event: d.event,
             function: d.function().to_owned(),
-            behind_dnat: d.dst.is_some_and(|dst| dst != vip)
-                && (d.src != Some(vip) || to_backend(d, vip)),
-            toward_client: d.orig.as_ref().is_some_and(|o| d.dst == Some(o.src)),
+            behind_dnat: d.behind_dnat(vip),
+            toward_client: d.toward_client(),
             dst: d.dst.map(|a| a.to_string()).unwrap_or_default(),
             icmp: d.icmp_type.map(|ty| (ty, d.icmp_code.unwrap_or(0))),
             client: d.src.filter(|_| d.dst == Some(vip)),
@@ -312,14 +311,6 @@ impl VipState {
             })
             .unwrap_or((None, None))
     }
-}
-
-/// A packet of a flow opened towards `vip` on its way to a backend: its source may be the VIP
-/// itself when the node also masquerades (externalTrafficPolicy: Cluster).
-fn to_backend(d: &DropRec, vip: IpAddr) -> bool {
-    d.orig
-        .as_ref()
-        .is_some_and(|o| o.dst == vip && d.dst != Some(o.src))
 }
 
 /// Feeds the analysis live (`top`, live `diagnose`).
