@@ -391,7 +391,6 @@ pub struct ProbeConfig {
     pub neigh_nud_state: u32,
     // filters
     pub filter_flags: u32,
-    pub filter_netns: u32,
     pub filter_port: u16,
     pub filter_proto: u8,
     pub _pad0: u8,
@@ -467,7 +466,6 @@ impl ProbeConfig {
             neigh_ha: OFFSET_UNKNOWN,
             neigh_nud_state: OFFSET_UNKNOWN,
             filter_flags: 0,
-            filter_netns: 0,
             filter_port: 0,
             filter_proto: 0,
             _pad0: 0,
@@ -608,6 +606,9 @@ pub const GLOBAL_CONFIG: &str = "CONFIG";
 /// Entries in `DROP_COUNTS`: enough for every reason of every subsystem a kernel defines.
 pub const DROP_COUNTS_ENTRIES: u32 = 1024;
 pub const HOST_FILTER_ENTRIES: u32 = 256;
+/// Network namespaces to keep when `FILTER_NETNS` is set: a node's own and its pods'.
+pub const MAP_NETNS_FILTER: &str = "NETNS_FILTER";
+pub const NETNS_FILTER_ENTRIES: u32 = 1024;
 
 #[cfg(feature = "user")]
 mod pod {

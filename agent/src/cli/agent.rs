@@ -153,7 +153,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let btf = load_btf()?;
     let reasons = DropReasons::from_btf(&btf)?;
     let filter = KernelFilter {
-        netns: s.netns,
+        netns: s.netns.into_iter().collect(),
         ..KernelFilter::default()
     };
     let opts = LoadOptions {

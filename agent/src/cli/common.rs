@@ -153,7 +153,7 @@ pub(crate) fn trace(
         },
         port: args.port,
         proto: args.proto,
-        netns: args.netns,
+        netns: args.netns.into_iter().collect(),
         ct_events: args.events.clone(),
     };
     let header = recording.then(|| header(args, &reasons));
