@@ -102,9 +102,15 @@ pub struct WatchArgs {
     /// Keep only this transport protocol: tcp, udp, icmp, icmpv6, sctp or a number.
     #[arg(long, value_name = "P", value_parser = parse_proto)]
     pub(crate) proto: Option<L4Proto>,
-    /// Keep only drops in the network namespace with this inode (see `ls -l /proc/PID/ns/net`).
-    #[arg(long, value_name = "INODE")]
-    pub(crate) netns: Option<u32>,
+    /// Keep only events in these network namespaces (repeatable, or comma-separated): inodes
+    /// (`stat -L -c %i /proc/PID/ns/net`), paths, or `ip netns` names. A node's set is its own
+    /// namespace and its pods'.
+    #[arg(long = "netns", visible_alias = "node-netns", value_name = "NS", value_delimiter = ',', value_parser = parse_netns)]
+    pub(crate) netns: Vec<u32>,
+    /// Label every event with this node name (`record` defaults to $NODE_NAME, else the
+    /// hostname): merged recordings say where each event was seen.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) node: Option<String>,
     /// Keep only drops caused by this conntrack event (repeatable): insert_failed, table_full,
     /// early_drop.
     #[arg(long = "event", value_name = "EVENT", value_parser = parse_ct_event)]
@@ -154,8 +160,9 @@ pub enum LogFormat {
 /// (flags and variables win over the file).
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// TOML config file (keys: vips, metrics_addr, node_name, netns, log_format, events_file,
-    /// events_max_bytes, probe_mode, ring_size, no_arp, arp_rx, discover_vips, sample_limit,
+    /// TOML config file (keys: vips, metrics_addr, node_name, netns, node_netns, log_format,
+    /// events_file, events_max_bytes, probe_mode, ring_size, no_arp, arp_rx, discover_vips,
+    /// sample_limit,
     /// max_vips, nat_entries).
     #[arg(long, env = "LBTRACE_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<std::path::PathBuf>,
@@ -163,14 +170,20 @@ pub struct AgentArgs {
     #[arg(long, env = "LBTRACE_METRICS_ADDR", value_name = "ADDR:PORT")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Node name on every record and metric [default: $NODE_NAME, else the hostname].
-    #[arg(long, env = "LBTRACE_NODE_NAME", value_name = "NAME")]
+    #[arg(
+        long = "node-name",
+        visible_alias = "node",
+        env = "LBTRACE_NODE_NAME",
+        value_name = "NAME"
+    )]
     pub(crate) node_name: Option<String>,
     /// LoadBalancer IPs or pools (CIDR) to attribute to (repeatable, or comma-separated).
     #[arg(long = "vip", env = "LBTRACE_VIP", value_name = "IP|CIDR", value_delimiter = ',', value_parser = parse_vip_arg)]
     pub(crate) vips: Vec<ipnet::IpNet>,
-    /// Only this network namespace (inode).
-    #[arg(long, env = "LBTRACE_NETNS", value_name = "INODE")]
-    pub(crate) netns: Option<u32>,
+    /// Only these network namespaces (repeatable, or comma-separated): inodes, paths or
+    /// `ip netns` names; the node's own namespace and its pods'.
+    #[arg(long = "netns", visible_alias = "node-netns", env = "LBTRACE_NETNS", value_name = "NS", value_delimiter = ',', value_parser = parse_netns)]
+    pub(crate) netns: Vec<u32>,
     /// Log format.
     #[arg(long, env = "LBTRACE_LOG_FORMAT", value_enum)]
     pub(crate) log_format: Option<LogFormat>,
@@ -210,6 +223,10 @@ pub struct AgentArgs {
     /// at 50k new connections/s]. Evictions are counted.
     #[arg(long, env = "LBTRACE_NAT_ENTRIES", value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub(crate) nat_entries: Option<u32>,
+}
+
+fn parse_netns(s: &str) -> Result<u32, String> {
+    lbtrace::kernel::netns::inode_of(s)
 }
 
 fn parse_vip_arg(s: &str) -> Result<ipnet::IpNet, String> {
