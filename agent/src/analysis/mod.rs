@@ -7,6 +7,8 @@
 //! buckets count them). Bucket totals always equal the records they summarize.
 
 pub mod diagnosis;
+pub mod merge;
+pub mod nodes;
 mod stale;
 pub mod timeline;
 
@@ -92,6 +94,8 @@ pub struct Analyzer {
     /// Records attributed to VIPs past the bound.
     pub folded: u64,
     pub records: u64,
+    /// Which node each namespace and MAC belongs to, when records say.
+    pub nodes: nodes::NodeNames,
 }
 
 impl Analyzer {
@@ -130,6 +134,7 @@ impl Analyzer {
             _ => {}
         }
         self.records += 1;
+        self.nodes.learn(r);
         let t = r.time().map(|t| t.as_secs_f64());
         if let Some(t) = t {
             self.first = Some(self.first.map_or(t, |f| f.min(t)));
@@ -200,7 +205,10 @@ impl Analyzer {
                     .vips
                     .get(&vip)
                     .map(|s| diagnosis::diagnose_vip(&vip, s, self.last.unwrap_or(0.0)))
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|f| self.nodes.name(f))
+                    .collect();
                 VipDiagnosis { findings, vip }
             })
             .collect()

@@ -7,7 +7,10 @@ use std::{
 };
 
 use lbtrace::{
-    analysis::{Analyzer, VipDiagnosis},
+    analysis::{
+        merge::{merge, Recording},
+        Analyzer, VipDiagnosis,
+    },
     event::record::{read_ndjson, Record},
     output::timeline::number,
     pipeline::Stop,
@@ -51,6 +54,24 @@ pub(crate) fn load(path: &Path) -> anyhow::Result<Vec<Record>> {
         );
     }
     Ok(records)
+}
+
+/// Reads recordings of one or several nodes; several are merged into one stream (in time
+/// order, ownership from every node's announcements), with a warning when their clocks
+/// disagree.
+pub(crate) fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Record>> {
+    let mut recordings = Vec::new();
+    for p in paths {
+        recordings.push(Recording {
+            name: p.display().to_string(),
+            records: load(p)?,
+        });
+    }
+    let merged = merge(recordings);
+    for w in &merged.warnings {
+        eprintln!("lbtrace: warning: {w}");
+    }
+    Ok(merged.records)
 }
 
 /// The analysis of `records`, with `vips` watched even when nothing happened to them.
@@ -97,21 +118,25 @@ fn print_diagnosis(diagnosis: &[VipDiagnosis], json: bool) -> anyhow::Result<()>
                 serde_json::to_string(&f.evidence)?,
                 f.hint
             )?;
+            if !f.nodes.is_empty() {
+                let nodes: Vec<&str> = f.nodes.iter().map(String::as_str).collect();
+                writeln!(out, "    nodes: {}", nodes.join(", "))?;
+            }
         }
     }
     Ok(())
 }
 
-pub fn diagnose(file: Option<PathBuf>, args: WatchArgs) -> anyhow::Result<()> {
+pub fn diagnose(files: Vec<PathBuf>, args: WatchArgs) -> anyhow::Result<()> {
     let vips: Vec<String> = args
         .vips
         .iter()
         .chain(&args.tag_vips)
         .map(ToString::to_string)
         .collect();
-    let a = match file {
-        Some(f) => analyze(&load(&f)?, &vips),
-        None => {
+    let a = match files.is_empty() {
+        false => analyze(&load_all(&files)?, &vips),
+        true => {
             if args.duration.is_none() {
                 return Err(UsageError(
                     "live diagnose needs --duration SECS (or give a recording FILE)".into(),

@@ -45,23 +45,26 @@ pub enum Command {
         #[command(flatten)]
         watch: WatchArgs,
     },
-    /// Name the likely cause per VIP: live (--duration) or from a recording.
+    /// Name the likely cause per VIP: live (--duration) or from recordings.
     Diagnose {
-        /// A recording (from `record` or the agent's --events-file); live when absent.
-        file: Option<std::path::PathBuf>,
+        /// Recordings (from `record` or the agent's --events-file), one per node: merged into
+        /// one timeline. Live when absent.
+        files: Vec<std::path::PathBuf>,
         #[command(flatten)]
         watch: WatchArgs,
     },
-    /// Print a VIP's timeline from a recording.
+    /// Print a VIP's timeline from recordings (several nodes' are merged).
     Timeline {
-        file: std::path::PathBuf,
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
         /// The VIP.
         #[arg(long, value_name = "IP")]
         vip: IpAddr,
     },
-    /// Write a self-contained HTML report from a recording.
+    /// Write a self-contained HTML report from recordings (several nodes' are merged).
     Report {
-        file: std::path::PathBuf,
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
         /// Where to write the HTML page.
         #[arg(short = 'o', long, value_name = "FILE")]
         output: std::path::PathBuf,
@@ -285,11 +288,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch(args) => watch::watch(args),
         Command::Top(args) => top::top(args),
         Command::Record { output, watch } => record::record(&output, watch),
-        Command::Diagnose { file, watch } => diagnose::diagnose(file, watch),
-        Command::Timeline { file, vip } => timeline::timeline(&file, &vip.to_string()),
-        Command::Report { file, output, vips } => {
+        Command::Diagnose { files, watch } => diagnose::diagnose(files, watch),
+        Command::Timeline { files, vip } => timeline::timeline(&files, &vip.to_string()),
+        Command::Report {
+            files,
+            output,
+            vips,
+        } => {
             let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
-            report::report(&file, &output, &vips)
+            report::report(&files, &output, &vips)
         }
         Command::Reasons { json } => doctor::reasons(json),
         Command::Doctor { json } => doctor::doctor(json),
