@@ -137,6 +137,9 @@ impl Finding {
 pub struct VipDiagnosis {
     pub findings: Vec<Finding>,
     pub vip: String,
+    /// What the evidence could not show (a diagnosis from metrics).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
 }
 
 pub(super) fn span(samples: &[&Sample]) -> (f64, f64) {

@@ -197,7 +197,12 @@ impl Renumber {
 type FrameKey = (String, Mac, Option<IpAddr>, Option<IpAddr>);
 
 fn frame_key(a: &ArpRec) -> FrameKey {
-    (format!("{:?}", a.op), a.sender_mac, a.sender_ip, a.target_ip)
+    (
+        format!("{:?}", a.op),
+        a.sender_mac,
+        a.sender_ip,
+        a.target_ip,
+    )
 }
 
 fn frames(r: &Recording) -> BTreeMap<FrameKey, Vec<f64>> {

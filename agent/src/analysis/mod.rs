@@ -7,6 +7,7 @@
 //! buckets count them). Bucket totals always equal the records they summarize.
 
 pub mod diagnosis;
+pub mod from_metrics;
 pub mod merge;
 pub mod nodes;
 mod stale;
@@ -209,7 +210,11 @@ impl Analyzer {
                     .into_iter()
                     .map(|f| self.nodes.name(f))
                     .collect();
-                VipDiagnosis { findings, vip }
+                VipDiagnosis {
+                    findings,
+                    vip,
+                    limits: Vec::new(),
+                }
             })
             .collect()
     }

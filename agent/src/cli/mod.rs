@@ -4,6 +4,7 @@ mod agent;
 mod common;
 mod diagnose;
 mod doctor;
+mod prometheus;
 mod record;
 mod report;
 mod timeline;
@@ -51,20 +52,26 @@ pub enum Command {
         /// one timeline. Live when absent.
         files: Vec<std::path::PathBuf>,
         #[command(flatten)]
+        prom: prometheus::PromArgs,
+        #[command(flatten)]
         watch: WatchArgs,
     },
     /// Print a VIP's timeline from recordings (several nodes' are merged).
     Timeline {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "prometheus")]
         files: Vec<std::path::PathBuf>,
         /// The VIP.
         #[arg(long, value_name = "IP")]
         vip: IpAddr,
+        #[command(flatten)]
+        prom: prometheus::PromArgs,
     },
     /// Write a self-contained HTML report from recordings (several nodes' are merged).
     Report {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "prometheus")]
         files: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        prom: prometheus::PromArgs,
         /// Where to write the HTML page.
         #[arg(short = 'o', long, value_name = "FILE")]
         output: std::path::PathBuf,
@@ -288,15 +295,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch(args) => watch::watch(args),
         Command::Top(args) => top::top(args),
         Command::Record { output, watch } => record::record(&output, watch),
-        Command::Diagnose { files, watch } => diagnose::diagnose(files, watch),
-        Command::Timeline { files, vip } => timeline::timeline(&files, &vip.to_string()),
+        Command::Diagnose { files, prom, watch } => diagnose::diagnose(files, &prom, watch),
+        Command::Timeline { files, vip, prom } => {
+            timeline::timeline(&files, &prom, &vip.to_string())
+        }
         Command::Report {
             files,
+            prom,
             output,
             vips,
         } => {
             let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
-            report::report(&files, &output, &vips)
+            report::report(&files, &prom, &output, &vips)
         }
         Command::Reasons { json } => doctor::reasons(json),
         Command::Doctor { json } => doctor::doctor(json),

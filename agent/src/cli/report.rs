@@ -8,13 +8,22 @@ use std::{
 use anyhow::Context as _;
 use lbtrace::output::html;
 
-use super::diagnose::{analyze, load_all, select};
+use super::{
+    diagnose::{analyze, diagnosis, source},
+    prometheus::PromArgs,
+};
 
-pub fn report(files: &[PathBuf], output: &Path, vips: &[String]) -> anyhow::Result<()> {
-    let records = load_all(files)?;
+pub fn report(
+    files: &[PathBuf],
+    prom: &PromArgs,
+    output: &Path,
+    vips: &[String],
+) -> anyhow::Result<()> {
+    let (records, step) = source(files, prom, vips)?;
     let a = analyze(&records, vips);
-    let d = select(a.diagnose(), vips);
-    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let d = diagnosis(&a, vips, step);
+    let mut names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    names.extend(prom.prometheus.clone());
     let title = format!("lbtrace report: {}", names.join(" + "));
     fs::write(output, html::html(&a, &d, &records, &title))
         .with_context(|| format!("writing {}", output.display()))?;
