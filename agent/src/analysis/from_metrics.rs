@@ -357,7 +357,12 @@ mod tests {
             end: T0 + 29.0,
             step: 1.0,
             drops: vec![series(
-                &[("vip", A), ("reason", "NETFILTER_DROP"), ("path", "vip"), ("node", "n0")],
+                &[
+                    ("vip", A),
+                    ("reason", "NETFILTER_DROP"),
+                    ("path", "vip"),
+                    ("node", "n0"),
+                ],
                 &drops,
             )],
             conntrack: Vec::new(),
