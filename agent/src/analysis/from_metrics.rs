@@ -57,6 +57,7 @@ pub fn limits(step: f64) -> Vec<String> {
     vec![
         format!("from Prometheus series in {step} s buckets: times are known to a bucket (and a scrape interval), confidence ×{CONFIDENCE_FACTOR}"),
         "metrics carry no 5-tuples, backend addresses, drop locations or clients' neighbour updates: per-client stale windows, flows and backends need `lbtrace record` on the nodes involved".to_owned(),
+        "drops by path count the agents' records: above the sample limit (per key, CPU and second) they undercount; lbtrace_drops_total stays exact".to_owned(),
     ]
 }
 

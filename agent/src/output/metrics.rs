@@ -204,6 +204,10 @@ impl Metrics {
             // A sample is already in the kernel's totals.
             Record::Drop(d) | Record::Conntrack(d) if d.sampled => {
                 *self.events.entry("drop").or_default() += 1;
+                if d.is_loss() {
+                    let label = self.label_of(d.vip);
+                    self.cluster.drop(label, d);
+                }
             }
             Record::Drop(d) | Record::Conntrack(d) => {
                 let label = self.vip_label(d.vip);

@@ -1,8 +1,10 @@
 //! The series a cluster-wide view needs, kept apart from the rest of the agent's metrics:
 //! Prometheus joins them across nodes (alert rules, dashboard, `diagnose --prometheus`).
 //!
-//! - `lbtrace_vip_drops_total{vip,reason,path}`: drops by where on the VIP's path they
+//! - `lbtrace_vip_drops_total{vip,reason,path}`: drop records by where on the VIP's path they
 //!   happened (`vip`: addressed to the VIP; `backend`: after DNAT; `client`: on the way back).
+//!   Counted from records, samples included: exact while the kernel sends every drop (below
+//!   the sample limit); `lbtrace_drops_total` is the exact total.
 //! - `lbtrace_garps_total{vip}`: gratuitous announcements this node sent for a VIP.
 //! - `lbtrace_vip_takeovers_total{vip}`: times this node began announcing a VIP it did not
 //!   hold as far as it saw.
@@ -100,7 +102,7 @@ impl ClusterSeries {
         e.family(
             "lbtrace_vip_drops_total",
             "counter",
-            "Dropped packets delivered, by VIP, reason and path (vip: addressed to the VIP; backend: after DNAT; client: on the way back).",
+            "Drop records delivered (samples included), by VIP, reason and path (vip: addressed to the VIP; backend: after DNAT; client: on the way back); lbtrace_drops_total is the exact total.",
         );
         for ((vip, reason, path), n) in &self.drops {
             let vip = vip.to_string();
