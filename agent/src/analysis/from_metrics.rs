@@ -131,16 +131,14 @@ pub fn records(input: &MetricsInput, vips: &[String]) -> Vec<Record> {
         v.parse::<IpAddr>().is_ok() && (vips.is_empty() || vips.iter().any(|w| w == v))
     };
     let mut out = Vec::new();
-    // Conntrack-caused drops are also in the drop series (as NETFILTER_DROP): taken out there.
-    let mut ct_budget: BTreeMap<(String, String, u64), u64> = BTreeMap::new();
+    // Conntrack-caused drops are also in the drop series (as NETFILTER_DROP): taken out there,
+    // per VIP and node, earliest first. The two come from different counters (the kernel's
+    // totals, the records), so they may land a scrape apart.
+    let mut ct_budget: BTreeMap<(String, String), u64> = BTreeMap::new();
     for s in input.conntrack.iter().filter(|s| keep(s)) {
         let event = s.label("event").parse::<ConntrackEvent>().ok();
         for (t, n) in increases(s, input.start, input.step) {
-            let key = (
-                s.label("vip").to_owned(),
-                s.label("node").to_owned(),
-                t.to_bits(),
-            );
+            let key = (s.label("vip").to_owned(), s.label("node").to_owned());
             *ct_budget.entry(key).or_default() += n;
             spread(&mut out, t, n, input.step, |time| {
                 let mut d = drop_rec(s, time, DropPath::Vip, &nodes);
@@ -161,11 +159,7 @@ pub fn records(input: &MetricsInput, vips: &[String]) -> Vec<Record> {
         };
         for (t, mut n) in increases(s, input.start, input.step) {
             if s.label("reason") == "NETFILTER_DROP" {
-                let key = (
-                    s.label("vip").to_owned(),
-                    s.label("node").to_owned(),
-                    t.to_bits(),
-                );
+                let key = (s.label("vip").to_owned(), s.label("node").to_owned());
                 if let Some(b) = ct_budget.get_mut(&key) {
                     let taken = (*b).min(n);
                     *b -= taken;
@@ -404,6 +398,32 @@ mod tests {
             .collect();
         let f = diagnose(&quick);
         assert_eq!(f[0].cause, Cause::SpeakerFailover, "{f:?}");
+    }
+
+    #[test]
+    fn conntrack_drops_a_scrape_apart_from_their_records_are_not_counted_twice() {
+        let base = [("vip", A), ("node", "n0")];
+        let mut drop_labels = base.to_vec();
+        drop_labels.extend([("reason", "NETFILTER_DROP"), ("path", "backend")]);
+        let mut ct_labels = base.to_vec();
+        ct_labels.push(("event", "insert_failed"));
+        let input = MetricsInput {
+            start: T0,
+            end: T0 + 5.0,
+            step: 1.0,
+            drops: vec![series(
+                &drop_labels,
+                &[(T0, 0.0), (T0 + 1.0, 4.0), (T0 + 2.0, 4.0)],
+            )],
+            conntrack: vec![series(
+                &ct_labels,
+                &[(T0, 0.0), (T0 + 1.0, 0.0), (T0 + 2.0, 4.0)],
+            )],
+            ..MetricsInput::default()
+        };
+        let f = diagnose(&input);
+        let causes: Vec<Cause> = f.iter().map(|f| f.cause).collect();
+        assert_eq!(causes, [Cause::Conntrack], "{f:?}");
     }
 
     #[test]
