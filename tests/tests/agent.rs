@@ -162,7 +162,7 @@ fn rules_and_dashboard_evaluate_against_the_agents_series() {
     let a1 = start("node1", &n.node1, &["--vip", &vips]);
     let a2 = start("node2", &n.node2, &["--vip", &vips]);
     let rules = prometheus::rules_file();
-    let prom = Prometheus::start(&[a1.addr, a2.addr], &[rules.clone()]).unwrap();
+    let prom = Prometheus::start(&[a1.addr, a2.addr], std::slice::from_ref(&rules)).unwrap();
     send(&n, VIP1, 5);
     send(&n, VIP2, 7);
     // node1 announces VIP1 the way a speaker does: ownership, GARP and takeover series.
