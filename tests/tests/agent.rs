@@ -238,6 +238,65 @@ fn rules_and_dashboard_evaluate_against_the_agents_series() {
     }
 }
 
+/// `--node-netns` is a set (inode, `ip netns` name): both nodes' drops count, the client's
+/// namespace (not in the set) counts nothing, not even in the kernel's per-reason totals.
+#[test]
+fn a_namespace_set_keeps_exactly_its_namespaces() {
+    let n = nodes();
+    let set = format!("{},{}", n.node1.inode, n.node2.name);
+    let vips = format!("{VIP1},{VIP2}");
+    let a = Agent::start(
+        &["--node", "both", "--node-netns", &set, "--vip", &vips],
+        &[],
+    )
+    .unwrap();
+    // The control: an agent for the client's namespace sees its drops.
+    let client_ns = n.client.inode.to_string();
+    let c = Agent::start(&["--node", "client", "--node-netns", &client_ns], &[]).unwrap();
+    let (sent1, sent2) = (send(&n, VIP1, 6), send(&n, VIP2, 9));
+    // UDP to a closed port of the client itself: NO_SOCKET in the client's namespace.
+    let own: SocketAddr = "10.200.20.1:9".parse().unwrap();
+    let refused = n
+        .client
+        .run(|| traffic::udp_send(own, 4, 16).unwrap())
+        .unwrap();
+    assert_eq!(refused, 4);
+    std::thread::sleep(Duration::from_millis(1500));
+    let truth = (
+        n.node1.nft_counter("ip", "kube", "dropped").unwrap(),
+        n.node2.nft_counter("ip", "kube", "dropped").unwrap(),
+    );
+    assert_eq!(truth, (u64::from(sent1), u64::from(sent2)));
+    let vip = |v: &str| a.metric_sum(&format!("lbtrace_drops_total{{vip=\"{v}\""));
+    assert_eq!((vip(VIP1), vip(VIP2)), (Some(truth.0), Some(truth.1)));
+    assert_eq!(
+        a.metric("lbtrace_kernel_drops_total{reason=\"NO_SOCKET\""),
+        None,
+        "the client's namespace is not in the set"
+    );
+    assert_eq!(
+        c.metric("lbtrace_kernel_drops_total{reason=\"NO_SOCKET\""),
+        Some(4)
+    );
+    assert_eq!(c.metric_sum("lbtrace_drops_total{vip=\"10.200.22"), None);
+    let (status, _, stderr) = a.stop().unwrap();
+    assert!(status.success(), "{stderr}");
+    // A name that is no namespace: one line, exit 2.
+    let out = Command::new(bin())
+        .args(["agent", "--node-netns", "no-such-netns-lbt"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.lines()
+            .next()
+            .unwrap_or("")
+            .contains("no-such-netns-lbt"),
+        "{err}"
+    );
+}
+
 #[test]
 fn sighup_reloads_vips_without_losing_counters() {
     let n = nodes();
