@@ -391,10 +391,13 @@ pub struct ProbeConfig {
     pub neigh_nud_state: u32,
     // filters
     pub filter_flags: u32,
-    pub filter_netns: u32,
     pub filter_port: u16,
     pub filter_proto: u8,
     pub _pad0: u8,
+    /// With `FILTER_NETNS` and a set of one namespace: its inode, compared without a map
+    /// lookup (every drop pays the filter). 0 with a larger set.
+    pub filter_netns_one: u32,
+    pub _pad1: u32,
     /// Arguments of tp_btf/kfree_skb on this kernel: 4 when it passes `rx_sk` (the receiving
     /// socket, which names the namespace of a drop whose skb has no device and no socket).
     pub kfree_skb_args: u32,
@@ -408,7 +411,7 @@ pub struct ProbeConfig {
     /// unknown (then the monotonic clock is read).
     pub window_shift: u32,
 }
-const _: () = assert!(size_of::<ProbeConfig>() == 248);
+const _: () = assert!(size_of::<ProbeConfig>() == 256);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -468,10 +471,11 @@ impl ProbeConfig {
             neigh_ha: OFFSET_UNKNOWN,
             neigh_nud_state: OFFSET_UNKNOWN,
             filter_flags: 0,
-            filter_netns: 0,
             filter_port: 0,
             filter_proto: 0,
             _pad0: 0,
+            filter_netns_one: 0,
+            _pad1: 0,
             kfree_skb_args: 0,
             wakeup_bytes: 0,
             sample_limit: 0,
@@ -608,6 +612,9 @@ pub const GLOBAL_CONFIG: &str = "CONFIG";
 /// Entries in `DROP_COUNTS`: enough for every reason of every subsystem a kernel defines.
 pub const DROP_COUNTS_ENTRIES: u32 = 1024;
 pub const HOST_FILTER_ENTRIES: u32 = 256;
+/// Network namespaces to keep when `FILTER_NETNS` is set: a node's own and its pods'.
+pub const MAP_NETNS_FILTER: &str = "NETNS_FILTER";
+pub const NETNS_FILTER_ENTRIES: u32 = 1024;
 
 #[cfg(feature = "user")]
 mod pod {

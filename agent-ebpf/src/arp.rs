@@ -23,7 +23,7 @@ use network_types::{
 use crate::{
     conf,
     kernel::{netns_inum, read, Mem, Probe},
-    maps::{stat_inc, submit, ARP_SCRATCH},
+    maps::{netns_listed, stat_inc, submit, ARP_SCRATCH},
     packet::{host_listed, ETH_ARP, ETH_IPV6, ETH_VLAN, ICMPV6},
 };
 
@@ -82,7 +82,7 @@ fn keep(netns: u32, a: &[u8; 16], b: &[u8; 16], family: u8) -> bool {
     if filters & DROP_ONLY_FILTERS != 0 {
         return false;
     }
-    if filters & FILTER_NETNS != 0 && netns != conf!(filter_netns) {
+    if filters & FILTER_NETNS != 0 && !netns_listed(netns) {
         return false;
     }
     if filters & FILTER_HOST != 0 && !host_listed(a, family) && !host_listed(b, family) {

@@ -16,7 +16,9 @@ use crate::{
     aggregate::{self, Outcome},
     conf, conntrack,
     kernel::Mem,
-    maps::{array_inc, count_reason, stat_inc, submit, CT_COUNTS, REASON_FILTER, SCRATCH},
+    maps::{
+        array_inc, count_reason, netns_listed, stat_inc, submit, CT_COUNTS, REASON_FILTER, SCRATCH,
+    },
     packet::{host_listed, parse_packet, read_macs, skb_net, skb_origin},
 };
 
@@ -70,7 +72,7 @@ fn namespace_and_event<M: Mem>(d: &Drop, filters: u32) -> Option<u8> {
             Some((_, n)) => n,
             None => skb_net::<M>(d.skb, d.rx_sk).1,
         };
-        if netns != conf!(filter_netns) {
+        if !netns_listed(netns) {
             return None;
         }
     }

@@ -3,7 +3,8 @@
 use agent_common::{
     AggKey, AggValue, ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple,
     AGG_ENTRIES, CT_EVENT_COUNT, CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES,
-    NAT_ENTRIES, REASON_COUNTS_ENTRIES, STAT_COUNT, STAT_RING_LOST, VIP_ENTRIES,
+    NAT_ENTRIES, NETNS_FILTER_ENTRIES, REASON_COUNTS_ENTRIES, STAT_COUNT, STAT_RING_LOST,
+    VIP_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{
@@ -41,6 +42,19 @@ pub static REASON_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(DROP_COUN
 /// Addresses to keep (as source or destination) when `FILTER_HOST` is set.
 #[map]
 pub static HOST_FILTER: HashMap<HostKey, u8> = HashMap::with_max_entries(HOST_FILTER_ENTRIES, 0);
+
+/// Network namespaces (inodes) to keep when `FILTER_NETNS` is set.
+#[map]
+pub static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(NETNS_FILTER_ENTRIES, 0);
+
+/// Whether `netns` is in the namespace filter (when `FILTER_NETNS` is set).
+#[inline(always)]
+pub fn netns_listed(netns: u32) -> bool {
+    match conf!(filter_netns_one) {
+        0 => NETNS_FILTER.get_ptr(netns).is_some(),
+        one => netns == one,
+    }
+}
 
 /// Exact per-CPU counts of conntrack events, indexed by `CtEvent`.
 #[map]

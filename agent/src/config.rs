@@ -27,6 +27,8 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     pub node_name: Option<String>,
     pub netns: Option<u32>,
+    /// The node's namespaces: inodes, paths or `ip netns` names.
+    pub node_netns: Option<Vec<String>>,
     pub log_format: Option<String>,
     pub events_file: Option<String>,
     pub events_max_bytes: Option<u64>,

@@ -12,6 +12,7 @@ pub mod lab;
 pub mod lbtrace;
 pub mod netns;
 pub mod oracle;
+pub mod prometheus;
 pub mod traffic;
 
 use std::process::{Command, Output};

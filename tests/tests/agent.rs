@@ -3,8 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -14,6 +13,7 @@ use lbtest::{
     lbtrace::bin,
     netns::{veth, Netns},
     oracle::{self, TraceInstance},
+    prometheus::{self, Prometheus},
     require_root, traffic, unique,
 };
 use serde_json::Value;
@@ -24,6 +24,8 @@ struct Nodes {
     client: Netns,
     node1: Netns,
     node2: Netns,
+    /// node1's end of its link to the client.
+    node1_if: String,
 }
 
 const VIP1: &str = "10.200.22.1";
@@ -34,12 +36,13 @@ fn nodes() -> Nodes {
     let client = Netns::new("ac").unwrap();
     let node1 = Netns::new("an1").unwrap();
     let node2 = Netns::new("an2").unwrap();
+    let node1_if = unique("ln1");
     veth(
         &client,
         &unique("lc1"),
         &["10.200.20.1/24"],
         &node1,
-        &unique("ln1"),
+        &node1_if,
         &["10.200.20.11/24"],
     )
     .unwrap();
@@ -71,6 +74,7 @@ fn nodes() -> Nodes {
         client,
         node1,
         node2,
+        node1_if,
     }
 }
 
@@ -89,106 +93,13 @@ fn send(n: &Nodes, vip: &str, count: u32) -> u32 {
         .unwrap()
 }
 
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    _dir: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Prometheus {
-    fn start(targets: &[SocketAddr]) -> Self {
-        assert!(
-            Path::new("/usr/bin/prometheus").exists(),
-            "Debian's prometheus is missing: run `cargo xtask setup`"
-        );
-        let dir = TempDir(std::env::temp_dir().join(unique("lbtprom")));
-        std::fs::create_dir_all(dir.0.join("data")).unwrap();
-        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
-        std::fs::write(
-            dir.0.join("prometheus.yml"),
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: lbtrace\n    static_configs:\n      - targets: [{}]\n",
-                targets.join(", ")
-            ),
-        )
-        .unwrap();
-        let port = http::free_port().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new("/usr/bin/prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.0.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.0.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = Self {
-            child,
-            addr,
-            _dir: dir,
-        };
-        let start = Instant::now();
-        while http::get(p.addr, "/-/ready").map(|r| r.0).ok() != Some(200) {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "prometheus never became ready"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        p
-    }
-
-    /// An instant query: `{label value → number}` for the label `by`.
-    fn query(&self, promql: &str, by: &str) -> std::collections::BTreeMap<String, u64> {
-        let (status, body) = http::get(
-            self.addr,
-            &format!("/api/v1/query?query={}", http::encode(promql)),
-        )
-        .unwrap();
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        v["data"]["result"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["metric"][by].as_str().unwrap_or("").to_owned(),
-                    r["value"][1].as_str().unwrap().parse::<f64>().unwrap() as u64,
-                )
-            })
-            .collect()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn two_agents_scraped_by_prometheus_count_each_vips_drops() {
     let n = nodes();
     let vips = format!("{VIP1},{VIP2}");
     let a1 = start("node1", &n.node1, &["--vip", &vips]);
     let a2 = start("node2", &n.node2, &["--vip", &vips]);
-    let prom = Prometheus::start(&[a1.addr, a2.addr]);
+    let prom = Prometheus::start(&[a1.addr, a2.addr], &[]).unwrap();
     let (sent1, sent2) = (send(&n, VIP1, 17), send(&n, VIP2, 29));
     let truth1 = n.node1.nft_counter("ip", "kube", "dropped").unwrap();
     let truth2 = n.node2.nft_counter("ip", "kube", "dropped").unwrap();
@@ -197,17 +108,19 @@ fn two_agents_scraped_by_prometheus_count_each_vips_drops() {
     // Wait for scrapes that include everything.
     let q = "sum by (vip) (lbtrace_drops_total{reason=\"NETFILTER_DROP\",vip!=\"none\"})";
     let start = Instant::now();
-    let mut got = prom.query(q, "vip");
+    let mut got = prom.query(q, "vip").unwrap();
     while (got.get(VIP1), got.get(VIP2)) != (Some(&truth1), Some(&truth2)) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "Prometheus has {got:?}, nft counted {truth1} and {truth2}"
         );
         std::thread::sleep(Duration::from_millis(500));
-        got = prom.query(q, "vip");
+        got = prom.query(q, "vip").unwrap();
     }
     // Each node saw only its own VIP's drops.
-    let by_node = prom.query("sum by (node) (lbtrace_drops_total{vip!=\"none\"})", "node");
+    let by_node = prom
+        .query("sum by (node) (lbtrace_drops_total{vip!=\"none\"})", "node")
+        .unwrap();
     assert_eq!(by_node.get("node1"), Some(&truth1));
     assert_eq!(by_node.get("node2"), Some(&truth2));
     assert_eq!(
@@ -237,6 +150,150 @@ fn two_agents_scraped_by_prometheus_count_each_vips_drops() {
     assert!(
         left.is_empty(),
         "programs left behind after SIGTERM: {left:?}"
+    );
+}
+
+/// Every expression of deploy/'s alert rules and Grafana dashboard evaluates without error
+/// against a Prometheus holding two agents' series, and reads only series an agent exports.
+#[test]
+fn rules_and_dashboard_evaluate_against_the_agents_series() {
+    let n = nodes();
+    let vips = format!("{VIP1},{VIP2}");
+    let a1 = start("node1", &n.node1, &["--vip", &vips]);
+    let a2 = start("node2", &n.node2, &["--vip", &vips]);
+    let rules = prometheus::rules_file();
+    let prom = Prometheus::start(&[a1.addr, a2.addr], std::slice::from_ref(&rules)).unwrap();
+    send(&n, VIP1, 5);
+    send(&n, VIP2, 7);
+    // node1 announces VIP1 the way a speaker does: ownership, GARP and takeover series.
+    let out = n
+        .node1
+        .exec("arping", &["-q", "-U", "-c", "2", "-I", &n.node1_if, VIP1])
+        .unwrap();
+    assert!(out.status.success(), "arping: {out:?}");
+    let scraped = a1.get("/metrics").unwrap().1;
+    let exported = prometheus::families(&scraped);
+    for family in [
+        "lbtrace_vip_drops_total",
+        "lbtrace_garps_total",
+        "lbtrace_vip_takeovers_total",
+        "lbtrace_vip_owner_since_timestamp_seconds",
+        "lbtrace_vip_owner_garps",
+        "lbtrace_conntrack_entries_max",
+    ] {
+        assert!(
+            exported.contains(family),
+            "{family} not exported: {scraped}"
+        );
+    }
+    prom.wait_for(
+        "sum by (node) (lbtrace_vip_drops_total{path=\"vip\",vip!=\"none\"})",
+        "node",
+        Duration::from_secs(30),
+        |g| g.get("node1") == Some(&5) && g.get("node2") == Some(&7),
+    )
+    .unwrap();
+    prom.wait_for(
+        "sum by (node) (lbtrace_garps_total)",
+        "node",
+        Duration::from_secs(30),
+        |g| g.get("node1") == Some(&2),
+    )
+    .unwrap();
+
+    // The rules, as Prometheus evaluates them every second: healthy, none with an error.
+    std::thread::sleep(Duration::from_secs(3));
+    let loaded = prom.rules().unwrap();
+    assert_eq!(loaded.len(), 8, "{loaded:?}");
+    for (name, health, err) in &loaded {
+        assert_eq!(health, "ok", "rule {name}: {err}");
+    }
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let mut exprs: Vec<(String, String)> = prometheus::rule_exprs(&text);
+    assert_eq!(exprs.len(), 8);
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(prometheus::dashboard_file()).unwrap())
+            .unwrap();
+    let (panels, var_metrics) = prometheus::dashboard_exprs(&dashboard);
+    assert!(panels.len() >= 15, "{panels:?}");
+    exprs.extend(
+        panels
+            .iter()
+            .map(|(t, e)| (t.clone(), prometheus::grafana_to_promql(e))),
+    );
+    let mut used = std::collections::BTreeSet::new();
+    for (what, e) in &exprs {
+        if let Err(err) = prom.eval(e) {
+            panic!("{what}: `{e}` does not evaluate: {err}");
+        }
+        used.extend(prometheus::metric_names(e));
+    }
+    used.extend(var_metrics);
+    let unknown: Vec<_> = used.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(unknown.is_empty(), "not exported by the agent: {unknown:?}");
+    drop(prom);
+    for a in [a1, a2] {
+        let (status, _, stderr) = a.stop().unwrap();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// `--node-netns` is a set (inode, `ip netns` name): both nodes' drops count, the client's
+/// namespace (not in the set) counts nothing, not even in the kernel's per-reason totals.
+#[test]
+fn a_namespace_set_keeps_exactly_its_namespaces() {
+    let n = nodes();
+    let set = format!("{},{}", n.node1.inode, n.node2.name);
+    let vips = format!("{VIP1},{VIP2}");
+    let a = Agent::start(
+        &["--node", "both", "--node-netns", &set, "--vip", &vips],
+        &[],
+    )
+    .unwrap();
+    // The control: an agent for the client's namespace sees its drops.
+    let client_ns = n.client.inode.to_string();
+    let c = Agent::start(&["--node", "client", "--node-netns", &client_ns], &[]).unwrap();
+    let (sent1, sent2) = (send(&n, VIP1, 6), send(&n, VIP2, 9));
+    // UDP to a closed port of the client itself: NO_SOCKET in the client's namespace.
+    let own: SocketAddr = "10.200.20.1:9".parse().unwrap();
+    let refused = n
+        .client
+        .run(|| traffic::udp_send(own, 4, 16).unwrap())
+        .unwrap();
+    assert_eq!(refused, 4);
+    std::thread::sleep(Duration::from_millis(1500));
+    let truth = (
+        n.node1.nft_counter("ip", "kube", "dropped").unwrap(),
+        n.node2.nft_counter("ip", "kube", "dropped").unwrap(),
+    );
+    assert_eq!(truth, (u64::from(sent1), u64::from(sent2)));
+    let vip = |v: &str| a.metric_sum(&format!("lbtrace_drops_total{{vip=\"{v}\""));
+    assert_eq!((vip(VIP1), vip(VIP2)), (Some(truth.0), Some(truth.1)));
+    assert_eq!(
+        a.metric("lbtrace_kernel_drops_total{reason=\"NO_SOCKET\""),
+        None,
+        "the client's namespace is not in the set"
+    );
+    assert_eq!(
+        c.metric("lbtrace_kernel_drops_total{reason=\"NO_SOCKET\""),
+        Some(4)
+    );
+    assert_eq!(c.metric_sum("lbtrace_drops_total{vip=\"10.200.22"), None);
+    let (status, _, stderr) = a.stop().unwrap();
+    assert!(status.success(), "{stderr}");
+    // A name that is no namespace: one line, exit 2.
+    let out = Command::new(bin())
+        .args(["agent", "--node-netns", "no-such-netns-lbt"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.lines()
+            .next()
+            .unwrap_or("")
+            .contains("no-such-netns-lbt"),
+        "{err}"
     );
 }
 

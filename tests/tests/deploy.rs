@@ -3,9 +3,12 @@
 //! the unit and grants it the same capabilities, and the image build context holds what the
 //! Containerfile copies.
 
-use std::{collections::BTreeSet, fs, process::Command};
+use std::{collections::BTreeSet, fs, path::Path, process::Command};
 
-use lbtest::deploy::{self, added_capabilities, container, kubectl, manifest, object};
+use lbtest::{
+    deploy::{self, added_capabilities, container, kubectl, manifest, object},
+    prometheus::{self, PROMTOOL},
+};
 use serde_json::Value;
 
 /// The capabilities the README's "Privileges" table justifies, one by one.
@@ -281,4 +284,92 @@ fn image_context_holds_what_the_containerfile_copies() {
             path.display()
         );
     }
+}
+
+/// promtool's output, failing loudly when Debian's prometheus package is missing.
+fn promtool(args: &[&str]) -> String {
+    assert!(
+        Path::new(PROMTOOL).exists(),
+        "{PROMTOOL} is missing: run `cargo xtask setup` (it installs Debian's prometheus)"
+    );
+    let out = Command::new(PROMTOOL)
+        .args(args)
+        .current_dir(deploy::dir().join("prometheus"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn alert_rules_check_and_pass_their_unit_tests() {
+    let out = promtool(&["check", "rules", "lbtrace-rules.yaml"]);
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    let text = read("prometheus/lbtrace-rules.yaml");
+    let alerts: Vec<String> = prometheus::rule_exprs(&text)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let mut tests: Vec<String> = fs::read_dir(deploy::dir().join("prometheus/tests"))
+        .unwrap()
+        .map(|e| format!("tests/{}", e.unwrap().file_name().to_string_lossy()))
+        .filter(|f| f.ends_with(".yaml"))
+        .collect();
+    tests.sort();
+    let mut args = vec!["test", "rules"];
+    args.extend(tests.iter().map(String::as_str));
+    let out = promtool(&args);
+    assert!(!out.contains("FAILED"), "{out}");
+    // Each alert has a case where it fires and one where it does not.
+    let cases: String = tests
+        .iter()
+        .map(|t| read(&format!("prometheus/{t}")))
+        .collect();
+    for alert in &alerts {
+        let evals: Vec<&str> = cases
+            .split("- eval_time:")
+            .skip(1)
+            .filter(|c| c.contains(&format!("alertname: {alert}\n")))
+            .collect();
+        assert!(
+            evals.iter().any(|c| c.contains("exp_alerts: []")),
+            "{alert}: no case where it does not fire"
+        );
+        assert!(
+            evals.iter().any(|c| c.contains("exp_labels:")),
+            "{alert}: no case where it fires"
+        );
+    }
+}
+
+/// The PrometheusRule is the rules file under a header; `LBTRACE_BLESS=1` rewrites it.
+#[test]
+fn prometheus_rule_is_the_rules_file() {
+    let rules = read("prometheus/lbtrace-rules.yaml");
+    let groups = &rules[rules.find("groups:").expect("groups:")..];
+    let mut want = String::from(
+        "# Generated from lbtrace-rules.yaml (the same rules, for prometheus-operator): edit that file,\n# then run `LBTRACE_BLESS=1 cargo test -p integration-tests --test deploy prometheus_rule`.\napiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: lbtrace\n  namespace: lbtrace\n  labels:\n    app.kubernetes.io/name: lbtrace\nspec:\n",
+    );
+    for line in groups.lines() {
+        if !line.trim().is_empty() {
+            want.push_str("  ");
+        }
+        want.push_str(line);
+        want.push('\n');
+    }
+    let path = deploy::dir().join("prometheus/lbtrace-prometheusrule.yaml");
+    if std::env::var_os("LBTRACE_BLESS").is_some() {
+        fs::write(&path, &want).unwrap();
+    }
+    let have = fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "{} differs from lbtrace-rules.yaml: run with LBTRACE_BLESS=1",
+        path.display()
+    );
 }

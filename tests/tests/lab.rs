@@ -20,6 +20,7 @@ fn run_once(scenario: Scenario) -> scenarios::Outcome {
         &Options {
             prefix: prefix.clone(),
             duration: None,
+            cluster: false,
         },
     );
     let left = topology::leftovers(&prefix, &conntrack_max).unwrap();

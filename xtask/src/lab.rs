@@ -87,6 +87,7 @@ pub fn run(scenario: Scenario, duration: Option<Duration>) -> Result<scenarios::
         &Options {
             prefix: lbtest::unique(XTASK_PREFIX),
             duration,
+            cluster: false,
         },
     )
 }

@@ -106,6 +106,10 @@ pub struct Finding {
     pub first_seen: Time,
     pub hint: String,
     pub last_seen: Time,
+    /// The nodes the evidence was seen on, when the records say (agents, merged recordings,
+    /// Prometheus).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub nodes: BTreeSet<String>,
 }
 
 impl Finding {
@@ -123,6 +127,7 @@ impl Finding {
             first_seen: Time::from_secs_f64(span.0),
             hint: hint.to_owned(),
             last_seen: Time::from_secs_f64(span.1),
+            nodes: BTreeSet::new(),
         }
     }
 }
@@ -132,6 +137,9 @@ impl Finding {
 pub struct VipDiagnosis {
     pub findings: Vec<Finding>,
     pub vip: String,
+    /// What the evidence could not show (a diagnosis from metrics).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
 }
 
 pub(super) fn span(samples: &[&Sample]) -> (f64, f64) {

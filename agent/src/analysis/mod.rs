@@ -7,6 +7,9 @@
 //! buckets count them). Bucket totals always equal the records they summarize.
 
 pub mod diagnosis;
+pub mod from_metrics;
+pub mod merge;
+pub mod nodes;
 mod stale;
 pub mod timeline;
 
@@ -92,6 +95,8 @@ pub struct Analyzer {
     /// Records attributed to VIPs past the bound.
     pub folded: u64,
     pub records: u64,
+    /// Which node each namespace and MAC belongs to, when records say.
+    pub nodes: nodes::NodeNames,
 }
 
 impl Analyzer {
@@ -130,6 +135,7 @@ impl Analyzer {
             _ => {}
         }
         self.records += 1;
+        self.nodes.learn(r);
         let t = r.time().map(|t| t.as_secs_f64());
         if let Some(t) = t {
             self.first = Some(self.first.map_or(t, |f| f.min(t)));
@@ -200,8 +206,15 @@ impl Analyzer {
                     .vips
                     .get(&vip)
                     .map(|s| diagnosis::diagnose_vip(&vip, s, self.last.unwrap_or(0.0)))
-                    .unwrap_or_default();
-                VipDiagnosis { findings, vip }
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|f| self.nodes.name(f))
+                    .collect();
+                VipDiagnosis {
+                    findings,
+                    vip,
+                    limits: Vec::new(),
+                }
             })
             .collect()
     }
@@ -236,9 +249,8 @@ impl VipState {
             reason,
             ct_event: d.event,
             function: d.function().to_owned(),
-            behind_dnat: d.dst.is_some_and(|dst| dst != vip)
-                && (d.src != Some(vip) || to_backend(d, vip)),
-            toward_client: d.orig.as_ref().is_some_and(|o| d.dst == Some(o.src)),
+            behind_dnat: d.behind_dnat(vip),
+            toward_client: d.toward_client(),
             dst: d.dst.map(|a| a.to_string()).unwrap_or_default(),
             icmp: d.icmp_type.map(|ty| (ty, d.icmp_code.unwrap_or(0))),
             client: d.src.filter(|_| d.dst == Some(vip)),
@@ -312,14 +324,6 @@ impl VipState {
             })
             .unwrap_or((None, None))
     }
-}
-
-/// A packet of a flow opened towards `vip` on its way to a backend: its source may be the VIP
-/// itself when the node also masquerades (externalTrafficPolicy: Cluster).
-fn to_backend(d: &DropRec, vip: IpAddr) -> bool {
-    d.orig
-        .as_ref()
-        .is_some_and(|o| o.dst == vip && d.dst != Some(o.src))
 }
 
 /// Feeds the analysis live (`top`, live `diagnose`).

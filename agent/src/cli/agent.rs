@@ -2,7 +2,6 @@
 //! file, SIGHUP to reload the VIP list, SIGTERM/SIGINT to detach and exit.
 
 use std::{
-    fs,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -36,7 +35,7 @@ fn agg_entries(max_vips: u32) -> u32 {
 }
 
 use super::{
-    common::{load_btf, load_kallsyms, log_probes, require_privileges, UsageError},
+    common::{default_node, load_btf, load_kallsyms, log_probes, require_privileges, UsageError},
     AgentArgs, LogFormat,
 };
 
@@ -49,7 +48,7 @@ struct Settings {
     vips: Vec<IpNet>,
     metrics_addr: SocketAddr,
     node: String,
-    netns: Option<u32>,
+    netns: Vec<u32>,
     log_json: bool,
     events_file: Option<PathBuf>,
     events_max_bytes: u64,
@@ -69,10 +68,15 @@ pub const DEFAULT_SAMPLE_LIMIT: u32 = 100;
 /// 50k new connections/s kept attributable for about 2.6 s; about 14 MiB of kernel memory.
 pub const DEFAULT_NAT_ENTRIES: u32 = 1 << 17;
 
-fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+/// The config file's `node_netns` list, resolved to inodes.
+fn node_netns(f: &lbtrace::config::FileConfig) -> Result<Vec<u32>, UsageError> {
+    f.node_netns
+        .iter()
+        .flatten()
+        .map(|n| {
+            lbtrace::kernel::netns::inode_of(n).map_err(|e| UsageError(format!("node_netns: {e}")))
+        })
+        .collect()
 }
 
 fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
@@ -102,9 +106,12 @@ fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
             .node_name
             .clone()
             .or_else(|| f.node_name.clone())
-            .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
-            .unwrap_or_else(hostname),
-        netns: args.netns.or(f.netns),
+            .unwrap_or_else(default_node),
+        netns: if args.netns.is_empty() {
+            f.netns.iter().copied().chain(node_netns(f)?).collect()
+        } else {
+            args.netns.clone()
+        },
         log_json: match args.log_format {
             Some(l) => l == LogFormat::Json,
             None => f.log_format.as_deref() == Some("json"),
@@ -153,7 +160,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let btf = load_btf()?;
     let reasons = DropReasons::from_btf(&btf)?;
     let filter = KernelFilter {
-        netns: s.netns,
+        netns: s.netns.clone(),
         ..KernelFilter::default()
     };
     let opts = LoadOptions {
@@ -200,7 +207,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     p.sinks = sinks;
     p.node = Some(s.node.as_str().into());
     p.reload = Some(reload(&args));
-    p.learn_holders(s.netns);
+    p.learn_holders(&s.netns);
     let health = http::Health {
         last_drain: p.last_drain.clone(),
         ready: Arc::default(),

@@ -84,6 +84,18 @@ fn reason_codes(reasons: &DropReasons, names: &[String]) -> anyhow::Result<Vec<u
         .collect()
 }
 
+/// The node name when none is given: `$NODE_NAME` (the DaemonSet sets it from the downward
+/// API), else the hostname.
+pub(crate) fn default_node() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| match proc_text("/proc/sys/kernel/hostname") {
+            h if h.is_empty() => "unknown".to_owned(),
+            h => h,
+        })
+}
+
 /// A file under /proc, trimmed (empty when unreadable).
 pub(crate) fn proc_text(path: &str) -> String {
     read_opt(Path::new(path))
@@ -153,7 +165,7 @@ pub(crate) fn trace(
         },
         port: args.port,
         proto: args.proto,
-        netns: args.netns,
+        netns: args.netns.clone(),
         ct_events: args.events.clone(),
     };
     let header = recording.then(|| header(args, &reasons));
@@ -183,6 +195,11 @@ pub(crate) fn trace(
         all_drops: args.all_drops || recording,
     };
     p.sinks = sinks;
+    // Recordings say where each event was seen, so that several nodes' can be merged.
+    p.node = match &args.node {
+        Some(n) => Some(n.as_str().into()),
+        None => recording.then(|| default_node().into()),
+    };
     if let Some(h) = header {
         p.announce(&h);
         p.announce(&Record::Status(Status {
@@ -190,7 +207,7 @@ pub(crate) fn trace(
             probes: tracer.statuses.clone(),
         }));
     }
-    p.learn_holders(args.netns);
+    p.learn_holders(&args.netns);
     let banner = format!(
         "lbtrace: tracing drops with {} (ring buffer {} KiB); Ctrl-C to stop",
         probe_name(tracer.active),

@@ -7,7 +7,11 @@ use std::{
 };
 
 use lbtrace::{
-    analysis::{Analyzer, VipDiagnosis},
+    analysis::{
+        from_metrics,
+        merge::{merge, Recording},
+        Analyzer, VipDiagnosis,
+    },
     event::record::{read_ndjson, Record},
     output::timeline::number,
     pipeline::Stop,
@@ -15,6 +19,7 @@ use lbtrace::{
 
 use super::{
     common::{trace, UsageError},
+    prometheus::{self, PromArgs},
     WatchArgs,
 };
 
@@ -53,6 +58,27 @@ pub(crate) fn load(path: &Path) -> anyhow::Result<Vec<Record>> {
     Ok(records)
 }
 
+/// Reads recordings of one or several nodes; several are merged into one stream (in time
+/// order, ownership from every node's announcements), with a warning when their clocks
+/// disagree.
+pub(crate) fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Record>> {
+    if paths.is_empty() {
+        return Err(UsageError("give recordings, or --prometheus URL".into()).into());
+    }
+    let mut recordings = Vec::new();
+    for p in paths {
+        recordings.push(Recording {
+            name: p.display().to_string(),
+            records: load(p)?,
+        });
+    }
+    let merged = merge(recordings);
+    for w in &merged.warnings {
+        eprintln!("lbtrace: warning: {w}");
+    }
+    Ok(merged.records)
+}
+
 /// The analysis of `records`, with `vips` watched even when nothing happened to them.
 pub(crate) fn analyze(records: &[Record], vips: &[String]) -> Analyzer {
     let mut a = Analyzer::new(vips.iter().cloned());
@@ -75,6 +101,12 @@ pub(crate) fn select(diagnosis: Vec<VipDiagnosis>, vips: &[String]) -> Vec<VipDi
 
 fn print_diagnosis(diagnosis: &[VipDiagnosis], json: bool) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
+    // The limits are the same for every VIP: said once in text.
+    if let (false, Some(d)) = (json, diagnosis.first()) {
+        for l in &d.limits {
+            writeln!(out, "note: {l}")?;
+        }
+    }
     for d in diagnosis {
         if json {
             serde_json::to_writer(&mut out, d)?;
@@ -97,32 +129,65 @@ fn print_diagnosis(diagnosis: &[VipDiagnosis], json: bool) -> anyhow::Result<()>
                 serde_json::to_string(&f.evidence)?,
                 f.hint
             )?;
+            if !f.nodes.is_empty() {
+                let nodes: Vec<&str> = f.nodes.iter().map(String::as_str).collect();
+                writeln!(out, "    nodes: {}", nodes.join(", "))?;
+            }
         }
     }
     Ok(())
 }
 
-pub fn diagnose(file: Option<PathBuf>, args: WatchArgs) -> anyhow::Result<()> {
+/// Records from `--prometheus`, or else from the recordings; with the bucket width when they
+/// come from metrics.
+pub(crate) fn source(
+    files: &[PathBuf],
+    prom: &PromArgs,
+    vips: &[String],
+) -> anyhow::Result<(Vec<Record>, Option<f64>)> {
+    if prom.prometheus.is_none() {
+        return Ok((load_all(files)?, None));
+    }
+    if !files.is_empty() {
+        return Err(UsageError("give recordings or --prometheus URL, not both".into()).into());
+    }
+    let (records, step) = prometheus::records(prom, vips)?;
+    Ok((records, Some(step)))
+}
+
+/// The diagnosis of `a`, lowered and with its limits when the records came from metrics.
+pub(crate) fn diagnosis(a: &Analyzer, vips: &[String], step: Option<f64>) -> Vec<VipDiagnosis> {
+    let d = select(a.diagnose(), vips);
+    match step {
+        Some(step) => d
+            .into_iter()
+            .map(|d| from_metrics::lowered(d, step))
+            .collect(),
+        None => d,
+    }
+}
+
+pub fn diagnose(files: Vec<PathBuf>, prom: &PromArgs, args: WatchArgs) -> anyhow::Result<()> {
     let vips: Vec<String> = args
         .vips
         .iter()
         .chain(&args.tag_vips)
         .map(ToString::to_string)
         .collect();
-    let a = match file {
-        Some(f) => analyze(&load(&f)?, &vips),
-        None => {
-            if args.duration.is_none() {
-                return Err(UsageError(
-                    "live diagnose needs --duration SECS (or give a recording FILE)".into(),
-                )
-                .into());
-            }
-            // Live: the records `record` would write go straight into the same analysis.
-            let mut a = Analyzer::new(vips.iter().cloned());
-            trace(&args, vec![&mut a], true, &Stop::new())?;
-            a
-        }
-    };
+    if prom.prometheus.is_some() || !files.is_empty() {
+        let (records, step) = source(&files, prom, &vips)?;
+        let a = analyze(&records, &vips);
+        return print_diagnosis(&diagnosis(&a, &vips, step), args.json);
+    }
+    if args.duration.is_none() {
+        return Err(UsageError(
+            "live diagnose needs --duration SECS (or give a recording FILE, or --prometheus URL)"
+                .into(),
+        )
+        .into());
+    }
+    // Live: the records `record` would write go straight into the same analysis.
+    let mut a = Analyzer::new(vips.iter().cloned());
+    trace(&args, vec![&mut a], true, &Stop::new())?;
     print_diagnosis(&select(a.diagnose(), &vips), args.json)
 }

@@ -4,6 +4,7 @@ mod agent;
 mod common;
 mod diagnose;
 mod doctor;
+mod prometheus;
 mod record;
 mod report;
 mod timeline;
@@ -45,23 +46,32 @@ pub enum Command {
         #[command(flatten)]
         watch: WatchArgs,
     },
-    /// Name the likely cause per VIP: live (--duration) or from a recording.
+    /// Name the likely cause per VIP: live (--duration) or from recordings.
     Diagnose {
-        /// A recording (from `record` or the agent's --events-file); live when absent.
-        file: Option<std::path::PathBuf>,
+        /// Recordings (from `record` or the agent's --events-file), one per node: merged into
+        /// one timeline. Live when absent.
+        files: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        prom: prometheus::PromArgs,
         #[command(flatten)]
         watch: WatchArgs,
     },
-    /// Print a VIP's timeline from a recording.
+    /// Print a VIP's timeline from recordings (several nodes' are merged).
     Timeline {
-        file: std::path::PathBuf,
+        #[arg(required_unless_present = "prometheus")]
+        files: Vec<std::path::PathBuf>,
         /// The VIP.
         #[arg(long, value_name = "IP")]
         vip: IpAddr,
+        #[command(flatten)]
+        prom: prometheus::PromArgs,
     },
-    /// Write a self-contained HTML report from a recording.
+    /// Write a self-contained HTML report from recordings (several nodes' are merged).
     Report {
-        file: std::path::PathBuf,
+        #[arg(required_unless_present = "prometheus")]
+        files: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        prom: prometheus::PromArgs,
         /// Where to write the HTML page.
         #[arg(short = 'o', long, value_name = "FILE")]
         output: std::path::PathBuf,
@@ -102,9 +112,15 @@ pub struct WatchArgs {
     /// Keep only this transport protocol: tcp, udp, icmp, icmpv6, sctp or a number.
     #[arg(long, value_name = "P", value_parser = parse_proto)]
     pub(crate) proto: Option<L4Proto>,
-    /// Keep only drops in the network namespace with this inode (see `ls -l /proc/PID/ns/net`).
-    #[arg(long, value_name = "INODE")]
-    pub(crate) netns: Option<u32>,
+    /// Keep only events in these network namespaces (repeatable, or comma-separated): inodes
+    /// (`stat -L -c %i /proc/PID/ns/net`), paths, or `ip netns` names. A node's set is its own
+    /// namespace and its pods'.
+    #[arg(long = "netns", visible_alias = "node-netns", value_name = "NS", value_delimiter = ',', value_parser = parse_netns)]
+    pub(crate) netns: Vec<u32>,
+    /// Label every event with this node name (`record` defaults to $NODE_NAME, else the
+    /// hostname): merged recordings say where each event was seen.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) node: Option<String>,
     /// Keep only drops caused by this conntrack event (repeatable): insert_failed, table_full,
     /// early_drop.
     #[arg(long = "event", value_name = "EVENT", value_parser = parse_ct_event)]
@@ -154,8 +170,9 @@ pub enum LogFormat {
 /// (flags and variables win over the file).
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// TOML config file (keys: vips, metrics_addr, node_name, netns, log_format, events_file,
-    /// events_max_bytes, probe_mode, ring_size, no_arp, arp_rx, discover_vips, sample_limit,
+    /// TOML config file (keys: vips, metrics_addr, node_name, netns, node_netns, log_format,
+    /// events_file, events_max_bytes, probe_mode, ring_size, no_arp, arp_rx, discover_vips,
+    /// sample_limit,
     /// max_vips, nat_entries).
     #[arg(long, env = "LBTRACE_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<std::path::PathBuf>,
@@ -163,14 +180,20 @@ pub struct AgentArgs {
     #[arg(long, env = "LBTRACE_METRICS_ADDR", value_name = "ADDR:PORT")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Node name on every record and metric [default: $NODE_NAME, else the hostname].
-    #[arg(long, env = "LBTRACE_NODE_NAME", value_name = "NAME")]
+    #[arg(
+        long = "node-name",
+        visible_alias = "node",
+        env = "LBTRACE_NODE_NAME",
+        value_name = "NAME"
+    )]
     pub(crate) node_name: Option<String>,
     /// LoadBalancer IPs or pools (CIDR) to attribute to (repeatable, or comma-separated).
     #[arg(long = "vip", env = "LBTRACE_VIP", value_name = "IP|CIDR", value_delimiter = ',', value_parser = parse_vip_arg)]
     pub(crate) vips: Vec<ipnet::IpNet>,
-    /// Only this network namespace (inode).
-    #[arg(long, env = "LBTRACE_NETNS", value_name = "INODE")]
-    pub(crate) netns: Option<u32>,
+    /// Only these network namespaces (repeatable, or comma-separated): inodes, paths or
+    /// `ip netns` names; the node's own namespace and its pods'.
+    #[arg(long = "netns", visible_alias = "node-netns", env = "LBTRACE_NETNS", value_name = "NS", value_delimiter = ',', value_parser = parse_netns)]
+    pub(crate) netns: Vec<u32>,
     /// Log format.
     #[arg(long, env = "LBTRACE_LOG_FORMAT", value_enum)]
     pub(crate) log_format: Option<LogFormat>,
@@ -210,6 +233,10 @@ pub struct AgentArgs {
     /// at 50k new connections/s]. Evictions are counted.
     #[arg(long, env = "LBTRACE_NAT_ENTRIES", value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub(crate) nat_entries: Option<u32>,
+}
+
+fn parse_netns(s: &str) -> Result<u32, String> {
+    lbtrace::kernel::netns::inode_of(s)
 }
 
 fn parse_vip_arg(s: &str) -> Result<ipnet::IpNet, String> {
@@ -268,11 +295,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch(args) => watch::watch(args),
         Command::Top(args) => top::top(args),
         Command::Record { output, watch } => record::record(&output, watch),
-        Command::Diagnose { file, watch } => diagnose::diagnose(file, watch),
-        Command::Timeline { file, vip } => timeline::timeline(&file, &vip.to_string()),
-        Command::Report { file, output, vips } => {
+        Command::Diagnose { files, prom, watch } => diagnose::diagnose(files, &prom, watch),
+        Command::Timeline { files, vip, prom } => {
+            timeline::timeline(&files, &prom, &vip.to_string())
+        }
+        Command::Report {
+            files,
+            prom,
+            output,
+            vips,
+        } => {
             let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
-            report::report(&file, &output, &vips)
+            report::report(&files, &prom, &output, &vips)
         }
         Command::Reasons { json } => doctor::reasons(json),
         Command::Doctor { json } => doctor::doctor(json),

@@ -1,14 +1,22 @@
-//! `lbtrace timeline`: a VIP's timeline from a recording.
+//! `lbtrace timeline`: a VIP's timeline from one recording, or several nodes' merged.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use lbtrace::output::timeline::text_timeline;
 
-use super::diagnose::{analyze, load};
+use super::{
+    diagnose::{analyze, diagnosis, source},
+    prometheus::PromArgs,
+};
 
-pub fn timeline(file: &Path, vip: &str) -> anyhow::Result<()> {
-    let records = load(file)?;
-    let a = analyze(&records, &[vip.to_owned()]);
-    print!("{}", text_timeline(&a, vip, &a.diagnose()));
+pub fn timeline(files: &[PathBuf], prom: &PromArgs, vip: &str) -> anyhow::Result<()> {
+    let vips = [vip.to_owned()];
+    let (records, step) = source(files, prom, &vips)?;
+    let a = analyze(&records, &vips);
+    let d = diagnosis(&a, &vips, step);
+    for l in d.first().map(|d| d.limits.as_slice()).unwrap_or_default() {
+        println!("note: {l}");
+    }
+    print!("{}", text_timeline(&a, vip, &d));
     Ok(())
 }

@@ -323,11 +323,63 @@ impl DropRec {
         self.location.split('+').next().unwrap_or("")
     }
 
+    /// The packet's own destination is not the VIP: it was translated (DNAT) to a backend. Its
+    /// source may be the VIP itself when the node also masquerades (externalTrafficPolicy:
+    /// Cluster).
+    pub fn behind_dnat(&self, vip: IpAddr) -> bool {
+        let to_backend = self
+            .orig
+            .as_ref()
+            .is_some_and(|o| o.dst == vip && self.dst != Some(o.src));
+        self.dst.is_some_and(|dst| dst != vip) && (self.src != Some(vip) || to_backend)
+    }
+
+    /// The packet travels back to the client that opened the flow (a reply, or an ICMP error
+    /// about the flow): no backend is refusing anything.
+    pub fn toward_client(&self) -> bool {
+        self.orig.as_ref().is_some_and(|o| self.dst == Some(o.src))
+    }
+
+    /// Where on the VIP's path the packet was dropped.
+    pub fn path(&self, vip: IpAddr) -> DropPath {
+        if self.toward_client() {
+            DropPath::Client
+        } else if self.behind_dnat(vip) {
+            DropPath::Backend
+        } else {
+            DropPath::Vip
+        }
+    }
+
     /// `reason`, or `CT:event` when conntrack caused the drop: the label a person reads.
     pub fn label(&self) -> String {
         match &self.event {
             Some(e) => format!("CT:{e}"),
             None => self.reason.to_string(),
+        }
+    }
+}
+
+/// Where on a VIP's path a drop happened (the `path` label of `lbtrace_vip_drops_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPath {
+    /// Addressed to the VIP itself: at a node that holds it, held it, or never did.
+    Vip,
+    /// Translated (DNAT) towards a backend.
+    Backend,
+    /// On its way back to the client.
+    Client,
+}
+
+impl DropPath {
+    pub const ALL: [Self; 3] = [Self::Vip, Self::Backend, Self::Client];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vip => "vip",
+            Self::Backend => "backend",
+            Self::Client => "client",
         }
     }
 }
@@ -392,6 +444,12 @@ impl ArpRec {
         if self.direction != Direction::Tx || self.bridged {
             return None;
         }
+        self.announces()
+    }
+
+    /// The address the packet announces a MAC for, whoever sent or forwarded it: a reply, an
+    /// advertisement or a gratuitous request (a plain request asks, it does not announce).
+    pub fn announces(&self) -> Option<IpAddr> {
         match self.op {
             ArpOp::Reply => self.sender_ip,
             ArpOp::Advertisement => self.target_ip,

@@ -53,3 +53,38 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Resul
         .map_err(|_| io::Error::other("netns thread panicked"))?
     })
 }
+
+/// The inode of a network namespace given as an inode, a path (`/proc/PID/ns/net`,
+/// `/run/netns/NAME`) or a name `ip netns` knows.
+pub fn inode_of(spec: &str) -> Result<u32, String> {
+    if let Ok(n) = spec.parse::<u32>() {
+        return Ok(n);
+    }
+    let path = if spec.contains('/') {
+        PathBuf::from(spec)
+    } else {
+        Path::new("/run/netns").join(spec)
+    };
+    let m = fs::metadata(&path)
+        .map_err(|e| format!("network namespace `{spec}`: {}: {e}", path.display()))?;
+    u32::try_from(m.ino()).map_err(|_| format!("network namespace `{spec}`: inode out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_by_inode_path_or_name() {
+        assert_eq!(inode_of("4026531840"), Ok(4_026_531_840));
+        let own = fs::metadata("/proc/self/ns/net").map(|m| m.ino() as u32);
+        if let Ok(own) = own {
+            assert_eq!(inode_of("/proc/self/ns/net"), Ok(own));
+        }
+        let e = inode_of("no-such-ns-lbtrace").unwrap_err();
+        assert!(
+            e.starts_with("network namespace `no-such-ns-lbtrace`: /run/netns/"),
+            "{e}"
+        );
+    }
+}

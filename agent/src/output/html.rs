@@ -155,6 +155,14 @@ table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td p{{margin:.2em 
             clock(t0 as u64)
         );
     }
+    // A diagnosis from metrics says what they cannot show (the same for every VIP).
+    for l in diagnosis
+        .first()
+        .map(|d| d.limits.as_slice())
+        .unwrap_or_default()
+    {
+        let _ = write!(o, "<p class=\"limit\">note: {}</p>", esc(l));
+    }
     for d in diagnosis {
         let vip = d.vip.as_str();
         let _ = write!(

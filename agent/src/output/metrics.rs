@@ -13,6 +13,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
+use super::metrics_cluster::ClusterSeries;
 use crate::{
     event::{
         class::classify,
@@ -34,7 +35,7 @@ pub const MAX_MAC_LABELS: usize = 8;
 /// The `vip` label of a series. Typed, so that counting an event allocates nothing: text is
 /// made at scrape time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum VipLabel {
+pub(crate) enum VipLabel {
     Vip(IpAddr),
     /// Past [`MAX_VIP_LABELS`].
     Other,
@@ -95,6 +96,8 @@ pub struct Metrics {
     conntrack_entries: BTreeMap<u32, u64>,
     conntrack_max: Option<u64>,
     maps_bytes: u64,
+    /// Series for the cluster-wide view (alert rules, `diagnose --prometheus`).
+    cluster: ClusterSeries,
 }
 
 fn escape(v: &str) -> String {
@@ -201,6 +204,10 @@ impl Metrics {
             // A sample is already in the kernel's totals.
             Record::Drop(d) | Record::Conntrack(d) if d.sampled => {
                 *self.events.entry("drop").or_default() += 1;
+                if d.is_loss() {
+                    let label = self.label_of(d.vip);
+                    self.cluster.drop(label, d);
+                }
             }
             Record::Drop(d) | Record::Conntrack(d) => {
                 let label = self.vip_label(d.vip);
@@ -212,11 +219,13 @@ impl Metrics {
                 // rule: event::class::classify, cheap enough to call at scrape time too).
                 if d.is_loss() {
                     *self.drops.entry((label, d.reason.clone())).or_default() += 1;
+                    self.cluster.drop(label, d);
                 }
             }
             Record::Arp(a) => {
                 let label = self.vip_label(a.vip);
                 *self.events.entry("arp").or_default() += 1;
+                self.cluster.arp(label, a);
                 if a.announced().is_some() && a.vip.is_some() {
                     self.announcement(label, a.sender_mac);
                 }
@@ -272,10 +281,7 @@ impl Metrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
-        let mut e = Expo {
-            o: String::with_capacity(4096),
-            node: escape(&self.node),
-        };
+        let mut e = Expo::new(&self.node);
         e.family("lbtrace_build_info", "gauge", "Version of this lbtrace.");
         e.sample(
             "lbtrace_build_info",
@@ -328,6 +334,7 @@ impl Metrics {
         }
         self.render_ownership(&mut e);
         self.render_health(&mut e);
+        self.cluster.render(&mut e);
         e.o
     }
 
@@ -490,17 +497,29 @@ impl Metrics {
 }
 
 /// The text exposition being written: every sample gets the node label last.
-struct Expo {
+pub(crate) struct Expo {
     o: String,
     node: String,
 }
 
 impl Expo {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    pub(crate) fn new(node: &str) -> Self {
+        Self {
+            o: String::with_capacity(4096),
+            node: escape(node),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn text(&self) -> &str {
+        &self.o
+    }
+
+    pub(crate) fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
+    pub(crate) fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
         let _ = write!(self.o, "{name}{{");
         for (k, v) in labels {
             let _ = write!(self.o, "{k}=\"{}\",", escape(v));

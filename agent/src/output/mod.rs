@@ -5,6 +5,7 @@ pub mod evidence;
 pub mod html;
 pub mod http;
 pub mod metrics;
+pub mod metrics_cluster;
 pub mod ndjson;
 pub mod summary;
 pub mod text;

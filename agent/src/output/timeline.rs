@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    analysis::{Analyzer, Bucket, Finding, VipDiagnosis},
+    analysis::{nodes::NodeNames, Analyzer, Bucket, Finding, VipDiagnosis},
     event::values::Mac,
 };
 
@@ -35,9 +35,9 @@ pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> Str
     let mut moves = changes.iter().peekable();
     for (start, width, b) in tl.buckets() {
         while let Some(m) = moves.next_if(|(t, _, _)| *t as u64 <= start) {
-            move_line(&mut o, m);
+            move_line(&mut o, m, &a.nodes);
         }
-        let parts = bucket_parts(b);
+        let parts = bucket_parts(b, &a.nodes);
         if !parts.is_empty() {
             let w = if width > 1 {
                 format!(" ({width}s)")
@@ -48,7 +48,7 @@ pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> Str
         }
     }
     for m in moves {
-        move_line(&mut o, m);
+        move_line(&mut o, m, &a.nodes);
     }
     let findings: Vec<&Finding> = diagnosis
         .iter()
@@ -59,9 +59,17 @@ pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> Str
         let _ = writeln!(o, "no finding");
     }
     for f in findings {
+        let on = if f.nodes.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " on {}",
+                f.nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        };
         let _ = writeln!(
             o,
-            "finding: {} (confidence {}) {} .. {}: {}",
+            "finding: {}{on} (confidence {}) {} .. {}: {}",
             f.cause.as_str(),
             number(f.confidence),
             f.first_seen,
@@ -72,22 +80,33 @@ pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> Str
     o
 }
 
-fn move_line(o: &mut String, (t, from, to): &(f64, Option<Mac>, Mac)) {
+fn move_line(o: &mut String, (t, from, to): &(f64, Option<Mac>, Mac), nodes: &NodeNames) {
+    let on = |m: Mac| match nodes.of_mac(m) {
+        Some(n) => format!("{m} ({n})"),
+        None => m.to_string(),
+    };
     let _ = writeln!(
         o,
-        "{}  >>> VIP moved {} -> {to}",
+        "{}  >>> VIP moved {} -> {}",
         clock(*t as u64),
-        from.map_or("?".to_owned(), |m| m.to_string())
+        from.map_or("?".to_owned(), on),
+        on(*to)
     );
 }
 
 /// What a bucket holds, as parts of its line.
-fn bucket_parts(b: &Bucket) -> Vec<String> {
+fn bucket_parts(b: &Bucket, nodes: &NodeNames) -> Vec<String> {
     let join = |items: Vec<String>| items.join(", ");
     let mut parts = Vec::new();
     if b.drops > 0 {
         let reasons = b.drops_by_reason.iter().map(|(r, n)| format!("{r} {n}"));
-        let netns = b.drops_by_netns.iter().map(|(ns, n)| format!("{ns}:{n}"));
+        let netns = b
+            .drops_by_netns
+            .iter()
+            .map(|(ns, n)| match nodes.of_netns(*ns) {
+                Some(node) => format!("{node}/{ns}:{n}"),
+                None => format!("{ns}:{n}"),
+            });
         parts.push(format!(
             "drops {} [{}] netns [{}]",
             b.drops,

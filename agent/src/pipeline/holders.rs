@@ -27,12 +27,12 @@ pub struct NsView {
     pub neighbours: Vec<rtnl::Neighbour>,
 }
 
-/// Reads every namespace lbtrace can enter (only `only`, when given: `--netns`); those it
+/// Reads every namespace lbtrace can enter (only those of `only`, when any: `--netns`); those it
 /// cannot are skipped (logged).
-pub fn scan(only: Option<u32>) -> Vec<NsView> {
+pub fn scan(only: &[u32]) -> Vec<NsView> {
     let mut out = Vec::new();
     for (ino, path) in netns::namespaces() {
-        if only.is_some_and(|o| o != ino) {
+        if !only.is_empty() && !only.contains(&ino) {
             continue;
         }
         match netns::in_netns(&path, || {

@@ -193,7 +193,7 @@ impl<'s> Pipeline<'s> {
     /// Learns who holds each VIP now, from what the host's namespaces know (configured
     /// addresses, neighbour tables; only namespace `only` when given), and streams what that
     /// says.
-    pub fn learn_holders(&mut self, only: Option<u32>) {
+    pub fn learn_holders(&mut self, only: &[u32]) {
         let views = holders::scan(only);
         let now = crate::event::values::Time::now();
         for mut r in holders::learn(&views, &mut self.ownership, &mut self.vips, now) {

@@ -23,7 +23,8 @@ pub struct KernelFilter {
     pub hosts: Vec<IpAddr>,
     pub port: Option<u16>,
     pub proto: Option<L4Proto>,
-    pub netns: Option<u32>,
+    /// Namespaces (inodes) to keep; all when empty.
+    pub netns: Vec<u32>,
     pub ct_events: Vec<CtEvent>,
 }
 
@@ -44,9 +45,11 @@ impl KernelFilter {
             cfg.filter_flags |= FILTER_PROTO;
             cfg.filter_proto = p.number();
         }
-        if let Some(n) = self.netns {
+        if !self.netns.is_empty() {
             cfg.filter_flags |= FILTER_NETNS;
-            cfg.filter_netns = n;
+        }
+        if let [one] = self.netns[..] {
+            cfg.filter_netns_one = one;
         }
         if !self.ct_events.is_empty() {
             cfg.filter_flags |= FILTER_CT_EVENT;

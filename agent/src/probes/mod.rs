@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
     ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_ARP, FEATURE_CT_STATS, FEATURE_NAT_CAPTURE,
-    GLOBAL_CONFIG, MAP_AGG, MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_REASON_FILTER, MAP_VIPS4,
-    MAP_VIPS6,
+    GLOBAL_CONFIG, MAP_AGG, MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER,
+    MAP_REASON_FILTER, MAP_VIPS4, MAP_VIPS6,
 };
 pub use aggregate::{AggCount, Aggregation};
 use aya::{
@@ -342,6 +342,7 @@ impl Prepared {
         // Filters and baselines go in before anything attaches.
         let f = &opts.filter;
         fill_set(&mut ebpf, MAP_REASON_FILTER, f.reasons.iter().copied())?;
+        fill_set(&mut ebpf, MAP_NETNS_FILTER, f.netns.iter().copied())?;
         fill_set(
             &mut ebpf,
             MAP_HOST_FILTER,

@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod backend;
+pub mod cluster;
 pub mod generator;
 pub mod scenarios;
 pub mod speaker;

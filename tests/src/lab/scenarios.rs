@@ -13,6 +13,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,6 +23,7 @@ use serde_json::Value;
 pub use super::accounts::{Check, Role, VipOutcome};
 use super::{
     accounts::{accounting_checks, finding_checks, vip_outcome},
+    cluster,
     generator::{self, Load},
     interrupted,
     topology::{
@@ -567,6 +569,8 @@ pub struct Options {
     pub prefix: String,
     /// Instead of the scenario's own.
     pub duration: Option<Duration>,
+    /// Also run one agent per node, scraped by Prometheus ([`cluster`]).
+    pub cluster: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -578,6 +582,10 @@ pub struct Outcome {
     /// The summary's `events_lost`; `None` when it is missing (a failed check).
     pub lbtrace_lost: Option<u64>,
     pub checks: Vec<Check>,
+    /// The host-wide `watch --json --vip …` stream (a recording).
+    pub stream: String,
+    /// With [`Options::cluster`]: the per-node agents' series and event files.
+    pub cluster: Option<Arc<cluster::Finished>>,
 }
 
 /// Builds the scenario's lab, runs it with lbtrace watching and tears everything down.
@@ -593,6 +601,12 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         args.push(vip.to_string());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vip_list: Vec<IpAddr> = targets.iter().map(|t| t.0).collect();
+    let agents = if opts.cluster {
+        Some(cluster::Cluster::start(&lab, &vip_list)?)
+    } else {
+        None
+    };
     let kernel = |lab: &Lab| -> Result<Vec<u64>> {
         targets
             .iter()
@@ -634,6 +648,7 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     std::thread::sleep(Duration::from_millis(300));
     let after = kernel(&lab)?;
     let finished = watch.stop()?;
+    let cluster = agents.map(cluster::Cluster::finish).transpose()?;
     ensure!(
         finished.status.success(),
         "lbtrace failed: {}",
@@ -669,6 +684,8 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         vips,
         lbtrace_lost,
         checks,
+        stream: finished.stdout,
+        cluster: cluster.map(Arc::new),
     })
 }
 
