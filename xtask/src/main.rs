@@ -6,6 +6,7 @@ mod fuzz;
 mod lab;
 mod setup;
 mod util;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,9 @@ enum Command {
         #[arg(long, default_value_t = 60, value_name = "SECS")]
         time: u64,
     },
+    /// Boot Debian's 6.1 and 6.12 kernels (cloud and PREEMPT_RT) under qemu and run the
+    /// portability suite in each; writes target/vm/kernels.md.
+    VmTest(vm::Opts),
     /// Measure lbtrace's cost against no tracer and bpftrace; writes target/bench/.
     Bench {
         /// Shorter runs (under three minutes), same figures.
@@ -79,6 +83,7 @@ fn main() {
         Command::Demo => demo::demo(),
         Command::Lab { cmd } => lab::lab(cmd),
         Command::Fuzz { time } => fuzz::fuzz(time),
+        Command::VmTest(opts) => vm::vm_test(&opts),
         Command::Bench {
             quick,
             compare,
