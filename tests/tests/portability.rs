@@ -127,8 +127,14 @@ fn doctor_states_how_drops_without_device_or_socket_are_placed() {
         .find(|l| l.contains("tp_btf/kfree_skb passes"))
         .unwrap_or_else(|| panic!("doctor does not state the kfree_skb arguments:\n{text}"));
     if has_rx_sk {
-        assert!(line.contains("takes its namespace from the receiving socket"), "{line}");
+        assert!(
+            line.contains("takes its namespace from the receiving socket"),
+            "{line}"
+        );
     } else {
-        assert!(line.contains("no rx_sk") && line.contains("netns 0"), "{line}");
+        assert!(
+            line.contains("no rx_sk") && line.contains("netns 0"),
+            "{line}"
+        );
     }
 }

@@ -34,6 +34,9 @@ enum Command {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the kernel matrix (`vm-test --kernel all`, about 5 minutes).
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Build, then run the lab's stale-arp and failover-garp scenarios while lbtrace streams
     /// the drops live, then the per-VIP summary.
@@ -79,7 +82,11 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::setup(),
         Command::Build => setup::setup().and_then(|()| build().map(|_| ())),
-        Command::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
+        Command::Test {
+            filter,
+            no_lint,
+            no_vm,
+        } => test(filter.as_deref(), no_lint, no_vm),
         Command::Demo => demo::demo(),
         Command::Lab { cmd } => lab::lab(cmd),
         Command::Fuzz { time } => fuzz::fuzz(time),
@@ -134,7 +141,7 @@ pub fn build() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
+fn test(filter: Option<&str>, no_lint: bool, no_vm: bool) -> Result<()> {
     setup::setup()?;
     let bin = build()?;
     if !no_lint {
@@ -184,5 +191,15 @@ fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
         cmd.arg(f);
     }
     cmd.env("LBTRACE_BIN", &bin);
-    util::run(&mut cmd)
+    util::run(&mut cmd)?;
+    if no_vm || filter.is_some() {
+        return Ok(());
+    }
+    util::step("kernel matrix: vm-test --kernel all");
+    vm::vm_test(&vm::Opts {
+        kernel: "all".to_owned(),
+        update_readme: false,
+        no_self_test: false,
+        timeout: 1500,
+    })
 }

@@ -49,7 +49,11 @@ pub fn select(which: &str) -> Result<Vec<Spec>> {
             Some(s) => out.push(*s),
             None => bail!(
                 "unknown kernel {w}: one of {} or all",
-                MATRIX.iter().map(|s| s.label).collect::<Vec<_>>().join(", ")
+                MATRIX
+                    .iter()
+                    .map(|s| s.label)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -139,10 +143,7 @@ pub fn prepare(spec: &Spec, cache: &Path) -> Result<Kernel> {
     let modules = dir.join("lib/modules").join(&release);
     if !modules.join("modules.dep").is_file() {
         // The package leaves modules.dep to depmod at install time.
-        run(Command::new("depmod")
-            .arg("-b")
-            .arg(&dir)
-            .arg(&release))?;
+        run(Command::new("depmod").arg("-b").arg(&dir).arg(&release))?;
     }
     anyhow::ensure!(
         modules.join("modules.dep").is_file(),

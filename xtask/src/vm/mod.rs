@@ -78,10 +78,7 @@ fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if let (Some(name), Some(exe)) = (
-            v["target"]["name"].as_str(),
-            v["executable"].as_str(),
-        ) {
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
             found.insert(name.to_owned(), PathBuf::from(exe));
         }
     }
@@ -107,12 +104,7 @@ fn run_guest(
     timeout: Duration,
 ) -> Result<report::KernelResult> {
     let tag = if fault { "self-test" } else { kernel.label };
-    let initrd = initramfs::build(
-        &work.join(tag),
-        kernel,
-        payload,
-        &suite::init_script(fault),
-    )?;
+    let initrd = initramfs::build(&work.join(tag), kernel, payload, &suite::init_script(fault))?;
     let log = work.join(format!("{tag}.log"));
     eprintln!(
         "    booting {} ({}, {tag}); console: {}",
@@ -209,8 +201,14 @@ pub fn vm_test(opts: &Opts) -> Result<()> {
     if !failed.is_empty() {
         bail!("the portability suite failed on {}", failed.join(", "));
     }
-    if self_test.as_deref().is_some_and(|t| t.starts_with("**FAIL")) {
-        bail!("the suite's self-test failed: {}", self_test.unwrap_or_default());
+    if self_test
+        .as_deref()
+        .is_some_and(|t| t.starts_with("**FAIL"))
+    {
+        bail!(
+            "the suite's self-test failed: {}",
+            self_test.unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -108,7 +108,13 @@ impl KernelResult {
         let mut features: Vec<String> = self
             .doctor_lines("feature")
             .into_iter()
-            .map(|(ok, f)| if ok { format!("{f}: on") } else { format!("{f}: **off**") })
+            .map(|(ok, f)| {
+                if ok {
+                    format!("{f}: on")
+                } else {
+                    format!("{f}: **off**")
+                }
+            })
             .collect();
         if features.is_empty() {
             features.push("none (no drop probe)".to_owned());

@@ -23,19 +23,47 @@ const fn c(item: &'static str, bin: &'static str, test: &'static str) -> Check {
 
 /// Lean on purpose: each runs under TCG, which is 10–50 times slower than the host.
 pub const CHECKS: &[Check] = &[
-    c("doctor", "portability", "doctor_names_the_probe_in_use_and_why_not_the_others"),
+    c(
+        "doctor",
+        "portability",
+        "doctor_names_the_probe_in_use_and_why_not_the_others",
+    ),
     c("reasons", "portability", "reasons_match_the_kernels_enum"),
-    c("kfree_skb args", "portability", "doctor_states_how_drops_without_device_or_socket_are_placed"),
+    c(
+        "kfree_skb args",
+        "portability",
+        "doctor_states_how_drops_without_device_or_socket_are_placed",
+    ),
     c("NO_SOCKET v4", "drops", "drop_in_other_netns_over_veth_btf"),
     c("NO_SOCKET v4", "drops", "tcp_syn_to_closed_port_btf"),
     c("nft drop", "drops", "nftables_drop_rule_btf"),
     c("IPv6", "drops", "tcp_syn_to_closed_port_ipv6_btf"),
     c("IPv6", "drops", "nftables_drop_rule_ipv6_btf"),
-    c("conntrack insert_failed", "conntrack", "snat_exhaustion_counts_insert_failed_exactly"),
-    c("conntrack table_full", "conntrack", "full_table_counts_table_full_exactly"),
-    c("DNAT attribution", "conntrack", "dnat_drops_in_pod_netns_carry_the_vip"),
-    c("GARP + ownership", "arp", "garp_move_is_seen_with_both_macs_and_the_client_update"),
-    c("tracepoint mode", "drops", "tcp_syn_to_closed_port_tracepoint"),
+    c(
+        "conntrack insert_failed",
+        "conntrack",
+        "snat_exhaustion_counts_insert_failed_exactly",
+    ),
+    c(
+        "conntrack table_full",
+        "conntrack",
+        "full_table_counts_table_full_exactly",
+    ),
+    c(
+        "DNAT attribution",
+        "conntrack",
+        "dnat_drops_in_pod_netns_carry_the_vip",
+    ),
+    c(
+        "GARP + ownership",
+        "arp",
+        "garp_move_is_seen_with_both_macs_and_the_client_update",
+    ),
+    c(
+        "tracepoint mode",
+        "drops",
+        "tcp_syn_to_closed_port_tracepoint",
+    ),
     c("tracepoint mode", "drops", "nftables_drop_rule_tracepoint"),
 ];
 
