@@ -42,6 +42,8 @@ const MODULE_DIRS: &[&str] = &[
     "kernel/net/ipv6/netfilter",
     "kernel/net/bridge",
     "kernel/drivers/net/veth.ko",
+    // libcrc32c (nf_conntrack, nf_nat) needs the crc32c algorithm: a module on the rt kernels
+    "kernel/crypto/crc32c_generic.ko",
 ];
 
 /// What goes into every guest.
@@ -142,7 +144,7 @@ fn install_modules(root: &Path, kernel: &Kernel) -> Result<()> {
         dep.push_str(&format!("{}: {}\n", plain(m), ds.join(" ")));
     }
     std::fs::write(dest.join("modules.dep"), dep)?;
-    for f in ["modules.builtin", "modules.order"] {
+    for f in ["modules.builtin", "modules.order", "modules.alias", "modules.softdep"] {
         if kernel.modules.join(f).is_file() {
             copy(&kernel.modules.join(f), &dest.join(f))?;
         }

@@ -99,6 +99,8 @@ mount -t tmpfs tmp /tmp
 ip link set lo up
 "#,
     );
+    // Built in on the cloud kernels, a module on the rt ones; libcrc32c cannot load without it.
+    s.push_str("[ -d /sys/module/crc32c_generic ] || modprobe crc32c_generic\n");
     s.push_str(&format!("modprobe -a {}\n", BOOT_MODULES.join(" ")));
     s.push_str("echo \"VMTEST-KERNEL $(uname -r)\"\n");
     if fault {
