@@ -144,7 +144,12 @@ fn install_modules(root: &Path, kernel: &Kernel) -> Result<()> {
         dep.push_str(&format!("{}: {}\n", plain(m), ds.join(" ")));
     }
     std::fs::write(dest.join("modules.dep"), dep)?;
-    for f in ["modules.builtin", "modules.order", "modules.alias", "modules.softdep"] {
+    for f in [
+        "modules.builtin",
+        "modules.order",
+        "modules.alias",
+        "modules.softdep",
+    ] {
         if kernel.modules.join(f).is_file() {
             copy(&kernel.modules.join(f), &dest.join(f))?;
         }
