@@ -119,6 +119,10 @@ impl KernelResult {
         if features.is_empty() {
             features.push("none (no drop probe)".to_owned());
         }
+        // What doctor says the drop hook's arguments allow (6.1: no rx_sk).
+        if let Some((_, args)) = self.doctor_lines("args").into_iter().next() {
+            features.insert(0, args);
+        }
         let failed: Vec<&str> = self
             .outcomes
             .iter()
