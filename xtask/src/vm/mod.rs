@@ -78,6 +78,11 @@ fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
+        // A bin target is built twice here: itself, and its unit tests under the same name.
+        let bin_tests = v["target"]["kind"][0] == "bin" && v["profile"]["test"] == true;
+        if bin_tests {
+            continue;
+        }
         if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
             found.insert(name.to_owned(), PathBuf::from(exe));
         }
