@@ -56,9 +56,9 @@ pub struct Opts {
 const SELF_TEST_KERNEL: &str = "6.12";
 
 pub fn target_dir() -> PathBuf {
+    // As `build` finds it: CARGO_TARGET_DIR is relative to the workspace, where cargo runs.
     std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::root().join("target"))
+        .map_or_else(|| crate::root().join("target"), |d| crate::root().join(d))
 }
 
 /// Builds the integration tests (and the tests crate's binaries) without running them; returns
