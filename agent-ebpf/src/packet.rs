@@ -151,7 +151,9 @@ const HDR_BLOCK: usize = 64;
 /// lies inside, else read on its own (IPv4 options, IPv6 extension headers).
 #[inline(always)]
 fn header_at<T: Copy>(block: &[u8; HDR_BLOCK], l3: u64, off: usize) -> Result<T, i32> {
-    if off + size_of::<T>() <= HDR_BLOCK {
+    // Bound `off` itself, not `off + size`: older verifiers (6.1) do not carry a bound learnt
+    // on the sum back to `off`, and reject the stack read as possibly out of the frame.
+    if off <= HDR_BLOCK - size_of::<T>() {
         // SAFETY: in bounds (checked above); headers are plain bytes and integers.
         return Ok(unsafe { block.as_ptr().add(off).cast::<T>().read_unaligned() });
     }

@@ -56,7 +56,65 @@ impl TraceInstance {
             }
         }
         let text = fs::read_to_string(self.dir.join("trace"))?;
-        Ok(text.lines().filter_map(parse_kfree_skb).collect())
+        let mut events: Vec<KfreeSkb> = text.lines().filter_map(parse_kfree_skb).collect();
+        if events.iter().any(|e| !is_symbol(&e.function)) {
+            let symbols = Kallsyms::read()?;
+            for e in &mut events {
+                if !is_symbol(&e.function) {
+                    e.function = symbols.function_at(&e.function)?;
+                }
+            }
+        }
+        Ok(events)
+    }
+}
+
+/// Kernels before 6.2 print `location` with `%p` (an address, hashed unless the kernel was
+/// booted with `no_hash_pointers`) where later ones print `%pS` (`func+0xoff/0xsize`).
+fn is_symbol(location: &str) -> bool {
+    let address = location.len() >= 8 && location.bytes().all(|b| b.is_ascii_hexdigit());
+    !address && !location.starts_with('(')
+}
+
+/// The kernel's text symbols by address, to name a `%p` location as `%pS` would.
+struct Kallsyms(Vec<(u64, String)>);
+
+impl Kallsyms {
+    fn read() -> Result<Self> {
+        let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
+        let mut syms: Vec<(u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+                let kind = f.next()?;
+                let name = f.next()?;
+                (addr != 0 && matches!(kind, "t" | "T")).then(|| (addr, name.to_owned()))
+            })
+            .collect();
+        if syms.is_empty() {
+            bail!("/proc/kallsyms shows no addresses (kptr_restrict): the oracle cannot name locations");
+        }
+        syms.sort_unstable();
+        Ok(Self(syms))
+    }
+
+    /// The function containing `location`, a raw address as `%p` prints it.
+    fn function_at(&self, location: &str) -> Result<String> {
+        let addr = u64::from_str_radix(location, 16)
+            .ok()
+            .filter(|a| *a >> 48 == 0xffff);
+        let Some(addr) = addr else {
+            bail!(
+                "tracefs printed kfree_skb's location as `{location}`, a hashed pointer: \
+                 boot this kernel with no_hash_pointers so the oracle can name it"
+            );
+        };
+        let i = self.0.partition_point(|(a, _)| *a <= addr);
+        match i.checked_sub(1).map(|i| &self.0[i].1) {
+            Some(name) => Ok(name.clone()),
+            None => bail!("no kernel symbol at or below {location}"),
+        }
     }
 }
 
@@ -112,5 +170,20 @@ mod tests {
         assert_eq!(e.reason, "NO_SOCKET");
         assert_eq!(e.function, "tcp_v4_rcv");
         assert_eq!(e.protocol, 2048);
+    }
+
+    #[test]
+    fn a_location_printed_with_p_is_an_address_to_resolve() {
+        assert!(is_symbol("tcp_v4_rcv"));
+        assert!(!is_symbol("ffffffff81a2b3c4"));
+        assert!(!is_symbol("(____ptrval____)"));
+        let k = Kallsyms(vec![
+            (0xffff_ffff_8100_0000, "a".into()),
+            (0xffff_ffff_8100_0100, "b".into()),
+        ]);
+        assert_eq!(k.function_at("ffffffff81000104").unwrap(), "b");
+        assert_eq!(k.function_at("ffffffff810000ff").unwrap(), "a");
+        assert!(k.function_at("000000004f3eb6aa").is_err());
+        assert!(k.function_at("(____ptrval____)").is_err());
     }
 }

@@ -6,6 +6,7 @@ mod fuzz;
 mod lab;
 mod setup;
 mod util;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,9 @@ enum Command {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the kernel matrix (`vm-test --kernel all`, about 5 minutes).
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Build, then run the lab's stale-arp and failover-garp scenarios while lbtrace streams
     /// the drops live, then the per-VIP summary.
@@ -47,6 +51,9 @@ enum Command {
         #[arg(long, default_value_t = 60, value_name = "SECS")]
         time: u64,
     },
+    /// Boot Debian's 6.1 and 6.12 kernels (cloud and PREEMPT_RT) under qemu and run the
+    /// portability suite in each; writes target/vm/kernels.md.
+    VmTest(vm::Opts),
     /// Measure lbtrace's cost against no tracer and bpftrace; writes target/bench/.
     Bench {
         /// Shorter runs (under three minutes), same figures.
@@ -75,10 +82,15 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::setup(),
         Command::Build => setup::setup().and_then(|()| build().map(|_| ())),
-        Command::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
+        Command::Test {
+            filter,
+            no_lint,
+            no_vm,
+        } => test(filter.as_deref(), no_lint, no_vm),
         Command::Demo => demo::demo(),
         Command::Lab { cmd } => lab::lab(cmd),
         Command::Fuzz { time } => fuzz::fuzz(time),
+        Command::VmTest(opts) => vm::vm_test(&opts),
         Command::Bench {
             quick,
             compare,
@@ -129,7 +141,7 @@ pub fn build() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
+fn test(filter: Option<&str>, no_lint: bool, no_vm: bool) -> Result<()> {
     setup::setup()?;
     let bin = build()?;
     if !no_lint {
@@ -179,5 +191,15 @@ fn test(filter: Option<&str>, no_lint: bool) -> Result<()> {
         cmd.arg(f);
     }
     cmd.env("LBTRACE_BIN", &bin);
-    util::run(&mut cmd)
+    util::run(&mut cmd)?;
+    if no_vm || filter.is_some() {
+        return Ok(());
+    }
+    util::step("kernel matrix: vm-test --kernel all");
+    vm::vm_test(&vm::Opts {
+        kernel: "all".to_owned(),
+        update_readme: false,
+        no_self_test: false,
+        timeout: 1500,
+    })
 }

@@ -55,7 +55,8 @@ fn apt_missing<'a>(packages: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn apt() -> Result<()> {
-    ensure_apt(APT_PACKAGES)
+    ensure_apt(APT_PACKAGES)?;
+    ensure_apt(crate::vm::APT_PACKAGES)
 }
 
 /// Installs the Debian packages of `packages` that are missing; quick when none is.

@@ -70,6 +70,8 @@ struct Doctor {
     capabilities: Vec<&'static str>,
     missing_capabilities: Vec<&'static str>,
     drop_reasons: usize,
+    /// Arguments of tp_btf kfree_skb: 4 with `rx_sk`, 3 on older kernels.
+    kfree_skb_args: Option<usize>,
     probes: Vec<ProbeStatus>,
     features: Option<probes::Features>,
 }
@@ -172,6 +174,10 @@ pub fn doctor(json: bool) -> anyhow::Result<()> {
         capabilities: privileges::describe(caps),
         missing_capabilities: missing.clone(),
         drop_reasons: reasons_n,
+        kfree_skb_args: btf
+            .as_ref()
+            .ok()
+            .and_then(|b| b.tracepoint_args("kfree_skb").ok()),
         probes,
         features,
     };
@@ -221,6 +227,19 @@ impl Doctor {
                 format!("missing {}", missing.join(", "))
             }
         )?;
+        match self.kfree_skb_args {
+            Some(n) if n >= 4 => writeln!(
+                out,
+                "ok   args     tp_btf/kfree_skb passes rx_sk: a drop with no device and no \
+                 socket takes its namespace from the receiving socket"
+            )?,
+            Some(n) => writeln!(
+                out,
+                "note args     tp_btf/kfree_skb passes {n} arguments, no rx_sk: a drop with no \
+                 device and no socket is reported with netns 0"
+            )?,
+            None => {}
+        }
         for s in &self.probes {
             match s.state.why() {
                 None => writeln!(out, "ok   probe    {} ({}): attached", s.probe, s.collector)?,

@@ -379,11 +379,12 @@ impl DropReasons {
             .map(|(c, _)| *c)
     }
 
-    /// Reasons a packet can be dropped for (not `NOT_DROPPED_YET` or `CONSUMED`).
+    /// Reasons a packet can be dropped for (not `NOT_DROPPED_YET` or `CONSUMED`). By name: 6.1
+    /// has no `CONSUMED`, so its `NOT_SPECIFIED` is 1, not 2.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
         self.core
             .iter()
-            .filter(|(c, _)| **c >= 2)
+            .filter(|(_, n)| !matches!(n.as_str(), "NOT_DROPPED_YET" | "CONSUMED"))
             .map(|(c, n)| (*c, n.as_str()))
     }
 

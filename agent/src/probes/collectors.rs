@@ -215,11 +215,32 @@ pub(crate) fn attach_btf(
     Ok(())
 }
 
-/// The first line of a load error for the status; the whole verifier log at debug level
-/// (`LBTRACE_LOG=debug`), where a person looking into it wants every line.
+/// The verifier's reason for the status; the whole log at debug level (`LBTRACE_LOG=debug`),
+/// where a person looking into it wants every line.
 fn verifier_refused(program: &str, e: &aya::programs::ProgramError) -> String {
     tracing::debug!("{program} refused: {e:#?}");
-    error_chain(e)
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => match verifier_reason(&verifier_log.to_string()) {
+            Some(reason) => {
+                format!("the BPF_PROG_LOAD syscall returned {io_error}. Verifier: {reason}")
+            }
+            None => error_chain(e),
+        },
+        _ => error_chain(e),
+    }
+}
+
+/// The line of a verifier log that says why it refused: the last before the statistics. The
+/// first line can be a note the verifier goes on past (6.1 starts with `reg type unsupported
+/// for arg#0` for any `void *ctx`).
+fn verifier_reason(log: &str) -> Option<&str> {
+    const STATS: [&str; 3] = ["verification time", "stack depth", "processed "];
+    log.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
 }
 
 pub(crate) fn attach_tracepoint(
@@ -250,6 +271,26 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         }
         cur = inner.source();
     }
-    // The verifier log can run to pages; its first line says enough for a status.
+    // A status is one line (`verifier_refused` picks the reason out of a verifier log).
     s.lines().next().unwrap_or_default().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_reason;
+
+    #[test]
+    fn the_reason_is_the_last_line_before_the_statistics() {
+        let log = "reg type unsupported for arg#0 function kfree_skb_tp#8\n\
+                   0: R1=ctx(off=0,imm=0) R10=fp0\n\
+                   invalid variable-offset read from stack R3 var_off=(0x0; 0xfc) size=1\n\
+                   verification time 149563 usec\n\
+                   stack depth 328+0+0\n\
+                   processed 5412 insns (limit 1000000) max_states_per_insn 4\n";
+        assert_eq!(
+            verifier_reason(log),
+            Some("invalid variable-offset read from stack R3 var_off=(0x0; 0xfc) size=1")
+        );
+        assert_eq!(verifier_reason("verification time 1 usec\n"), None);
+    }
 }
