@@ -248,7 +248,7 @@ impl Scenario {
             Scenario::LateStart => {
                 lab.set_client_reachable_ms(2000)?;
                 lab.nodes[0].nft(&format!(
-                    "table inet {OUT_TABLE} {{\n counter out4 {{ }}\n counter out6 {{ }}\n chain raw {{\n  type filter hook prerouting priority raw - 10; policy accept;\n }}\n}}"
+                    "table inet {OUT_TABLE} {{\n counter out4 {{ }}\n counter out6 {{ }}\n counter probes6 {{ }}\n chain raw {{\n  type filter hook prerouting priority raw - 10; policy accept;\n }}\n}}"
                 ))?;
             }
             // Every pod: the endpoints change during the run, and each one counted must count.
@@ -423,9 +423,15 @@ impl Scenario {
                 // ip6_fragment refuses it (ICMPv6 packet too big; NOT_SPECIFIED, Ip6FragFails).
                 IpAddr::V6(_) => snmp6(&lab.nodes[owner], "Ip6FragFails")?,
             },
-            Scenario::LateStart if svc.name == "a" => {
-                lab.nodes[0].nft_counter("inet", OUT_TABLE, &format!("out{}", family(vip)))?
-            }
+            // The node's own count of what it dropped as not its address. (The nft counter of
+            // what reached it also counts a packet forwarded in the instant between the rule
+            // and the sysctl that stops forwarding.)
+            Scenario::LateStart if svc.name == "a" => match vip {
+                IpAddr::V4(_) => snmp(&lab.nodes[0], "Ip", "InAddrErrors")?,
+                // Less the client's unicast neighbour probes for the VIP, dropped there too.
+                IpAddr::V6(_) => snmp6(&lab.nodes[0], "Ip6InAddrErrors")?
+                    .saturating_sub(lab.nodes[0].nft_counter("inet", OUT_TABLE, "probes6")?),
+            },
             Scenario::PolicyRace => svc
                 .endpoints
                 .iter()
@@ -485,6 +491,12 @@ fn take_out(lab: &mut Lab, n: usize, vips: &[IpAddr]) -> Result<()> {
             rules,
             "add rule inet {OUT_TABLE} raw {fam} daddr {v} meta l4proto {{ tcp, udp }} counter name out{f}\nadd rule inet {OUT_TABLE} raw {fam} daddr {v} notrack"
         );
+        if f == 6 {
+            let _ = writeln!(
+                rules,
+                "add rule inet {OUT_TABLE} raw ip6 daddr {v} icmpv6 type nd-neighbor-solicit counter name probes6"
+            );
+        }
     }
     lab.nodes[n].nft(&rules)?;
     lab.nodes[n].sysctl("net.ipv4.ip_forward", "0")?;
