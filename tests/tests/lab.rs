@@ -73,4 +73,5 @@ scenario_tests! {
     mtu_mismatch: MtuMismatch,
     policy_race: PolicyRace,
     late_start: LateStart,
+    node_loss: NodeLoss,
 }

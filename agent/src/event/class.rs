@@ -21,7 +21,8 @@ pub enum Class {
     Loss,
     /// Consumed, or freed while its socket was torn down: not loss.
     Benign,
-    /// The host's own housekeeping (ping replies, IGMP, MLD): not a service's traffic.
+    /// The host's own housekeeping (ping replies, IGMP, MLD), or a flooded copy of a frame for
+    /// another host: not a loss of this host.
     LocalNoise,
 }
 

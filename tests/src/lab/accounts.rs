@@ -20,6 +20,10 @@ pub enum Role {
     Hidden,
     /// Must lose nothing and show no drops.
     Control,
+    /// Loses traffic where no host lbtrace sees can drop it (node loss: frames to a host gone
+    /// from the LAN): client and kernel agree, lbtrace counts no loss (only the copies the
+    /// bridge floods to bystanders, local noise), and its diagnosis still names the cause.
+    Unseen,
 }
 
 impl Role {
@@ -28,17 +32,21 @@ impl Role {
             Role::Affected => "affected",
             Role::Hidden => "hidden",
             Role::Control => "control",
+            Role::Unseen => "unseen",
         }
     }
 }
 
 /// Drops a healthy host makes as part of normal traffic (kernel-notes.md, "Noise"): counted
 /// apart, never as loss. `(reason, function)`.
-pub const NOISE: [(&str, &str); 3] = [
+pub const NOISE: [(&str, &str); 5] = [
     // The pure ACK a server has processed and discards, once per connection.
     ("NOT_SPECIFIED", "tcp_rcv_state_process"),
     ("QUEUE_PURGE", "sk_stream_kill_queues"),
     ("NOT_SPECIFIED", "udp_destruct_common"),
+    // A copy of a frame for another host's MAC, flooded by the bridge (node-loss).
+    ("OTHERHOST", "ip_rcv_core"),
+    ("OTHERHOST", "ip6_rcv_core"),
 ];
 
 /// What a `drop` or `conntrack` record tagged with a VIP stands for.
@@ -190,6 +198,12 @@ pub fn accounting_checks(vips: &[VipOutcome], lbtrace_lost: Option<u64>) -> Vec<
                 lost == 0 && l == 0 && k > 0,
                 format!("{vip} (hidden): client lost {lost} and lbtrace {l} are 0, yet {k} packets took the stale path"),
             )),
+            Role::Unseen => {
+                checks.push(Check::new(
+                    lost > 0 && k == lost && l == 0,
+                    format!("{vip} (unseen): client lost {lost} > 0, kernel {k} = client, lbtrace {l} = 0 (lost on a host gone from the LAN)"),
+                ));
+            }
             Role::Affected => {
                 checks.push(Check::new(
                     lost > 0,
@@ -235,7 +249,7 @@ pub fn finding_checks(
             .filter_map(|f| f["cause"].as_str())
             .collect();
         match (v.role, expected) {
-            (Role::Affected, Some(cause)) => {
+            (Role::Affected | Role::Unseen, Some(cause)) => {
                 checks.push(Check::new(
                     causes.first() == Some(&cause),
                     format!("{}: diagnosis names {cause} first ({causes:?})", v.vip),

@@ -45,6 +45,7 @@ pub enum Scenario {
     MtuMismatch,
     PolicyRace,
     LateStart,
+    NodeLoss,
 }
 
 /// Seconds between the endpoint moving off a node and the speaker moving the VIP after it.
@@ -62,9 +63,13 @@ const LATE_WATCH: f64 = 2.0;
 const LATE_MOVE: f64 = 4.0;
 /// late-start: the nft table that takes n0 out and counts what still reaches it.
 const OUT_TABLE: &str = "lbtest-out";
+/// node-loss: the bridge's table that counts frames still sent to the lost node's MAC.
+const LOST_TABLE: &str = "lbtest-lost";
+/// node-loss: when n0's link goes down (the speaker moves A `FAILOVER_GAP` later).
+const NODE_LOSS: f64 = 3.0;
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Healthy,
         Scenario::FailoverGarp,
         Scenario::StaleArp,
@@ -75,6 +80,7 @@ impl Scenario {
         Scenario::MtuMismatch,
         Scenario::PolicyRace,
         Scenario::LateStart,
+        Scenario::NodeLoss,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +95,7 @@ impl Scenario {
             Scenario::MtuMismatch => "mtu-mismatch",
             Scenario::PolicyRace => "policy-race",
             Scenario::LateStart => "late-start",
+            Scenario::NodeLoss => "node-loss",
         }
     }
 
@@ -114,6 +121,7 @@ impl Scenario {
             Scenario::ConntrackFull => "at 3 s a burst of UDP flows from c1 to n0 fills n0's conntrack table (nf_conntrack_max lowered to 1024, restored after): new flows to A are dropped until the burst's entries expire (8 s)",
             Scenario::MtuMismatch => "from 2 s n0's path to n1's pods has MTU 1450: every large UDP request to A (1500 bytes, DF; IPv6 never fragments in transit) is dropped there with ICMP frag-needed / ICMPv6 packet-too-big, small ones and TCP pass",
             Scenario::PolicyRace => "at 3 s a new pod joins A's endpoints before its network-policy allow rule (a drop rule on n0, lifted at 8 s)",
+            Scenario::NodeLoss => "at 3 s n0's link goes down (node loss); 1 s later the speaker moves A to n1 with 3 gratuitous ARPs/NAs. Meanwhile the client's frames to n0's MAC are flooded by the bridge and dropped by every other host as not theirs (OTHERHOST): lbtrace sees copies, never the loss",
             Scenario::LateStart => "lbtrace starts 2 s in, after the client resolved A; at 4 s A moves n0 → n1 without GARP and n0 is taken out (forwarding off, kube-proxy no longer handles A there): n0 drops the client's packets as not its address (IP_INADDRERRORS) until the client's entry fails (≈10 s) and n1 answers its ARP/NDP request",
         }
     }
@@ -122,6 +130,9 @@ impl Scenario {
     pub fn needs(self) -> &'static str {
         match self {
             Scenario::Healthy => "nothing (no drops)",
+            Scenario::NodeLoss => {
+                "n0 as A's holder learned at start, and n1's announcement (the loss itself happens on no host lbtrace sees)"
+            }
             Scenario::FailoverGarp
             | Scenario::StaleArp
             | Scenario::LeaderFlap
@@ -158,6 +169,9 @@ impl Scenario {
             Scenario::PolicyRace => {
                 "the policy drop rule's counter for the VIP's endpoints, per family (nft)"
             }
+            Scenario::NodeLoss => {
+                "per family, A's TCP/UDP frames the bridge got for n0's MAC after n0's link went down (nft, bridge family): each one reached no host that takes it"
+            }
             Scenario::LateStart => {
                 "per family, A's TCP/UDP packets reaching n0 after it was taken out (nft; each one is dropped there, IP_INADDRERRORS), read from lbtrace's start"
             }
@@ -167,7 +181,7 @@ impl Scenario {
 
     pub fn default_duration(self) -> Duration {
         Duration::from_secs(match self {
-            Scenario::Healthy | Scenario::FailoverGarp => 8,
+            Scenario::Healthy | Scenario::FailoverGarp | Scenario::NodeLoss => 8,
             Scenario::ConntrackSnat | Scenario::MtuMismatch => 8,
             Scenario::PolicyRace => 11,
             Scenario::LeaderFlap | Scenario::EndpointChurn => 14,
@@ -215,10 +229,10 @@ impl Scenario {
     /// The VIPs traffic goes to, with their roles: every failure is injected over IPv4 and
     /// IPv6 alike, and each family is accounted for on its own.
     fn targets(self) -> Vec<(IpAddr, Role)> {
-        let a = if self == Scenario::Healthy {
-            Role::Control
-        } else {
-            Role::Affected
+        let a = match self {
+            Scenario::Healthy => Role::Control,
+            Scenario::NodeLoss => Role::Unseen,
+            _ => Role::Affected,
         };
         let mut t = vec![(VIP_A, a), (VIP_A6, a)];
         if self == Scenario::StaleArp {
@@ -251,6 +265,9 @@ impl Scenario {
                     "table inet {OUT_TABLE} {{\n counter out4 {{ }}\n counter out6 {{ }}\n counter probes6 {{ }}\n chain raw {{\n  type filter hook prerouting priority raw - 10; policy accept;\n }}\n}}"
                 ))?;
             }
+            Scenario::NodeLoss => lab.lan.nft(&format!(
+                "table bridge {LOST_TABLE} {{\n counter lost4 {{ }}\n counter lost6 {{ }}\n chain pre {{\n  type filter hook prerouting priority 0; policy accept;\n }}\n}}"
+            ))?,
             // Every pod: the endpoints change during the run, and each one counted must count.
             Scenario::EndpointChurn => {
                 for pod in &lab.pods {
@@ -361,6 +378,15 @@ impl Scenario {
                 }
                 clock.log(&format!("n0's path to n1's pods: MTU {OVERLAY_MTU}"));
             }
+            Scenario::NodeLoss => {
+                clock.at(NODE_LOSS)?;
+                lose_node(lab, 0)?;
+                clock.log("n0's link is down (node loss)");
+                clock.at(NODE_LOSS + FAILOVER_GAP)?;
+                lab.set_endpoints("a", &[n1p0])?;
+                lab.announce("a", 1, 3)?;
+                clock.log("speaker: a now on n1, 3 gratuitous ARP/NA");
+            }
             Scenario::LateStart => {
                 clock.at(LATE_MOVE)?;
                 lab.announce("a", 1, 0)?;
@@ -423,6 +449,10 @@ impl Scenario {
                 // ip6_fragment refuses it (ICMPv6 packet too big; NOT_SPECIFIED, Ip6FragFails).
                 IpAddr::V6(_) => snmp6(&lab.nodes[owner], "Ip6FragFails")?,
             },
+            Scenario::NodeLoss if svc.name == "a" => {
+                lab.lan
+                    .nft_counter("bridge", LOST_TABLE, &format!("lost{}", family(vip)))?
+            }
             // The node's own count of what it dropped as not its address. (The nft counter of
             // what reached it also counts a packet forwarded in the instant between the rule
             // and the sysctl that stops forwarding.)
@@ -445,7 +475,7 @@ impl Scenario {
     /// scenario bounds it: (at least, at most, why).
     fn loss_span(self) -> Option<(f64, f64, &'static str)> {
         match self {
-            Scenario::FailoverGarp => Some((
+            Scenario::FailoverGarp | Scenario::NodeLoss => Some((
                 0.0,
                 FAILOVER_GAP + 1.5,
                 "the gratuitous ARP/NA moved the client at once",
@@ -463,7 +493,7 @@ impl Scenario {
             return Vec::new();
         };
         vips.iter()
-            .filter(|v| v.role == Role::Affected)
+            .filter(|v| matches!(v.role, Role::Affected | Role::Unseen))
             .map(|v| {
                 let span = v.loss_span.map(|(f, l)| (l - f).as_secs_f64());
                 Check::new(
@@ -501,6 +531,24 @@ fn take_out(lab: &mut Lab, n: usize, vips: &[IpAddr]) -> Result<()> {
     lab.nodes[n].nft(&rules)?;
     lab.nodes[n].sysctl("net.ipv4.ip_forward", "0")?;
     lab.nodes[n].sysctl("net.ipv6.conf.all.forwarding", "0")
+}
+
+/// Node `n` is lost: its bridge port goes down, as when a node dies or its cable is pulled.
+/// The bridge forgets its MAC and floods frames still sent there to every other host; from
+/// now on those frames (A's TCP/UDP, per family) are counted on the way in.
+fn lose_node(lab: &mut Lab, n: usize) -> Result<()> {
+    let mac = mac_of(&lab.nodes[n])?;
+    let mut rules = String::new();
+    for v in [VIP_A, VIP_A6] {
+        let (fam, f) = if v.is_ipv4() { ("ip", 4) } else { ("ip6", 6) };
+        let _ = writeln!(
+            rules,
+            "add rule bridge {LOST_TABLE} pre ether daddr {mac} {fam} daddr {v} meta l4proto {{ tcp, udp }} counter name lost{f}"
+        );
+    }
+    lab.lan.nft(&rules)?;
+    lab.lan.ip(&["link", "set", &format!("n{n}"), "down"])?;
+    Ok(())
 }
 
 /// 4 or 6.
@@ -678,6 +726,9 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     checks.extend(scenario.extra_checks(&vips));
     checks.extend(super::accounts::summary_checks(&vips, &finished.summary));
     checks.extend(super::accounts::class_checks(&finished.events));
+    if scenario == Scenario::NodeLoss {
+        checks.extend(flood_checks(&vips, &finished.events));
+    }
     let old_owner = match scenario {
         Scenario::LateStart => Some(mac_of(&lab.nodes[0])?),
         _ => None,
@@ -706,7 +757,9 @@ impl Scenario {
     fn expected_cause(self) -> Option<&'static str> {
         match self {
             Scenario::Healthy => None,
-            Scenario::FailoverGarp | Scenario::LeaderFlap => Some("speaker-failover"),
+            Scenario::FailoverGarp | Scenario::LeaderFlap | Scenario::NodeLoss => {
+                Some("speaker-failover")
+            }
             Scenario::StaleArp | Scenario::LateStart => Some("stale-arp"),
             Scenario::EndpointChurn => Some("endpoint-churn"),
             Scenario::ConntrackSnat | Scenario::ConntrackFull => Some("conntrack"),
@@ -795,6 +848,34 @@ fn quiet_views(vips: &[VipOutcome], file: &std::path::Path) -> Result<Vec<Check>
         ));
     }
     Ok(checks)
+}
+
+/// node-loss: every frame lost to n0 was flooded to each other host on the LAN but its
+/// sender, and dropped there as another host's (OTHERHOST): lbtrace records each copy as local
+/// noise, never as loss. This is the measurement behind that row of classes.tsv.
+fn flood_checks(vips: &[VipOutcome], events: &[Value]) -> Vec<Check> {
+    let bystanders = (super::topology::CLIENTS + super::topology::NODES - 2) as u64;
+    vips.iter()
+        .filter(|v| v.role == Role::Unseen)
+        .map(|v| {
+            let vip = v.vip.to_string();
+            let copies = |class: &str| {
+                events
+                    .iter()
+                    .filter(|e| e["kind"] == "drop" && e["vip"] == vip.as_str())
+                    .filter(|e| e["reason"] == "OTHERHOST" && e["class"] == class)
+                    .count() as u64
+            };
+            let (noise, loss) = (copies("local-noise"), copies("loss"));
+            Check::new(
+                noise == v.kernel * bystanders && loss == 0,
+                format!(
+                    "{vip}: OTHERHOST copies {noise} local noise ({loss} loss) = kernel {} × {bystanders} bystanders",
+                    v.kernel
+                ),
+            )
+        })
+        .collect()
 }
 
 /// The MAC of a host's LAN interface.
