@@ -82,3 +82,21 @@ pub fn raw_ipv4(dst: std::net::Ipv4Addr, proto: u8, n: u32) -> Result<u32> {
     unsafe { libc::close(fd) };
     Ok(sent)
 }
+
+/// Opens `n` TCP connections to an echo server at `addr`, one after the other: each sends one
+/// byte, half-closes and reads the echo to the end (as the lab's generator does). Returns the
+/// number echoed.
+pub fn tcp_echo(addr: SocketAddr, n: u32) -> Result<u32> {
+    use std::io::{Read, Write};
+    let mut echoed = 0;
+    for _ in 0..n {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"x")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        echoed += u32::from(got == b"x");
+    }
+    Ok(echoed)
+}
