@@ -99,9 +99,23 @@ fn from_neighbours(views: &[NsView], vip: IpAddr) -> Option<Mac> {
     macs.all(|m| m == first).then_some(first)
 }
 
+/// Split brains said so far: per VIP, the MACs it was configured on. One entry per watched
+/// VIP at most, removed when the VIP is held once again (a recurrence is said again).
+#[derive(Debug, Default)]
+pub struct SplitBrains(BTreeMap<IpAddr, Vec<Mac>>);
+
+/// How often the configured addresses are read again for split brains after the start.
+pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Records what `views` say about the VIPs: discoveries, first owners, and a split brain for a
 /// VIP configured on two hosts at once (as a speaker that died leaves it behind).
-pub fn learn(views: &[NsView], own: &mut Ownership, vips: &mut VipSet, now: Time) -> Vec<Record> {
+pub fn learn(
+    views: &[NsView],
+    own: &mut Ownership,
+    vips: &mut VipSet,
+    seen: &mut SplitBrains,
+    now: Time,
+) -> Vec<Record> {
     let mut out = Vec::new();
     let held = configured(views, vips, own.discovers_vips());
     for (vip, holders) in &held {
@@ -113,29 +127,8 @@ pub fn learn(views: &[NsView], own: &mut Ownership, vips: &mut VipSet, now: Time
             now,
             OwnerSource::Configured,
         ));
-        let mut macs: Vec<Mac> = holders.iter().map(|h| h.mac).collect();
-        macs.sort();
-        macs.dedup();
-        if macs.len() > 1 {
-            let at: Vec<String> = holders
-                .iter()
-                .map(|h| format!("{} (netns {})", h.mac, h.netns))
-                .collect();
-            out.push(own.found(FindingRec {
-                node: None,
-                time: Some(now),
-                finding: FindingKind::SplitBrain,
-                vip: *vip,
-                changes: 0,
-                detail: format!(
-                    "{vip} is configured on {} hosts at once: {}",
-                    macs.len(),
-                    at.join(", ")
-                ),
-                macs,
-            }));
-        }
     }
+    out.extend(split_brains(&held, own, seen, now));
     for vip in vips.addrs().to_vec() {
         if held.contains_key(&vip) || vip_is_range(vips, vip) {
             continue;
@@ -148,6 +141,57 @@ pub fn learn(views: &[NsView], own: &mut Ownership, vips: &mut VipSet, now: Time
             };
             out.extend(own.claim(vip, owner, false, now, OwnerSource::Neighbour));
         }
+    }
+    out
+}
+
+/// A periodic re-read: only split brains that are new since the last time they were said.
+/// Owners are not claimed again (announcements and drops tell moves better than a poll does).
+pub fn rescan(
+    views: &[NsView],
+    own: &mut Ownership,
+    vips: &VipSet,
+    seen: &mut SplitBrains,
+    now: Time,
+) -> Vec<Record> {
+    split_brains(&configured(views, vips, false), own, seen, now)
+}
+
+/// A finding per VIP configured on two or more MACs, unless the same set was said already.
+fn split_brains(
+    held: &BTreeMap<IpAddr, Vec<Owner>>,
+    own: &mut Ownership,
+    seen: &mut SplitBrains,
+    now: Time,
+) -> Vec<Record> {
+    seen.0
+        .retain(|vip, _| held.get(vip).is_some_and(|h| h.len() > 1));
+    let mut out = Vec::new();
+    for (vip, holders) in held {
+        let mut macs: Vec<Mac> = holders.iter().map(|h| h.mac).collect();
+        macs.sort();
+        macs.dedup();
+        if macs.len() < 2 || seen.0.get(vip) == Some(&macs) {
+            continue;
+        }
+        seen.0.insert(*vip, macs.clone());
+        let at: Vec<String> = holders
+            .iter()
+            .map(|h| format!("{} (netns {})", h.mac, h.netns))
+            .collect();
+        out.push(own.found(FindingRec {
+            node: None,
+            time: Some(now),
+            finding: FindingKind::SplitBrain,
+            vip: *vip,
+            changes: 0,
+            detail: format!(
+                "{vip} is configured on {} hosts at once: {}",
+                macs.len(),
+                at.join(", ")
+            ),
+            macs,
+        }));
     }
     out
 }
@@ -202,12 +246,24 @@ mod tests {
         let mut vips = VipSet::new(vec![vip.parse().unwrap()]);
         let mut own = Ownership::new(OwnershipConfig::default(), false);
         let views = [node(1, 0xa, &[vip]), node(2, 0xb, &[])];
-        let recs = learn(&views, &mut own, &mut vips, Time::from_secs_f64(1.0));
+        let recs = learn(
+            &views,
+            &mut own,
+            &mut vips,
+            &mut SplitBrains::default(),
+            Time::from_secs_f64(1.0),
+        );
         assert_eq!(kinds(&recs), [format!("owner {vip} 02:00:00:00:00:0a")]);
 
         let mut own = Ownership::new(OwnershipConfig::default(), false);
         let views = [node(1, 0xa, &[vip]), node(2, 0xb, &[vip])];
-        let recs = learn(&views, &mut own, &mut vips, Time::from_secs_f64(1.0));
+        let recs = learn(
+            &views,
+            &mut own,
+            &mut vips,
+            &mut SplitBrains::default(),
+            Time::from_secs_f64(1.0),
+        );
         assert_eq!(
             kinds(&recs),
             [
@@ -218,11 +274,34 @@ mod tests {
     }
 
     #[test]
+    fn a_rescan_says_a_new_split_brain_once_and_a_recurrence_again() {
+        let vip = "10.200.0.100";
+        let vips = VipSet::new(vec![vip.parse().unwrap()]);
+        let mut own = Ownership::new(OwnershipConfig::default(), false);
+        let mut seen = SplitBrains::default();
+        let t = Time::from_secs_f64(1.0);
+        let once = [node(1, 0xa, &[vip]), node(2, 0xb, &[])];
+        let twice = [node(1, 0xa, &[vip]), node(2, 0xb, &[vip])];
+        assert!(rescan(&once, &mut own, &vips, &mut seen, t).is_empty());
+        let split = [format!("split-brain {vip}")];
+        assert_eq!(kinds(&rescan(&twice, &mut own, &vips, &mut seen, t)), split);
+        assert!(rescan(&twice, &mut own, &vips, &mut seen, t).is_empty());
+        assert!(rescan(&once, &mut own, &vips, &mut seen, t).is_empty());
+        assert_eq!(kinds(&rescan(&twice, &mut own, &vips, &mut seen, t)), split);
+    }
+
+    #[test]
     fn discovery_takes_l2_vips_not_pod_or_gateway_addresses() {
         let mut vips = VipSet::default();
         let mut own = Ownership::new(OwnershipConfig::default(), true);
         let views = [node(1, 0xa, &["10.200.0.100"])];
-        let recs = learn(&views, &mut own, &mut vips, Time::from_secs_f64(1.0));
+        let recs = learn(
+            &views,
+            &mut own,
+            &mut vips,
+            &mut SplitBrains::default(),
+            Time::from_secs_f64(1.0),
+        );
         assert_eq!(
             kinds(&recs),
             [
@@ -244,7 +323,13 @@ mod tests {
             state: 2,
             ifindex: 2,
         });
-        let recs = learn(&[client], &mut own, &mut vips, Time::from_secs_f64(1.0));
+        let recs = learn(
+            &[client],
+            &mut own,
+            &mut vips,
+            &mut SplitBrains::default(),
+            Time::from_secs_f64(1.0),
+        );
         let Record::VipOwner(o) = &recs[0] else {
             panic!("{recs:?}")
         };

@@ -131,6 +131,9 @@ pub struct Pipeline<'s> {
     nat: Option<(NatOccupancy, Instant)>,
     /// A stream's reader went away: keep counting, stop streaming.
     closed: bool,
+    /// Set by [`Pipeline::learn_holders`]: the namespace filter of the periodic re-scan.
+    holders_scope: Option<Vec<u32>>,
+    split_brains: holders::SplitBrains,
 }
 
 pub fn unix_now() -> u64 {
@@ -156,6 +159,8 @@ impl<'s> Pipeline<'s> {
             vips_changed: true,
             nat: None,
             closed: false,
+            holders_scope: None,
+            split_brains: holders::SplitBrains::default(),
         }
     }
 
@@ -194,9 +199,39 @@ impl<'s> Pipeline<'s> {
     /// addresses, neighbour tables; only namespace `only` when given), and streams what that
     /// says.
     pub fn learn_holders(&mut self, only: &[u32]) {
+        self.holders_scope = Some(only.to_vec());
         let views = holders::scan(only);
         let now = crate::event::values::Time::now();
-        for mut r in holders::learn(&views, &mut self.ownership, &mut self.vips, now) {
+        let recs = holders::learn(
+            &views,
+            &mut self.ownership,
+            &mut self.vips,
+            &mut self.split_brains,
+            now,
+        );
+        self.emit_learned(recs);
+    }
+
+    /// Reads the configured addresses again (every [`holders::RESCAN_INTERVAL`]): a speaker
+    /// that dies later leaves its VIP behind too.
+    fn rescan_holders(&mut self) {
+        let Some(only) = &self.holders_scope else {
+            return;
+        };
+        let views = holders::scan(only);
+        let now = crate::event::values::Time::now();
+        let recs = holders::rescan(
+            &views,
+            &mut self.ownership,
+            &self.vips,
+            &mut self.split_brains,
+            now,
+        );
+        self.emit_learned(recs);
+    }
+
+    fn emit_learned(&mut self, recs: Vec<Record>) {
+        for mut r in recs {
             if let Some(node) = &self.node {
                 r.set_node(node);
             }
@@ -358,6 +393,9 @@ impl<'s> Pipeline<'s> {
         let mut table_tick = tokio::time::interval(TABLE_INTERVAL);
         table_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        let first = tokio::time::Instant::now() + holders::RESCAN_INTERVAL;
+        let mut rescan = tokio::time::interval_at(first, holders::RESCAN_INTERVAL);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let wants_housekeeping = self.sinks.iter().any(|s| s.wants_all());
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -381,6 +419,7 @@ impl<'s> Pipeline<'s> {
                 }
                 _ = tick.tick() => self.drain(afd.get_mut()),
                 _ = table_tick.tick() => self.tables.poll(),
+                _ = rescan.tick() => self.rescan_holders(),
                 _ = housekeeping.tick(), if wants_housekeeping => self.housekeeping(tracer),
                 Some(_) = async { sighup.as_mut()?.recv().await }, if sighup.is_some() => {
                     self.reload();
