@@ -7,9 +7,12 @@ pub mod accounts;
 pub mod backend;
 pub mod cluster;
 pub mod generator;
+mod inject;
+pub mod run;
 pub mod scenarios;
 pub mod speaker;
 pub mod topology;
+mod verdict;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -1,4 +1,5 @@
-//! The failure scenarios: each builds a lab, breaks one service (VIP A, IPv4 and IPv6) while a
+//! The failure scenarios (what each one is, does and counts; a run is in run.rs, its verdict in
+//! verdict.rs): each builds a lab, breaks one service (VIP A, IPv4 and IPv6) while a
 //! control VIP (both families) on another node stays healthy, drives traffic at both, runs `lbtrace watch --json --vip …`, and
 //! sets three accounts side by side per VIP:
 //!
@@ -10,28 +11,24 @@
 //! [`Outcome::checks`] says whether they agree within what the scenario allows.
 
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
-use serde_json::Value;
+use anyhow::{bail, Result};
 
 pub use super::accounts::{Check, Role, VipOutcome};
+pub use super::run::{run, Options, Outcome};
 use super::{
-    accounts::{accounting_checks, finding_checks, vip_outcome},
-    cluster,
     generator::{self, Load},
-    interrupted,
+    inject::{every, family, lose_node, rst_counters, snat_counters, take_out},
+    run::Clock,
     topology::{
         node_ip4, node_ip6, pod_net4, pod_net6, snmp, snmp6, ConntrackMax, Counter, Lab, Pod,
         Policy, Service, TABLE, VIP_A, VIP_A6, VIP_B, VIP_B6, VIP_CTL, VIP_CTL6,
     },
 };
-use crate::{lbtrace::Watch, traffic};
+use crate::traffic;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -59,12 +56,12 @@ const OVERLAY_MTU: u32 = 1450;
 /// When n1p0 first stops listening (endpoint-churn).
 const CHURN_FIRST: f64 = 3.03;
 /// late-start: when lbtrace starts (the client resolved the VIPs at 0 s), and when A moves.
-const LATE_WATCH: f64 = 2.0;
+pub(super) const LATE_WATCH: f64 = 2.0;
 const LATE_MOVE: f64 = 4.0;
 /// late-start: the nft table that takes n0 out and counts what still reaches it.
-const OUT_TABLE: &str = "lbtest-out";
+pub(super) const OUT_TABLE: &str = "lbtest-out";
 /// node-loss: the bridge's table that counts frames still sent to the lost node's MAC.
-const LOST_TABLE: &str = "lbtest-lost";
+pub(super) const LOST_TABLE: &str = "lbtest-lost";
 /// node-loss: when n0's link goes down (the speaker moves A `FAILOVER_GAP` later).
 const NODE_LOSS: f64 = 3.0;
 
@@ -228,7 +225,7 @@ impl Scenario {
 
     /// The VIPs traffic goes to, with their roles: every failure is injected over IPv4 and
     /// IPv6 alike, and each family is accounted for on its own.
-    fn targets(self) -> Vec<(IpAddr, Role)> {
+    pub(super) fn targets(self) -> Vec<(IpAddr, Role)> {
         let a = match self {
             Scenario::Healthy => Role::Control,
             Scenario::NodeLoss => Role::Unseen,
@@ -242,7 +239,7 @@ impl Scenario {
         t
     }
 
-    fn load(self) -> Load {
+    pub(super) fn load(self) -> Load {
         match self {
             // Every other UDP request is a full 1500-byte packet with DF (as QUIC sends them).
             // TCP stays small: a segment dropped for size makes the client's kernel learn the
@@ -256,7 +253,7 @@ impl Scenario {
     }
 
     /// Changes made before traffic starts; what is returned is held until the run ends.
-    fn prepare(self, lab: &mut Lab) -> Result<Option<ConntrackMax>> {
+    pub(super) fn prepare(self, lab: &mut Lab) -> Result<Option<ConntrackMax>> {
         match self {
             Scenario::StaleArp => lab.set_client_reachable_ms(2000)?,
             Scenario::LateStart => {
@@ -292,7 +289,7 @@ impl Scenario {
     }
 
     /// What happens during the run, at times from the traffic's start.
-    fn script(self, lab: &mut Lab, clock: &Clock, duration: Duration) -> Result<()> {
+    pub(super) fn script(self, lab: &mut Lab, clock: &Clock, duration: Duration) -> Result<()> {
         let (n0p0, n0p1, n1p0) = (Pod::new(0, 0), Pod::new(0, 1), Pod::new(1, 0));
         match self {
             Scenario::Healthy => {}
@@ -408,7 +405,7 @@ impl Scenario {
     }
 
     /// The kernel's count of packets dropped for `vip` so far (see [`Scenario::kernel_counter`]).
-    fn kernel(self, lab: &Lab, vip: IpAddr, role: Role) -> Result<u64> {
+    pub(super) fn kernel(self, lab: &Lab, vip: IpAddr, role: Role) -> Result<u64> {
         let svc = lab.service_of(vip)?;
         let owner = svc.owner.unwrap_or(0);
         if role == Role::Hidden {
@@ -488,7 +485,7 @@ impl Scenario {
     }
 
     /// Checks beyond the three accounts agreeing.
-    fn extra_checks(self, vips: &[VipOutcome]) -> Vec<Check> {
+    pub(super) fn extra_checks(self, vips: &[VipOutcome]) -> Vec<Check> {
         let Some((lo, hi, why)) = self.loss_span() else {
             return Vec::new();
         };
@@ -506,496 +503,6 @@ impl Scenario {
                 )
             })
             .collect()
-    }
-}
-
-/// Takes node `n` out for `vips` as a node being shut down is: no forwarding, and kube-proxy
-/// no longer handles them (their packets skip conntrack, so no DNAT): packets still sent there
-/// are dropped as not the node's address (IP_INADDRERRORS), as kernel-notes.md measured. Their
-/// TCP and UDP packets are counted first (`out4`, `out6` of [`OUT_TABLE`], made in `prepare`).
-fn take_out(lab: &mut Lab, n: usize, vips: &[IpAddr]) -> Result<()> {
-    let mut rules = String::new();
-    for v in vips {
-        let (fam, f) = if v.is_ipv4() { ("ip", 4) } else { ("ip6", 6) };
-        let _ = writeln!(
-            rules,
-            "add rule inet {OUT_TABLE} raw {fam} daddr {v} meta l4proto {{ tcp, udp }} counter name out{f}\nadd rule inet {OUT_TABLE} raw {fam} daddr {v} notrack"
-        );
-        if f == 6 {
-            let _ = writeln!(
-                rules,
-                "add rule inet {OUT_TABLE} raw ip6 daddr {v} icmpv6 type nd-neighbor-solicit counter name probes6"
-            );
-        }
-    }
-    lab.nodes[n].nft(&rules)?;
-    lab.nodes[n].sysctl("net.ipv4.ip_forward", "0")?;
-    lab.nodes[n].sysctl("net.ipv6.conf.all.forwarding", "0")
-}
-
-/// Node `n` is lost: its bridge port goes down, as when a node dies or its cable is pulled.
-/// The bridge forgets its MAC and floods frames still sent there to every other host; from
-/// now on those frames (A's TCP/UDP, per family) are counted on the way in.
-fn lose_node(lab: &mut Lab, n: usize) -> Result<()> {
-    let mac = mac_of(&lab.nodes[n])?;
-    let mut rules = String::new();
-    for v in [VIP_A, VIP_A6] {
-        let (fam, f) = if v.is_ipv4() { ("ip", 4) } else { ("ip6", 6) };
-        let _ = writeln!(
-            rules,
-            "add rule bridge {LOST_TABLE} pre ether daddr {mac} {fam} daddr {v} meta l4proto {{ tcp, udp }} counter name lost{f}"
-        );
-    }
-    lab.lan.nft(&rules)?;
-    lab.lan.ip(&["link", "set", &format!("n{n}"), "down"])?;
-    Ok(())
-}
-
-/// 4 or 6.
-fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        4
-    } else {
-        6
-    }
-}
-
-/// A pod's RSTs sent, per family (endpoint-churn).
-fn rst_counters() -> String {
-    "table inet lbtest {\n counter rst4 { }\n counter rst6 { }\n chain out {\n  type filter hook output priority 0; policy accept;\n  meta nfproto ipv4 tcp flags & rst == rst counter name rst4\n  meta nfproto ipv6 tcp flags & rst == rst counter name rst6\n }\n}".to_owned()
-}
-
-/// Per family, what n0 passes towards node `n`'s pods after NAT (before conntrack confirms it)
-/// and what reaches node `n` (conntrack-snat): the difference is what confirm dropped.
-fn snat_counters(n: usize) -> (String, String) {
-    let (p4, p6) = (pod_net4(n), pod_net6(n));
-    let table = |chain: &str, hook: &str, prio: i32, what: &str| {
-        format!(
-            "table inet {TABLE} {{\n counter {what}4 {{ }}\n counter {what}6 {{ }}\n chain {chain} {{\n  type filter hook {hook} priority {prio}; policy accept;\n  ip daddr {p4} counter name {what}4\n  ip6 daddr {p6} counter name {what}6\n }}\n}}"
-        )
-    };
-    (
-        table("ct-left", "postrouting", 150, "ctleft"),
-        table("ct-arrived", "prerouting", -350, "ctarrived"),
-    )
-}
-
-/// Times `first`, `first + period`, … of a periodic change, stopping 2 s before the end of the
-/// run so that the last change's effect is seen.
-fn every(first: f64, period: f64, duration: Duration) -> impl Iterator<Item = f64> {
-    let last = duration.as_secs_f64() - 2.0;
-    (0..)
-        .map(move |i| first + period * f64::from(i))
-        .take_while(move |t| *t <= last)
-}
-
-/// Scenario time: seconds from the traffic's start, and what happened when.
-struct Clock {
-    t0: Instant,
-    log: std::sync::Mutex<Vec<(Duration, String)>>,
-}
-
-impl Clock {
-    fn start() -> Self {
-        Self {
-            t0: Instant::now(),
-            log: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Sleeps until `secs` after the start; fails when the run is interrupted.
-    fn at(&self, secs: f64) -> Result<()> {
-        let due = self.t0 + Duration::from_secs_f64(secs);
-        while Instant::now() < due {
-            ensure!(!interrupted(), "interrupted");
-            std::thread::sleep(
-                due.saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(100)),
-            );
-        }
-        Ok(())
-    }
-
-    fn log(&self, what: &str) {
-        if let Ok(mut l) = self.log.lock() {
-            l.push((self.t0.elapsed(), what.to_owned()));
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// Namespaces are `{prefix}-…`.
-    pub prefix: String,
-    /// Instead of the scenario's own.
-    pub duration: Option<Duration>,
-    /// Also run one agent per node, scraped by Prometheus ([`cluster`]).
-    pub cluster: bool,
-}
-
-#[derive(Clone, Debug)]
-pub struct Outcome {
-    pub scenario: Scenario,
-    pub duration: Duration,
-    pub log: Vec<(Duration, String)>,
-    pub vips: Vec<VipOutcome>,
-    /// The summary's `events_lost`; `None` when it is missing (a failed check).
-    pub lbtrace_lost: Option<u64>,
-    pub checks: Vec<Check>,
-    /// The host-wide `watch --json --vip …` stream (a recording).
-    pub stream: String,
-    /// With [`Options::cluster`]: the per-node agents' series and event files.
-    pub cluster: Option<Arc<cluster::Finished>>,
-}
-
-/// Builds the scenario's lab, runs it with lbtrace watching and tears everything down.
-pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
-    let duration = opts.duration.unwrap_or(scenario.default_duration());
-    let targets = scenario.targets();
-    let mut lab = Lab::up(&opts.prefix, scenario.services())?;
-    let _limits = scenario.prepare(&mut lab)?;
-    // Every drop, benign ones too: the lab classes them itself and checks lbtrace's class.
-    let mut args = vec!["--json".to_owned(), "--all-drops".to_owned()];
-    for (vip, _) in &targets {
-        args.push("--vip".to_owned());
-        args.push(vip.to_string());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let vip_list: Vec<IpAddr> = targets.iter().map(|t| t.0).collect();
-    let agents = if opts.cluster {
-        Some(cluster::Cluster::start(&lab, &vip_list)?)
-    } else {
-        None
-    };
-    let kernel = |lab: &Lab| -> Result<Vec<u64>> {
-        targets
-            .iter()
-            .map(|&(vip, role)| scenario.kernel(lab, vip, role))
-            .collect()
-    };
-    let late = scenario == Scenario::LateStart;
-    let mut watch = None;
-    if !late {
-        watch = Some(Watch::start(&args)?);
-    }
-    let mut before = kernel(&lab)?;
-    let vips: Vec<IpAddr> = targets.iter().map(|t| t.0).collect();
-    let gen = generator::start(
-        &lab.clients[0],
-        &vips,
-        Load {
-            duration,
-            ..scenario.load()
-        },
-    )?;
-    let clock = Clock::start();
-    if late {
-        // The client resolves the VIPs with its first requests, before lbtrace runs.
-        clock.at(LATE_WATCH)?;
-        watch = Some(Watch::start(&args)?);
-        before = kernel(&lab)?;
-        clock.log("lbtrace started");
-    }
-    let watch = watch.context("lbtrace was not started")?;
-    let scripted = scenario.script(&mut lab, &clock, duration);
-    // Always wait for the traffic: it stops by itself (or on interrupt).
-    let report = gen.join();
-    scripted?;
-    let report = report?;
-    // lbtrace got the same Ctrl-C and stopped early: its counts would not compare.
-    ensure!(!interrupted(), "interrupted");
-    // The last answers and drops are processed within microseconds; be generous.
-    std::thread::sleep(Duration::from_millis(300));
-    let after = kernel(&lab)?;
-    let finished = watch.stop()?;
-    let cluster = agents.map(cluster::Cluster::finish).transpose()?;
-    ensure!(
-        finished.status.success(),
-        "lbtrace failed: {}",
-        finished.stderr
-    );
-    let vips: Vec<VipOutcome> = targets
-        .iter()
-        .zip(before.iter().zip(&after))
-        .map(|(&(vip, role), (b, a))| {
-            vip_outcome(vip, role, &report, a.saturating_sub(*b), &finished.events)
-        })
-        .collect();
-    let lbtrace_lost = finished.summary["events_lost"].as_u64();
-    let mut checks = accounting_checks(&vips, lbtrace_lost);
-    checks.extend(scenario.extra_checks(&vips));
-    checks.extend(super::accounts::summary_checks(&vips, &finished.summary));
-    checks.extend(super::accounts::class_checks(&finished.events));
-    if scenario == Scenario::NodeLoss {
-        checks.extend(flood_checks(&vips, &finished.events));
-    }
-    let old_owner = match scenario {
-        Scenario::LateStart => Some(mac_of(&lab.nodes[0])?),
-        _ => None,
-    };
-    checks.extend(diagnosis_checks(
-        scenario,
-        &vips,
-        &finished.stdout,
-        old_owner,
-    )?);
-    let log = clock.log.into_inner().unwrap_or_default();
-    Ok(Outcome {
-        scenario,
-        duration,
-        log,
-        vips,
-        lbtrace_lost,
-        checks,
-        stream: finished.stdout,
-        cluster: cluster.map(Arc::new),
-    })
-}
-
-impl Scenario {
-    /// The cause the diagnosis must name first for the affected VIPs.
-    fn expected_cause(self) -> Option<&'static str> {
-        match self {
-            Scenario::Healthy => None,
-            Scenario::FailoverGarp | Scenario::LeaderFlap | Scenario::NodeLoss => {
-                Some("speaker-failover")
-            }
-            Scenario::StaleArp | Scenario::LateStart => Some("stale-arp"),
-            Scenario::EndpointChurn => Some("endpoint-churn"),
-            Scenario::ConntrackSnat | Scenario::ConntrackFull => Some("conntrack"),
-            Scenario::MtuMismatch => Some("mtu-mismatch"),
-            Scenario::PolicyRace => Some("policy-race"),
-        }
-    }
-}
-
-/// Runs `lbtrace diagnose` on what `watch --json` recorded, checked by [`finding_checks`].
-fn diagnosis_checks(
-    scenario: Scenario,
-    vips: &[VipOutcome],
-    stream: &str,
-    old_owner: Option<String>,
-) -> Result<Vec<Check>> {
-    let file = std::env::temp_dir().join(format!("{}.ndjson", crate::unique("lbtdiag")));
-    std::fs::write(&file, stream)?;
-    let mut args = vec![
-        "diagnose".to_owned(),
-        file.display().to_string(),
-        "--json".to_owned(),
-    ];
-    for v in vips {
-        args.push("--vip".to_owned());
-        args.push(v.vip.to_string());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = crate::lbtrace::run(&args);
-    if out.is_err() {
-        let _ = std::fs::remove_file(&file);
-    }
-    let out = out?;
-    ensure!(
-        out.status.success(),
-        "lbtrace diagnose failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let by_vip: BTreeMap<String, Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|d| (d["vip"].as_str().unwrap_or("").to_owned(), d))
-        .collect();
-    let mut checks = finding_checks(scenario.expected_cause(), vips, &by_vip);
-    if let Some(mac) = old_owner {
-        checks.extend(super::accounts::client_window_checks(vips, &by_vip, &mac));
-    }
-    let views = quiet_views(vips, &file);
-    let _ = std::fs::remove_file(&file);
-    checks.extend(views?);
-    Ok(checks)
-}
-
-/// Every control VIP shows no drop in `lbtrace timeline` and no bar in its chart of `lbtrace
-/// report`, both from the recording. (A hidden VIP may: stale-arp's B has a few ICMP packets
-/// dropped by netfilter, not its service's traffic, counted as the lab's "other".)
-fn quiet_views(vips: &[VipOutcome], file: &std::path::Path) -> Result<Vec<Check>> {
-    let html = file.with_extension("html");
-    let out = crate::lbtrace::run(&[
-        "report",
-        &file.display().to_string(),
-        "-o",
-        &html.display().to_string(),
-    ])?;
-    ensure!(out.status.success(), "lbtrace report failed");
-    let page = std::fs::read_to_string(&html);
-    let _ = std::fs::remove_file(&html);
-    let page = page?;
-    let mut checks = Vec::new();
-    for v in vips.iter().filter(|v| v.role == Role::Control) {
-        let vip = v.vip.to_string();
-        let out = crate::lbtrace::run(&["timeline", "--vip", &vip, &file.display().to_string()])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let drops = text.lines().filter(|l| l.contains(" drops ")).count();
-        let section = page
-            .split("<section class=\"vip\"")
-            .find(|s| s.contains(&format!("data-vip=\"{vip}\"")))
-            .unwrap_or("");
-        let bars = section.matches("class=\"bar\"").count();
-        checks.push(Check::new(
-            out.status.success() && drops == 0 && bars == 0 && !section.is_empty(),
-            format!(
-                "{vip} ({}): timeline lines with drops {drops}, report bars {bars}: both 0",
-                v.role.name()
-            ),
-        ));
-    }
-    Ok(checks)
-}
-
-/// node-loss: every frame lost to n0 was flooded to each other host on the LAN but its
-/// sender, and dropped there as another host's (OTHERHOST): lbtrace records each copy as local
-/// noise, never as loss. This is the measurement behind that row of classes.tsv.
-fn flood_checks(vips: &[VipOutcome], events: &[Value]) -> Vec<Check> {
-    let bystanders = (super::topology::CLIENTS + super::topology::NODES - 2) as u64;
-    vips.iter()
-        .filter(|v| v.role == Role::Unseen)
-        .map(|v| {
-            let vip = v.vip.to_string();
-            let copies = |class: &str| {
-                events
-                    .iter()
-                    .filter(|e| e["kind"] == "drop" && e["vip"] == vip.as_str())
-                    .filter(|e| e["reason"] == "OTHERHOST" && e["class"] == class)
-                    .count() as u64
-            };
-            let (noise, loss) = (copies("local-noise"), copies("loss"));
-            Check::new(
-                noise == v.kernel * bystanders && loss == 0,
-                format!(
-                    "{vip}: OTHERHOST copies {noise} local noise ({loss} loss) = kernel {} × {bystanders} bystanders",
-                    v.kernel
-                ),
-            )
-        })
-        .collect()
-}
-
-/// The MAC of a host's LAN interface.
-fn mac_of(ns: &crate::netns::Netns) -> Result<String> {
-    let out = ns.ip(&["-j", "link", "show", super::topology::UPLINK])?;
-    let links: Value = serde_json::from_slice(&out.stdout)?;
-    links[0]["address"]
-        .as_str()
-        .map(str::to_owned)
-        .context("no MAC in ip -j link")
-}
-
-impl Outcome {
-    pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
-    }
-
-    /// What happened when, then per second the client's ok/failed and lbtrace's drops per VIP,
-    /// then [`Outcome::summary`].
-    pub fn render(&self) -> String {
-        let mut o = String::new();
-        let s = self.scenario;
-        let _ = writeln!(o, "scenario {}: {}", s.name(), s.about());
-        for (t, what) in &self.log {
-            let _ = writeln!(o, "  {:>5.1}s  {what}", t.as_secs_f64());
-        }
-        let _ = write!(o, "\n  {:>4} ", "s");
-        for v in &self.vips {
-            let _ = write!(o, "│ {:<24}", format!("{} {}", v.vip, v.role.name()));
-        }
-        let _ = write!(o, "\n  {:>4} ", "");
-        for _ in &self.vips {
-            let _ = write!(
-                o,
-                "│ {:>5} {:>5} {:>5} {:>6} ",
-                "ok", "fail", "retx", "drops"
-            );
-        }
-        o.push('\n');
-        for i in 0..self.duration.as_secs() as usize {
-            let _ = write!(o, "  {i:>4} ");
-            for v in &self.vips {
-                let c = v.client_per_second.get(i).copied().unwrap_or_default();
-                let d = v.lbtrace_per_second.get(i).copied().unwrap_or(0);
-                let _ = write!(
-                    o,
-                    "│ {:>5} {:>5} {:>5} {:>6} ",
-                    c.ok, c.failed, c.retrans, d
-                );
-            }
-            o.push('\n');
-        }
-        o.push('\n');
-        o + &self.summary()
-    }
-
-    /// Per VIP: the client's totals, the kernel counter and lbtrace's drops by reason; then the
-    /// checks.
-    pub fn summary(&self) -> String {
-        let mut o = String::new();
-        let s = self.scenario;
-        let _ = writeln!(
-            o,
-            "  {:<20} {:<9} {:>8} {:>6} {:>6} {:>7} {:>5} │ {:>6} │ {:>7} {:>5} {:>5}  by reason",
-            "VIP",
-            "role",
-            "attempts",
-            "ok",
-            "failed",
-            "retrans",
-            "lost",
-            "kernel",
-            "lbtrace",
-            "noise",
-            "other"
-        );
-        for v in &self.vips {
-            let reasons: Vec<String> = v
-                .lbtrace_by_reason
-                .iter()
-                .map(|(r, n)| format!("{r} {n}"))
-                .collect();
-            let c = v.client;
-            let _ = writeln!(
-                o,
-                "  {:<20} {:<9} {:>8} {:>6} {:>6} {:>7} {:>5} │ {:>6} │ {:>7} {:>5} {:>5}  {}",
-                v.vip.to_string(),
-                v.role.name(),
-                c.attempts,
-                c.ok,
-                c.failed,
-                c.retrans,
-                c.lost(),
-                v.kernel,
-                v.lbtrace,
-                v.lbtrace_noise,
-                v.lbtrace_other.values().sum::<u64>(),
-                reasons.join(", ")
-            );
-        }
-        let _ = writeln!(o, "  kernel: {}", s.kernel_counter());
-        let _ = writeln!(
-            o,
-            "  noise: normal discards of the VIP's traffic, not loss: {}",
-            super::accounts::NOISE
-                .map(|(r, f)| format!("{r} at {f}"))
-                .join(", ")
-        );
-        let _ = writeln!(
-            o,
-            "  other: any other drop record of the VIP (ICMP, neighbour discovery): none allowed on a control VIP"
-        );
-        for v in self.vips.iter().filter(|v| !v.lbtrace_other.is_empty()) {
-            let _ = writeln!(o, "    {}: {:?}", v.vip, v.lbtrace_other);
-        }
-        let _ = writeln!(o, "  lbtrace needs: {}", s.needs());
-        for c in &self.checks {
-            let _ = writeln!(o, "  {} {}", if c.ok { "ok  " } else { "FAIL" }, c.what);
-        }
-        o
     }
 }
 
