@@ -299,6 +299,30 @@ fn two_nodes_announcing_at_once_are_one_split_brain_finding() {
     );
 }
 
+/// A speaker that dies after lbtrace started leaves its address behind too: the periodic
+/// re-read of configured addresses (every 10 s) says so once, with nobody announcing.
+#[test]
+fn a_vip_left_behind_after_the_start_is_split_brain_within_a_rescan() {
+    let l = l2();
+    l.a.ip(&["addr", "add", &format!("{VIP}/32"), "dev", &l.a_if])
+        .unwrap();
+    let w = watch_vip(VIP);
+    std::thread::sleep(Duration::from_millis(500));
+    l.b.ip(&["addr", "add", &format!("{VIP}/32"), "dev", &l.b_if])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(11));
+    let f = w.stop_ok();
+    let findings = f.summary["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 1, "{}", f.summary);
+    assert_eq!(findings[0]["finding"], "split-brain");
+    let macs = findings[0]["macs"].as_array().unwrap();
+    assert!(
+        macs.contains(&Value::from(l.a_mac.as_str()))
+            && macs.contains(&Value::from(l.b_mac.as_str())),
+        "{macs:?}"
+    );
+}
+
 #[test]
 fn ipv6_move_with_unsolicited_advertisement() {
     let l = l2();
