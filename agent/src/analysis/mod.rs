@@ -207,6 +207,7 @@ mod tests {
             new_netns: Some(new.1),
             ifname: None,
             source: None,
+            service: None,
         }))
     }
 

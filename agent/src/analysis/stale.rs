@@ -241,6 +241,7 @@ mod tests {
             new_netns: Some(new.1),
             ifname: None,
             source: None,
+            service: None,
         }))
     }
 

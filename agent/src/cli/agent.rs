@@ -60,6 +60,7 @@ struct Settings {
     sample_limit: u32,
     max_vips: u32,
     nat_entries: u32,
+    kube_proxy_interval: std::time::Duration,
 }
 
 /// Samples per key, CPU and second: enough for a recording to show every flow of an incident,
@@ -141,6 +142,7 @@ fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
             .nat_entries
             .or(f.nat_entries)
             .unwrap_or(DEFAULT_NAT_ENTRIES),
+        kube_proxy_interval: args.kube_proxy_interval,
     })
 }
 
@@ -206,6 +208,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     );
     p.sinks = sinks;
     p.node = Some(s.node.as_str().into());
+    p.kube = super::common::kube_proxy(s.kube_proxy_interval, s.discover_vips);
     p.reload = Some(reload(&args));
     p.learn_holders(&s.netns);
     let health = http::Health {

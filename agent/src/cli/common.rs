@@ -23,6 +23,7 @@ use lbtrace::{
     pipeline::{
         attribution::VipSet,
         ownership::{Ownership, OwnershipConfig},
+        services::KubeProxy,
         Pipeline, Selection, Sink, Stop,
     },
     probes::{probe_name, release_freed_memory, KernelFilter, LoadOptions, Prepared, Tracer},
@@ -133,6 +134,16 @@ pub(crate) fn log_probes(tracer: &Tracer) {
     }
 }
 
+/// The kube-proxy rules reader, unless turned off (interval 0) or it cannot start.
+pub(crate) fn kube_proxy(interval: std::time::Duration, discover: bool) -> Option<KubeProxy> {
+    if interval.is_zero() {
+        return None;
+    }
+    KubeProxy::start(interval, discover)
+        .inspect_err(|e| tracing::warn!("kube-proxy's rules are not read: {e}"))
+        .ok()
+}
+
 /// Whether the terminal stream is coloured.
 pub(crate) fn colour(args: &WatchArgs) -> bool {
     match args.color {
@@ -200,6 +211,7 @@ pub(crate) fn trace(
         Some(n) => Some(n.as_str().into()),
         None => recording.then(|| default_node().into()),
     };
+    p.kube = kube_proxy(args.kube_proxy_interval, args.discover_vips);
     if let Some(h) = header {
         p.announce(&h);
         p.announce(&Record::Status(Status {

@@ -141,14 +141,19 @@ pub struct WatchArgs {
     /// Do not record ARP, IPv6 neighbour discovery or neighbour-cache updates.
     #[arg(long)]
     pub(crate) no_arp: bool,
-    /// Learn VIPs from announcements (gratuitous ARP/NA, ARP replies) and from the addresses
-    /// configured in the namespaces lbtrace can enter.
+    /// Learn VIPs from announcements (gratuitous ARP/NA, ARP replies), from the addresses
+    /// configured in the namespaces lbtrace can enter and from the LoadBalancer IPs in
+    /// kube-proxy's rules.
     #[arg(long)]
     pub(crate) discover_vips: bool,
     /// Also show drops that are not loss: packets the kernel freed after they did their job,
     /// socket teardown, the host's own noise (each record's `class` says which).
     #[arg(long)]
     pub(crate) all_drops: bool,
+    /// How often kube-proxy's rules are read again for Service names and endpoint changes
+    /// (0: not at all).
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
+    pub(crate) kube_proxy_interval: Duration,
     /// Which hooks to use: tp_btf first (auto), or only one kind (btf, tracepoint).
     #[arg(long, default_value_t = ProbeMode::Auto, value_parser = probe_modes())]
     pub(crate) probe_mode: ProbeMode,
@@ -212,7 +217,7 @@ pub struct AgentArgs {
     /// Do not record ARP, neighbour discovery or neighbour updates.
     #[arg(long, env = "LBTRACE_NO_ARP")]
     pub(crate) no_arp: bool,
-    /// Learn VIPs from gratuitous announcements.
+    /// Learn VIPs from gratuitous announcements and kube-proxy's rules.
     #[arg(long, env = "LBTRACE_DISCOVER_VIPS")]
     pub(crate) discover_vips: bool,
     /// Also see ARP/NDP on receive: hooks every received packet (about 45 ns each here).
@@ -233,6 +238,17 @@ pub struct AgentArgs {
     /// at 50k new connections/s]. Evictions are counted.
     #[arg(long, env = "LBTRACE_NAT_ENTRIES", value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub(crate) nat_entries: Option<u32>,
+    /// How often kube-proxy's rules are read again (0: not at all).
+    #[arg(long, env = "LBTRACE_KUBE_PROXY_INTERVAL", value_name = "SECS", default_value = "1", value_parser = parse_interval)]
+    pub(crate) kube_proxy_interval: Duration,
+}
+
+/// Seconds, fractions allowed; 0 is allowed (off).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("`{s}` is not a number of seconds from 0 to 3600")),
+    }
 }
 
 fn parse_netns(s: &str) -> Result<u32, String> {

@@ -174,6 +174,8 @@ impl Namer {
             dst_mac: d.eth.map(|(_, d)| d),
             sampled: d.sampled,
             class: None,
+            service: None,
+            endpoint: None,
         }
         .classified()
     }
@@ -196,6 +198,7 @@ impl Namer {
             ifindex: a.ifindex,
             netns: a.netns,
             vip: None,
+            service: None,
         }
     }
 
@@ -212,6 +215,7 @@ impl Namer {
             ifindex: n.ifindex,
             netns: n.netns,
             vip: None,
+            service: None,
         }
     }
 }

@@ -6,7 +6,10 @@
 //! defaults and unknown kinds read as [`Record::Unknown`]. A line whose fields have the wrong
 //! type does not read at all and is counted by the reader.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +56,8 @@ pub enum Record {
     Neigh(NeighRec),
     VipOwner(Box<VipOwnerRec>),
     VipDiscovered(VipDiscoveredRec),
+    /// A change of a Service's endpoints in kube-proxy's rules.
+    Endpoint(Box<EndpointRec>),
     Finding(FindingRec),
     Summary(Box<crate::output::summary::Summary>),
     /// A kind from another version of lbtrace: read, and passed over.
@@ -69,6 +74,7 @@ impl Record {
             Self::Neigh(n) => n.vip,
             Self::VipOwner(o) => Some(o.vip),
             Self::VipDiscovered(d) => Some(d.vip),
+            Self::Endpoint(e) => e.vips.first().copied(),
             Self::Finding(f) => Some(f.vip),
             Self::Header(_) | Self::Status(_) | Self::Summary(_) | Self::Unknown => None,
         }
@@ -80,6 +86,7 @@ impl Record {
             Self::Arp(a) => a.time,
             Self::Neigh(n) => n.time,
             Self::VipOwner(o) => o.time,
+            Self::Endpoint(e) => e.time,
             Self::Finding(f) => f.time,
             _ => None,
         }
@@ -101,6 +108,7 @@ impl Record {
             Self::Neigh(n) => &mut n.node,
             Self::VipOwner(o) => &mut o.node,
             Self::VipDiscovered(d) => &mut d.node,
+            Self::Endpoint(e) => &mut e.node,
             Self::Finding(f) => &mut f.node,
             _ => return,
         };
@@ -291,6 +299,18 @@ pub struct DropRec {
     /// counters and the summary, not in the number of records.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sampled: bool,
+    /// The Service port (`ns/name:port`) kube-proxy's rules give the flow's address and port;
+    /// `ns/name` when only the VIP is known and all its ports are one Service's.
+    pub service: Option<Name>,
+    /// The packet's destination is an endpoint in kube-proxy's rules: the drop is at a backend.
+    pub endpoint: Option<EndpointRef>,
+}
+
+/// A Service's backend, as kube-proxy's rules name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRef {
+    pub addr: SocketAddr,
+    pub service: Name,
 }
 
 impl DropRec {
@@ -432,6 +452,9 @@ pub struct ArpRec {
     pub ifindex: u32,
     pub netns: u32,
     pub vip: Option<IpAddr>,
+    /// The VIP's Service (`ns/name`, or `ns/name:port` when it has one port) from
+    /// kube-proxy's rules; null when several Services share the VIP.
+    pub service: Option<Name>,
 }
 
 impl ArpRec {
@@ -481,6 +504,8 @@ pub struct NeighRec {
     /// `None` when the hook could not tell (the classic tracepoint).
     pub netns: Option<u32>,
     pub vip: Option<IpAddr>,
+    /// As [`ArpRec::service`].
+    pub service: Option<Name>,
 }
 
 /// The MAC announcing a VIP changed (`old_mac` is null at the first sighting).
@@ -503,6 +528,9 @@ pub struct VipOwnerRec {
     /// How the new owner was learned (absent in older recordings: an announcement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<OwnerSource>,
+    /// As [`ArpRec::service`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Name>,
 }
 
 /// How lbtrace learned who holds a VIP.
@@ -517,7 +545,7 @@ pub enum OwnerSource {
     Neighbour,
 }
 
-/// A VIP learned from an announcement (`--discover-vips`).
+/// A VIP learned from an announcement or from kube-proxy's rules (`--discover-vips`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VipDiscoveredRec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -530,6 +558,58 @@ pub struct VipDiscoveredRec {
     pub ifname: Option<Name>,
     #[serde(default)]
     pub note: String,
+}
+
+/// What changed about a Service's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndpointChange {
+    /// `endpoint` joined the Service's endpoints (in any node's rules).
+    Added,
+    /// `endpoint` left them (no node's rules have it any more).
+    Removed,
+    /// The Service went into `state` on the node `netns`.
+    Entered,
+    /// The Service came out of `state` on the node `netns`.
+    Left,
+    /// The Service was in `state` on the node `netns` when lbtrace started (not a change).
+    Present,
+}
+
+impl EndpointChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "added",
+            Self::Removed => "removed",
+            Self::Entered => "entered",
+            Self::Left => "left",
+            Self::Present => "present",
+        }
+    }
+}
+
+/// A change of a Service's endpoints, as kube-proxy's rules on the node show it: the moment the
+/// data path changed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointRec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    #[serde(default)]
+    pub time: Option<Time>,
+    pub service: Name,
+    pub change: EndpointChange,
+    /// The endpoint added or removed.
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+    /// `no-endpoints` or `no-local-endpoints` (entered, left, present).
+    #[serde(default)]
+    pub state: Option<crate::kernel::kubeproxy::NoEndpoints>,
+    /// The namespace of the node whose rules changed (entered, left, present).
+    #[serde(default)]
+    pub netns: Option<u32>,
+    /// The Service's LoadBalancer (or external) IPs in the rules.
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
 }
 
 /// What ownership tracking finds on its own.

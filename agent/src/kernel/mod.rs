@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod conntrack;
 pub mod kallsyms;
+pub mod kubeproxy;
 pub mod netns;
 pub mod privileges;
 pub mod rtnl;

@@ -7,7 +7,9 @@ use std::{
 
 use crate::{
     event::{
-        record::{ArpRec, DropRec, FindingRec, NeighRec, VipDiscoveredRec, VipOwnerRec},
+        record::{
+            ArpRec, DropRec, EndpointRec, FindingRec, NeighRec, VipDiscoveredRec, VipOwnerRec,
+        },
         values::Time,
         Record,
     },
@@ -35,6 +37,19 @@ fn opt_ip(ip: Option<IpAddr>) -> String {
 
 fn vip_tag(vip: Option<IpAddr>) -> String {
     vip.map(|v| format!(" vip={v}")).unwrap_or_default()
+}
+
+/// ` svc=ns/name:port backend=IP:port`: the names kube-proxy's rules give a drop.
+fn names_tag(d: &DropRec) -> String {
+    let mut s = d
+        .service
+        .as_ref()
+        .map(|n| format!(" svc={n}"))
+        .unwrap_or_default();
+    if let Some(e) = &d.endpoint {
+        s.push_str(&format!(" backend={}", e.addr));
+    }
+    s
 }
 
 fn clock(t: Option<Time>) -> String {
@@ -76,7 +91,7 @@ pub fn drop_line(d: &DropRec, colour: bool) -> String {
         ifname = d.ifname.as_deref().unwrap_or("-"),
         ifindex = d.ifindex,
         netns = d.netns,
-        vip = vip_tag(d.vip),
+        vip = format!("{}{}", vip_tag(d.vip), names_tag(d)),
         loc = d.location,
     )
 }
@@ -127,7 +142,26 @@ fn owner_line(o: &VipOwnerRec) -> String {
 }
 
 fn discovered_line(d: &VipDiscoveredRec) -> String {
+    if d.mac.is_zero() {
+        return format!("lbtrace: discovered VIP {} ({})", d.vip, d.note);
+    }
     format!("lbtrace: discovered VIP {} (announced by {})", d.vip, d.mac)
+}
+
+fn endpoint_line(e: &EndpointRec) -> String {
+    let what = match (e.endpoint, e.state) {
+        (Some(ep), _) => ep.to_string(),
+        (None, Some(s)) => format!("{} (netns {})", s.as_str(), e.netns.unwrap_or(0)),
+        (None, None) => "-".to_owned(),
+    };
+    let vips: Vec<String> = e.vips.iter().map(ToString::to_string).collect();
+    format!(
+        "{} ENDPOINT         {} {} {what} vips {}",
+        clock(e.time),
+        e.service,
+        e.change.as_str(),
+        vips.join(",")
+    )
 }
 
 fn finding_line(f: &FindingRec) -> String {
@@ -142,6 +176,7 @@ pub fn line(r: &Record, colour: bool) -> Option<String> {
         Record::Neigh(n) => neigh_line(n),
         Record::VipOwner(o) => owner_line(o),
         Record::VipDiscovered(d) => discovered_line(d),
+        Record::Endpoint(e) => endpoint_line(e),
         Record::Finding(f) => finding_line(f),
         Record::Header(_) | Record::Status(_) | Record::Summary(_) | Record::Unknown => {
             return None

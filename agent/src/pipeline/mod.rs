@@ -4,6 +4,7 @@
 pub mod attribution;
 pub mod holders;
 pub mod ownership;
+pub mod services;
 mod stop;
 
 use std::{
@@ -30,6 +31,7 @@ use crate::{
 };
 use attribution::VipSet;
 use ownership::Ownership;
+use services::KubeProxy;
 
 /// How often the reader drains the ring when no wakeup came (records are submitted without a
 /// wakeup until the ring fills past a threshold).
@@ -124,6 +126,8 @@ pub struct Pipeline<'s> {
     pub last_drain: Arc<AtomicU64>,
     pub tables: TablePressure,
     pub counts: Counts,
+    /// Service names and endpoint changes from kube-proxy's rules.
+    pub kube: Option<KubeProxy>,
     by_vip: VipCounts,
     /// The VIP set changed (reload, discovery) since the kernel's copy was made.
     vips_changed: bool,
@@ -155,6 +159,7 @@ impl<'s> Pipeline<'s> {
             last_drain: Arc::new(AtomicU64::new(unix_now())),
             tables: TablePressure::empty(),
             counts: Counts::default(),
+            kube: None,
             by_vip: VipCounts::default(),
             vips_changed: true,
             nat: None,
@@ -268,7 +273,13 @@ impl<'s> Pipeline<'s> {
             if let Some(node) = &self.node {
                 u.set_node(node);
             }
+            if let Some(k) = &self.kube {
+                k.catalog.annotate(&mut u);
+            }
             self.emit(&u, true);
+        }
+        if let Some(k) = &self.kube {
+            k.catalog.annotate(&mut rec);
         }
         self.by_vip.add(&rec);
         if self.selection.shows(&rec) && !self.done() {
@@ -279,8 +290,43 @@ impl<'s> Pipeline<'s> {
         }
     }
 
+    /// Takes in what kube-proxy's rules say now: endpoint changes, LoadBalancer IPs to
+    /// discover.
+    fn kube_proxy(&mut self) {
+        let Some(k) = self.kube.as_mut() else {
+            return;
+        };
+        let mut out = k.poll();
+        if k.discover {
+            let new: Vec<_> = k
+                .catalog
+                .load_balancer_ips()
+                .map(|(ip, _)| *ip)
+                .filter(|ip| self.vips.of_addr(*ip).is_none())
+                .collect();
+            for ip in new {
+                self.vips.insert(ip);
+                self.ownership.discovered.push(ip);
+                out.push(k.catalog.discovered(ip));
+            }
+        }
+        for mut r in out {
+            if let Some(node) = &self.node {
+                r.set_node(node);
+            }
+            let selected = match &r {
+                Record::Endpoint(e) if self.selection.vips_only => {
+                    e.vips.iter().any(|v| self.vips.of_addr(*v).is_some())
+                }
+                _ => true,
+            };
+            self.emit(&r, selected);
+        }
+    }
+
     /// Reads everything in the ring now.
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        self.kube_proxy();
         while let Some(item) = ring.next() {
             self.process(&item);
         }

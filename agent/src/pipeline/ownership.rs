@@ -203,6 +203,7 @@ impl Ownership {
             new_netns: change.to.netns(),
             ifname: change.to.ifname.clone(),
             source: Some(source),
+            service: None,
         })));
         st.changes.push(change);
         out
