@@ -76,6 +76,9 @@ pub struct ChurnEvidence {
     pub bursts: usize,
     pub drops: usize,
     pub reasons: Counts,
+    /// From kube-proxy's rules: each failing backend and when its rules dropped it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removals: Vec<super::endpoints::Removal>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -110,6 +113,9 @@ pub struct Finding {
     /// Prometheus).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub nodes: BTreeSet<String>,
+    /// What the evidence says, as sentences (from kube-proxy's rules when they were read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statements: Vec<String>,
 }
 
 impl Finding {
@@ -128,6 +134,7 @@ impl Finding {
             hint: hint.to_owned(),
             last_seen: Time::from_secs_f64(span.1),
             nodes: BTreeSet::new(),
+            statements: Vec::new(),
         }
     }
 }
@@ -185,7 +192,7 @@ fn bursts(samples: &[&Sample], gap: f64) -> usize {
 }
 
 /// Reasons a backend gives when nothing listens or its process went away mid-stream.
-fn endpoint_gone(s: &Sample) -> bool {
+pub(super) fn endpoint_gone(s: &Sample) -> bool {
     &*s.reason == "NO_SOCKET"
         || (&*s.reason == "NOT_SPECIFIED"
             && matches!(s.function.as_str(), "tcp_v4_rcv" | "tcp_v6_rcv"))
@@ -235,6 +242,7 @@ pub(super) fn diagnose_vip(vip: &str, st: &VipState, end: f64) -> Vec<Finding> {
     let failover = speaker_failover(st, &all, stale_conf);
     out.splice(at..at, stale.into_iter().chain(failover));
     out.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+    super::endpoints::annotate(&mut out, st);
     out
 }
 
@@ -364,6 +372,7 @@ fn endpoint_churn(all: &[&Sample]) -> Option<Finding> {
         bursts: n,
         drops: churn.len(),
         reasons: reasons(&churn),
+        removals: Vec::new(),
     });
     Some(Finding::new(
         Cause::EndpointChurn,

@@ -299,6 +299,7 @@ fn owner_rec(vip: IpAddr, t: f64, prev: Option<&Takeover>, k: &Takeover, nodes: 
         new_netns: Some(nodes.netns(&k.node)),
         ifname: None,
         source: Some(OwnerSource::Announced),
+        service: None,
     }))
 }
 

@@ -11,6 +11,7 @@ pub mod from_metrics;
 pub mod merge;
 pub mod nodes;
 mod stale;
+mod endpoints;
 pub mod timeline;
 mod vip_state;
 
@@ -84,6 +85,13 @@ impl Analyzer {
             self.first = Some(self.first.map_or(t, |f| f.min(t)));
             self.last = Some(self.last.map_or(t, |l| l.max(t)));
         }
+        if let Record::Endpoint(e) = r {
+            for vip in &e.vips {
+                self.state(&vip.to_string())
+                    .add_endpoint(t.unwrap_or(0.0), e);
+            }
+            return;
+        }
         let Some(vip) = r.vip() else {
             return;
         };
@@ -119,6 +127,14 @@ impl Analyzer {
         let mut all: BTreeSet<String> = self.watched.clone();
         all.extend(self.vips.keys().cloned());
         all.into_iter().collect()
+    }
+
+    /// The Service ports seen on a VIP's records (from kube-proxy's rules).
+    pub fn services(&self, vip: &str) -> Vec<String> {
+        self.vips
+            .get(vip)
+            .map(|s| s.services.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
     }
 
     /// The MAC that last announced the VIP.

@@ -1,11 +1,14 @@
 //! What the analysis keeps per VIP: its timeline, the drop samples the diagnosis reads, its
 //! ownership changes, and how each record updates them.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use super::{Timeline, MAX_SAMPLES};
 use crate::event::{
-    record::{ArpRec, DropRec, VipOwnerRec},
+    record::{ArpRec, DropRec, EndpointRec, VipOwnerRec},
     values::{ConntrackEvent, Mac, Name},
 };
 
@@ -26,6 +29,8 @@ pub(super) struct Sample {
     pub(super) toward_client: bool,
     /// The packet's destination, as text (empty when it had none).
     pub(super) dst: String,
+    /// The backend it was dropped at, from kube-proxy's rules.
+    pub(super) endpoint: Option<(std::net::SocketAddr, Name)>,
     pub(super) icmp: Option<(u8, u8)>,
     /// The sender of a packet to the VIP itself: a client.
     pub(super) client: Option<IpAddr>,
@@ -57,6 +62,10 @@ pub(super) struct VipState {
     pub(super) split_brain_at: f64,
     /// MACs of hosts seen in the VIP's ARP/NDP packets (a client's, asking for the VIP).
     pub(super) macs: BTreeMap<IpAddr, Mac>,
+    /// Service ports seen on the VIP's records.
+    pub(super) services: BTreeSet<Name>,
+    /// Endpoint changes of the VIP's Services (bounded).
+    pub(super) endpoint_changes: Vec<(f64, Box<EndpointRec>)>,
 }
 
 /// Hosts' MACs kept per VIP.
@@ -74,6 +83,11 @@ impl VipState {
         } else {
             d.reason.clone()
         };
+        if let Some(s) = &d.service {
+            if self.services.len() < super::endpoints::MAX_SERVICES || self.services.contains(s) {
+                self.services.insert(s.clone());
+            }
+        }
         let b = self.timeline.bucket(t as u64);
         b.drops += 1;
         *b.drops_by_reason.entry(reason.to_string()).or_default() += 1;
@@ -94,6 +108,7 @@ impl VipState {
             behind_dnat: d.behind_dnat(vip),
             toward_client: d.toward_client(),
             dst: d.dst.map(|a| a.to_string()).unwrap_or_default(),
+            endpoint: d.endpoint.as_ref().map(|e| (e.addr, e.service.clone())),
             icmp: d.icmp_type.map(|ty| (ty, d.icmp_code.unwrap_or(0))),
             client: d.src.filter(|_| d.dst == Some(vip)),
             src_mac: d.src_mac,

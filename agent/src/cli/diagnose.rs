@@ -133,6 +133,9 @@ fn print_diagnosis(diagnosis: &[VipDiagnosis], json: bool) -> anyhow::Result<()>
                 let nodes: Vec<&str> = f.nodes.iter().map(String::as_str).collect();
                 writeln!(out, "    nodes: {}", nodes.join(", "))?;
             }
+            for s in &f.statements {
+                writeln!(out, "    finding: {s}")?;
+            }
         }
     }
     Ok(())

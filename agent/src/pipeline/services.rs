@@ -12,7 +12,7 @@ use std::{
 use crate::{
     event::{
         record::{EndpointChange, EndpointRec, EndpointRef, VipDiscoveredRec},
-        values::{Mac, Name},
+        values::{Mac, Name, Time},
         Record,
     },
     kernel::kubeproxy::{self, Endpoint, Frontend, NoEndpoints, NodeRules, Snapshot},
@@ -27,18 +27,25 @@ pub struct KubeProxy {
 }
 
 impl KubeProxy {
-    /// Starts reading the rules every `interval`.
+    /// Starts reading the rules every `interval`, and waits (a few seconds at most) for the
+    /// first read: records get names from the start.
     pub fn start(interval: Duration, discover: bool) -> std::io::Result<Self> {
+        let rx = kubeproxy::spawn(interval)?;
+        let mut catalog = Catalog::default();
+        if let Ok(first) = rx.recv_timeout(FIRST_READ) {
+            let present = catalog.update(first);
+            catalog.pending = present;
+        }
         Ok(Self {
-            rx: kubeproxy::spawn(interval)?,
-            catalog: Catalog::default(),
+            rx,
+            catalog,
             discover,
         })
     }
 
     /// The snapshots that came since the last call, each as the records of what it changed.
     pub fn poll(&mut self) -> Vec<Record> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.catalog.pending);
         while let Ok(s) = self.rx.try_recv() {
             out.extend(self.catalog.update(s));
         }
@@ -58,7 +65,16 @@ pub struct Catalog {
     started: bool,
     /// Rules of an unknown shape in the latest snapshot.
     pub skipped: u64,
+    /// When each node's rules were last read: a failed read keeps the last ones a while.
+    last_read: BTreeMap<u32, Time>,
+    /// Records of the first read, made before the pipeline ran.
+    pending: Vec<Record>,
 }
+
+/// How long lbtrace waits for the first read of the rules.
+const FIRST_READ: Duration = Duration::from_secs(5);
+/// How long a node's last rules stand in for reads that failed.
+const KEEP_UNREAD: Duration = Duration::from_secs(10);
 
 /// A Service port's endpoints over a set of nodes.
 fn union<'a>(
@@ -88,8 +104,20 @@ impl Catalog {
     /// Takes a new snapshot; returns the `endpoint` records of what changed since the last
     /// one. Endpoints count over the nodes both snapshots have (a node seen for the first time
     /// is a baseline); no-endpoint states per node.
-    pub fn update(&mut self, snap: Snapshot) -> Vec<Record> {
+    pub fn update(&mut self, mut snap: Snapshot) -> Vec<Record> {
         let mut out = Vec::new();
+        for ino in snap.nodes.keys() {
+            self.last_read.insert(*ino, snap.at);
+        }
+        for (ino, rules) in &self.nodes {
+            let recent = self
+                .last_read
+                .get(ino)
+                .is_some_and(|t| snap.at.since(*t) < KEEP_UNREAD);
+            if recent && !snap.nodes.contains_key(ino) {
+                snap.nodes.insert(*ino, rules.clone());
+            }
+        }
         let common = |n: &u32| self.nodes.contains_key(n) && snap.nodes.contains_key(n);
         let before = union(self.nodes.iter().filter(|(n, _)| common(n)).map(|(_, r)| r));
         let after = union(snap.nodes.iter().filter(|(n, _)| common(n)).map(|(_, r)| r));

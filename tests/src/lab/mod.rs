@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod generator;
 mod inject;
 pub mod run;
+pub mod kubeproxy;
 pub mod scenarios;
 pub mod speaker;
 pub mod topology;

@@ -83,10 +83,15 @@ pub struct Outcome {
 pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     let duration = opts.duration.unwrap_or(scenario.default_duration());
     let targets = scenario.targets();
-    let mut lab = Lab::up(&opts.prefix, scenario.services())?;
+    let mut lab = Lab::up_with(&opts.prefix, scenario.services(), scenario.proxy_mode())?;
     let _limits = scenario.prepare(&mut lab)?;
     // Every drop, benign ones too: the lab classes them itself and checks lbtrace's class.
-    let mut args = vec!["--json".to_owned(), "--all-drops".to_owned()];
+    let mut args = vec![
+        "--json".to_owned(),
+        "--all-drops".to_owned(),
+        "--kube-proxy-interval".to_owned(),
+        super::kubeproxy::LBTRACE_INTERVAL.to_owned(),
+    ];
     for (vip, _) in &targets {
         args.push("--vip".to_owned());
         args.push(vip.to_string());
@@ -171,6 +176,13 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         old_owner,
     )?);
     let log = clock.log.into_inner().unwrap_or_default();
+    checks.extend(super::kubeproxy::checks(
+        &lab,
+        clock.t0,
+        &log,
+        &finished.events,
+        &finished.stdout,
+    )?);
     Ok(Outcome {
         scenario,
         duration,
@@ -184,6 +196,14 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
 }
 
 impl Scenario {
+    /// kube-proxy's mode on the lab's nodes: endpoint-churn runs iptables mode.
+    pub fn proxy_mode(self) -> super::kubeproxy::ProxyMode {
+        match self {
+            Scenario::EndpointChurn => super::kubeproxy::ProxyMode::Iptables,
+            _ => super::kubeproxy::ProxyMode::Nftables,
+        }
+    }
+
     /// The cause the diagnosis must name first for the affected VIPs.
     pub(super) fn expected_cause(self) -> Option<&'static str> {
         match self {

@@ -64,6 +64,8 @@ pub(super) const OUT_TABLE: &str = "lbtest-out";
 pub(super) const LOST_TABLE: &str = "lbtest-lost";
 /// node-loss: when n0's link goes down (the speaker moves A `FAILOVER_GAP` later).
 const NODE_LOSS: f64 = 3.0;
+/// How long after n1p0 stops listening kube-proxy's sync removes it (endpoint-churn).
+pub const CHURN_PROPAGATION: f64 = 1.5;
 
 impl Scenario {
     pub const ALL: [Scenario; 11] = [
@@ -113,7 +115,7 @@ impl Scenario {
             Scenario::FailoverGarp => "A's pod moves n0 → n1 (policy Local: n0 drops A from then on); 1 s later the speaker moves A (v4 and v6) with 3 gratuitous ARPs/NAs: loss lasts about that second",
             Scenario::StaleArp => "as failover, but the speaker sends no GARP: the client keeps n0's MAC until its entry goes stale (≈10 s with base_reachable_time_ms=2000). A (Local) is dropped on n0; B (Cluster), moved too, is forwarded by n0 with an extra hop and loses nothing",
             Scenario::LeaderFlap => "the speaker flips A between n0 (its endpoint) and n1 (none: dropped) every 3 s, with one GARP each time",
-            Scenario::EndpointChurn => "A's endpoint on n1 stops listening and comes back every 3 s while kube-proxy still sends it half of A's flows: RSTs and port unreachables in the pod",
+            Scenario::EndpointChurn => "kube-proxy in iptables mode. A's endpoint on n1 stops listening; kube-proxy still sends it half of A's flows until its sync removes it 1.5 s later (RSTs and port unreachables in the pod); 1.5 s after that it listens again and is added back. Twice",
             Scenario::ConntrackSnat => "from 2 s, n0 SNATs A's traffic to n1's pod to one address:port (one per family): every new flow there clashes at conntrack confirm (insert_failed)",
             Scenario::ConntrackFull => "at 3 s a burst of UDP flows from c1 to n0 fills n0's conntrack table (nf_conntrack_max lowered to 1024, restored after): new flows to A are dropped until the burst's entries expire (8 s)",
             Scenario::MtuMismatch => "from 2 s n0's path to n1's pods has MTU 1450: every large UDP request to A (1500 bytes, DF; IPv6 never fragments in transit) is dropped there with ICMP frag-needed / ICMPv6 packet-too-big, small ones and TCP pass",
@@ -320,16 +322,22 @@ impl Scenario {
             }
             Scenario::EndpointChurn => {
                 // Between two of the generator's rounds (every 100 ms): no connection is half
-                // way through its handshake when the listener closes.
-                for (i, t) in every(CHURN_FIRST, 3.0, duration).enumerate() {
+                // way through its handshake when the listener closes. The endpoint leaves
+                // kube-proxy's rules a sync later (the propagation delay), and comes back once
+                // it listens again.
+                for (i, t) in every(CHURN_FIRST, 6.0, duration).enumerate() {
                     clock.at(t)?;
-                    if i % 2 == 0 {
-                        lab.stop_backend(n1p0);
-                        clock.log("n1p0 stopped listening (still an endpoint)");
-                    } else {
-                        lab.start_backend(n1p0)?;
-                        clock.log("n1p0 listens again");
-                    }
+                    lab.stop_backend(n1p0);
+                    clock.log("n1p0 stopped listening (still an endpoint)");
+                    clock.at(t + CHURN_PROPAGATION)?;
+                    lab.set_endpoints("a", &[n0p0])?;
+                    clock.log(&format!(
+                        "kube-proxy sync: n1p0 removed from a's endpoints, {CHURN_PROPAGATION:.1} s after it stopped listening (propagation {i})"
+                    ));
+                    clock.at(t + 2.0 * CHURN_PROPAGATION)?;
+                    lab.start_backend(n1p0)?;
+                    lab.set_endpoints("a", &[n0p0, n1p0])?;
+                    clock.log("n1p0 listens again; kube-proxy sync: added back to a's endpoints");
                 }
             }
             Scenario::ConntrackSnat => {

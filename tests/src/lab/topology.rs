@@ -18,14 +18,21 @@
 //! eth0 (so it answers ARP and NDP for it) and every node's kube-proxy DNATs it.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    sync::Mutex,
+    time::SystemTime,
 };
 
 use anyhow::{Context, Result};
 
-use super::{backend::Backend, speaker, POD_TCP_PORT, POD_UDP_PORT, STATE_DIR, TCP_PORT, UDP_PORT};
+use super::{
+    backend::Backend,
+    kubeproxy::{self, ProxyMode},
+    speaker, POD_TCP_PORT, POD_UDP_PORT, STATE_DIR, TCP_PORT, UDP_PORT,
+};
 use crate::netns::{veth, Netns, SysctlGuard};
 
 pub const CLIENTS: usize = 2;
@@ -34,10 +41,10 @@ pub const PODS_PER_NODE: usize = 2;
 /// The interface facing the LAN in clients and nodes, and a pod's only one.
 pub const UPLINK: &str = "eth0";
 const BRIDGE: &str = "br0";
-/// kube-proxy's nftables table on each node (family inet).
-pub const TABLE: &str = "kube-proxy";
-/// Packets kube-proxy marks for masquerade (policy Cluster).
-const MASQ_MARK: &str = "0x4000";
+/// The lab's own table on each node (family inet): the per-VIP counters (the kernel's
+/// account), the CNI's network policy, and rules scenarios add. kube-proxy's rules are its own
+/// (`super::kubeproxy`).
+pub const TABLE: &str = "lab";
 
 /// The service the scenarios break.
 pub const VIP_A: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 100));
@@ -211,8 +218,22 @@ pub struct Lab {
     pub services: Vec<Service>,
     /// Pods whose network policy does not allow traffic in yet: dropped on their node.
     pub denied: Vec<Pod>,
-    /// Per node: nft commands a scenario adds to kube-proxy's (e.g. SNAT); kept across syncs.
+    /// Per node: nft commands a scenario adds to the lab's table (e.g. SNAT); kept across syncs.
     pub extra_rules: Vec<Vec<String>>,
+    /// The dialect of kube-proxy's rules on the nodes.
+    pub proxy_mode: ProxyMode,
+    /// Every endpoint change a sync made, when its rules were loaded on every node.
+    pub endpoint_log: Mutex<Vec<EndpointChange>>,
+    synced: Mutex<BTreeMap<String, BTreeSet<SocketAddr>>>,
+}
+
+/// An endpoint added to or removed from a Service port by a kube-proxy sync.
+#[derive(Clone, Debug)]
+pub struct EndpointChange {
+    pub at: SystemTime,
+    pub service: String,
+    pub endpoint: SocketAddr,
+    pub added: bool,
 }
 
 impl Lab {
@@ -220,6 +241,11 @@ impl Lab {
     /// places each service's VIPs on its owner (without announcement) and starts the pods'
     /// servers. Whatever exists when something fails is removed.
     pub fn up(prefix: &str, services: Vec<Service>) -> Result<Self> {
+        Self::up_with(prefix, services, ProxyMode::Nftables)
+    }
+
+    /// As [`Lab::up`], with kube-proxy in `mode`.
+    pub fn up_with(prefix: &str, services: Vec<Service>, mode: ProxyMode) -> Result<Self> {
         let ns = |role: &str| -> Result<Netns> {
             let ns = Netns::create(&format!("{prefix}-{role}"))?;
             // No duplicate address detection: IPv6 addresses (link-local ones too) are usable
@@ -313,6 +339,9 @@ impl Lab {
                 .collect(),
             denied: Vec::new(),
             extra_rules: vec![Vec::new(); NODES],
+            proxy_mode: mode,
+            endpoint_log: Mutex::default(),
+            synced: Mutex::default(),
         };
         lab.sync()?;
         for (name, owner) in owners {
@@ -351,29 +380,70 @@ impl Lab {
             .with_context(|| format!("no service has {vip}"))
     }
 
-    /// Loads kube-proxy's rules for the current services into every node, atomically per node.
-    /// Counters survive (`flush table` keeps named objects).
+    /// A kube-proxy sync on every node (its rules rewritten whole, atomically per node and
+    /// family), and the lab's table. Counters survive (`flush table` keeps named objects).
+    /// Endpoint changes are logged with the time the last node had them.
     pub fn sync(&self) -> Result<()> {
         for (n, node) in self.nodes.iter().enumerate() {
             node.nft(&self.ruleset(n))
-                .with_context(|| format!("kube-proxy rules on n{n}"))?;
+                .with_context(|| format!("the lab's rules on n{n}"))?;
+            kubeproxy::sync(self, n).with_context(|| format!("kube-proxy rules on n{n}"))?;
         }
+        self.log_endpoint_changes();
         Ok(())
     }
 
-    /// kube-proxy's table for node `n`, in the shape of its nftables mode: per-VIP counters,
-    /// a drop for VIPs with no usable endpoint, DNAT through a service chain that picks an
-    /// endpoint at random, masquerade for policy Cluster.
+    fn log_endpoint_changes(&self) {
+        let mut now: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
+        for svc in &self.services {
+            for port in kubeproxy::PORTS {
+                let eps = now
+                    .entry(kubeproxy::service_port_name(svc.name, &port))
+                    .or_default();
+                for pod in &svc.endpoints {
+                    for &vip in &svc.vips {
+                        eps.insert(SocketAddr::new(pod.ip_like(vip), port.target));
+                    }
+                }
+            }
+        }
+        let (Ok(mut synced), Ok(mut log)) = (self.synced.lock(), self.endpoint_log.lock()) else {
+            return;
+        };
+        let at = SystemTime::now();
+        if !synced.is_empty() {
+            let none = BTreeSet::new();
+            let names: BTreeSet<&String> = synced.keys().chain(now.keys()).collect();
+            for name in names {
+                let (b, a) = (
+                    synced.get(name).unwrap_or(&none),
+                    now.get(name).unwrap_or(&none),
+                );
+                for (set, other, added) in [(a, b, true), (b, a, false)] {
+                    for ep in set.difference(other) {
+                        log.push(EndpointChange {
+                            at,
+                            service: name.clone(),
+                            endpoint: *ep,
+                            added,
+                        });
+                    }
+                }
+            }
+        }
+        *synced = now;
+    }
+
+    /// The lab's table for node `n`: per-VIP counters (the no-endpoint one counts what
+    /// kube-proxy's rules are about to drop: new flows for a VIP without usable endpoint on
+    /// the node), the CNI's policy and the scenario's rules.
     pub fn ruleset(&self, n: usize) -> String {
         let mut counters = String::new();
         let mut raw = String::new();
         let mut mangle = String::new();
         let mut noep = String::new();
-        let mut nat = String::new();
-        let mut chains = String::new();
         for svc in &self.services {
             for &vip in &svc.vips {
-                let id = counter_id(vip);
                 let fam = if vip.is_ipv4() { "ip" } else { "ip6" };
                 for c in Counter::ALL {
                     let _ = writeln!(counters, "  counter {} {{ }}", c.name(vip));
@@ -392,42 +462,14 @@ impl Lab {
                     format!("{dst} tcp dport {TCP_PORT}"),
                     format!("{dst} udp dport {UDP_PORT}"),
                 ];
-                let eps = svc.endpoints_on(n);
-                if eps.is_empty() {
+                if svc.endpoints_on(n).is_empty() {
                     for m in &ports {
                         let _ = writeln!(
                             noep,
-                            "    ct state new {m} counter name {} drop",
+                            "    ct state new {m} counter name {}",
                             Counter::NoEndpoint.name(vip)
                         );
                     }
-                    continue;
-                }
-                for m in &ports {
-                    let _ = writeln!(nat, "    {m} goto svc-{id}");
-                }
-                let mark = match svc.policy {
-                    Policy::Cluster => format!("    meta mark set {MASQ_MARK}\n"),
-                    Policy::Local => String::new(),
-                };
-                let pick: Vec<String> = (0..eps.len())
-                    .map(|i| format!("{i} : goto ep-{id}-{i}"))
-                    .collect();
-                let _ = write!(
-                    chains,
-                    "  chain svc-{id} {{\n{mark}    numgen random mod {} vmap {{ {} }}\n  }}\n",
-                    eps.len(),
-                    pick.join(", ")
-                );
-                for (i, pod) in eps.iter().enumerate() {
-                    let to = match pod.ip_like(vip) {
-                        IpAddr::V4(a) => a.to_string(),
-                        IpAddr::V6(a) => format!("[{a}]"),
-                    };
-                    let _ = write!(
-                        chains,
-                        "  chain ep-{id}-{i} {{\n    meta l4proto tcp dnat {fam} to {to}:{POD_TCP_PORT}\n    meta l4proto udp dnat {fam} to {to}:{POD_UDP_PORT}\n  }}\n"
-                    );
                 }
             }
         }
@@ -449,7 +491,9 @@ impl Lab {
                 "  chain {name} {{\n    type {hook} priority {prio}; policy accept;\n{body}  }}\n"
             )
         };
-        let mut out = format!("add table inet {TABLE}\nflush table inet {TABLE}\ntable inet {TABLE} {{\n{counters}{chains}");
+        let mut out = format!(
+            "add table inet {TABLE}\nflush table inet {TABLE}\ntable inet {TABLE} {{\n{counters}"
+        );
         out += &chain("raw-prerouting", "filter hook prerouting", "raw", &raw);
         out += &chain(
             "mangle-prerouting",
@@ -457,20 +501,12 @@ impl Lab {
             "mangle",
             &mangle,
         );
-        out += &chain(
-            "filter-prerouting",
-            "filter hook prerouting",
-            "dstnat - 10",
-            &noep,
-        );
-        out += &chain("nat-prerouting", "nat hook prerouting", "dstnat", &nat);
+        // Just before kube-proxy's endpoints check (nftables mode: -110; iptables: 0).
+        out += &chain("noep-input", "filter hook input", "-111", &noep);
+        out += &chain("noep-forward", "filter hook forward", "-111", &noep);
         out += &chain("filter-forward", "filter hook forward", "filter", &policy);
-        out += &chain(
-            "nat-postrouting",
-            "nat hook postrouting",
-            "srcnat",
-            &format!("    meta mark {MASQ_MARK} masquerade\n"),
-        );
+        // Before kube-proxy's masquerade: a scenario's SNAT here wins.
+        out += &chain("nat-postrouting", "nat hook postrouting", "srcnat - 1", "");
         out += "}\n";
         for extra in &self.extra_rules[n] {
             out += extra;

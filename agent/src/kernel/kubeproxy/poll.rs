@@ -139,10 +139,14 @@ fn poll(interval: Duration, tx: &Sender<Snapshot>) {
                 nodes.insert(*ino, rules);
             }
         }
-        known = candidates
-            .into_iter()
-            .filter(|(ino, _)| nodes.contains_key(ino))
-            .collect();
+        // A read that failed (the rules were being rewritten) keeps its node known until
+        // the next full scan.
+        if all {
+            known = candidates
+                .into_iter()
+                .filter(|(ino, _)| nodes.contains_key(ino))
+                .collect();
+        }
         let skipped: u64 = nodes.values().map(|r: &NodeRules| r.skipped).sum();
         if skipped > warned_skips {
             tracing::warn!("kube-proxy rules: {skipped} rules of an unknown shape skipped");
