@@ -53,8 +53,17 @@ fn every_line_of_the_previous_release_reads_back_field_for_field() {
         let record: Record =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}\n{line}", i + 1));
         assert!(!matches!(record, Record::Unknown), "line {}", i + 1);
-        let again: Value = serde_json::to_value(&record).unwrap();
+        let mut again: Value = serde_json::to_value(&record).unwrap();
         let before: Value = serde_json::from_str(line).unwrap();
+        // Fields added on purpose since that release (kube-proxy's names, issue 16) write
+        // out as null for records that have none; everything else is field for field.
+        if let Some(o) = again.as_object_mut() {
+            for added in ["service", "endpoint"] {
+                if o.get(added) == Some(&Value::Null) && before.get(added).is_none() {
+                    o.remove(added);
+                }
+            }
+        }
         assert_eq!(again, before, "line {}", i + 1);
     }
     let (records, bad) = read_ndjson(&text);

@@ -14,6 +14,8 @@ const APT_PACKAGES: &[&str] = &[
     // lab and tests
     "iproute2",
     "nftables",
+    // the lab's kube-proxy in iptables mode (Debian's nft backend)
+    "iptables",
     "conntrack",
     "iputils-arping",
     "ndisc6",

@@ -321,8 +321,8 @@ fn states(ino: u32, old: Option<&NodeRules>, new: &NodeRules, out: &mut Vec<Chan
 
 /// Time of a snapshot, for tests.
 #[cfg(test)]
-fn at(s: f64) -> crate::event::values::Time {
-    crate::event::values::Time::from_secs_f64(1_800_000_000.0 + s)
+fn at(s: f64) -> Time {
+    Time::from_secs_f64(1_800_000_000.0 + s)
 }
 
 #[cfg(test)]
