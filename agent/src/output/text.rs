@@ -91,7 +91,7 @@ pub fn drop_line(d: &DropRec, colour: bool) -> String {
         ifname = d.ifname.as_deref().unwrap_or("-"),
         ifindex = d.ifindex,
         netns = d.netns,
-        vip = format!("{}{}", vip_tag(d.vip), names_tag(d)),
+        vip = vip_tag(d.vip) + &names_tag(d),
         loc = d.location,
     )
 }

@@ -529,18 +529,6 @@ pub fn sync(lab: &Lab, n: usize) -> Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base32_as_go_writes_it() {
-        // Go: base32.StdEncoding.EncodeToString([]byte("foobar")) == "MZXW6YTBOI======"
-        assert_eq!(base32(b"foobar", 10), "MZXW6YTBOI");
-        assert_eq!(base32(b"f", 2), "MY");
-    }
-}
-
 /// How often lbtrace re-reads kube-proxy's rules in the lab (`--kube-proxy-interval`).
 pub const LBTRACE_INTERVAL: &str = "0.25";
 /// How late an endpoint record may be: one of lbtrace's reads, plus the time reading the
@@ -775,4 +763,16 @@ fn propagation_check(log: &[(Duration, String)], stream: &str) -> Result<Option<
                 .collect::<Vec<_>>()
         ),
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base32_as_go_writes_it() {
+        // Go: base32.StdEncoding.EncodeToString([]byte("foobar")) == "MZXW6YTBOI======"
+        assert_eq!(base32(b"foobar", 10), "MZXW6YTBOI");
+        assert_eq!(base32(b"f", 2), "MY");
+    }
 }
