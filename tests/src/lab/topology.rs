@@ -230,6 +230,10 @@ pub struct Lab {
 /// An endpoint added to or removed from a Service port by a kube-proxy sync.
 #[derive(Clone, Debug)]
 pub struct EndpointChange {
+    /// When the sync began writing the first node's rules: an addition shows in the rules
+    /// from then on (on that node).
+    pub started: SystemTime,
+    /// When the sync had written every node's rules: a removal shows from then on.
     pub at: SystemTime,
     pub service: String,
     pub endpoint: SocketAddr,
@@ -384,16 +388,17 @@ impl Lab {
     /// family), and the lab's table. Counters survive (`flush table` keeps named objects).
     /// Endpoint changes are logged with the time the last node had them.
     pub fn sync(&self) -> Result<()> {
+        let started = SystemTime::now();
         for (n, node) in self.nodes.iter().enumerate() {
             node.nft(&self.ruleset(n))
                 .with_context(|| format!("the lab's rules on n{n}"))?;
             kubeproxy::sync(self, n).with_context(|| format!("kube-proxy rules on n{n}"))?;
         }
-        self.log_endpoint_changes();
+        self.log_endpoint_changes(started);
         Ok(())
     }
 
-    fn log_endpoint_changes(&self) {
+    fn log_endpoint_changes(&self, started: SystemTime) {
         let mut now: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
         for svc in &self.services {
             for port in kubeproxy::PORTS {
@@ -422,6 +427,7 @@ impl Lab {
                 for (set, other, added) in [(a, b, true), (b, a, false)] {
                     for ep in set.difference(other) {
                         log.push(EndpointChange {
+                            started,
                             at,
                             service: name.clone(),
                             endpoint: *ep,

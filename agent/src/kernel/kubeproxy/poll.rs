@@ -17,7 +17,8 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often every namespace is looked at, not only those known to hold kube-proxy's rules.
 const RESCAN: Duration = Duration::from_secs(10);
 
-/// kube-proxy's rules in every namespace that has them, as read at `at`.
+/// kube-proxy's rules in every namespace that has them, as read by `at` (the end of the
+/// sweep over the namespaces: what changed in it had changed by then).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub at: Time,
@@ -132,13 +133,14 @@ fn poll(interval: Duration, tx: &Sender<Snapshot>) {
         } else {
             known.clone()
         };
-        let at = Time::now();
         let mut nodes = BTreeMap::new();
         for (ino, path) in &candidates {
             if let Some(rules) = read_netns(path, &mut tools) {
                 nodes.insert(*ino, rules);
             }
         }
+        // A change seen in this sweep was made before its end, never before its start.
+        let at = Time::now();
         // A read that failed (the rules were being rewritten) keeps its node known until
         // the next full scan.
         if all {
