@@ -30,6 +30,7 @@ fn run(scenario: Scenario) -> Outcome {
             prefix: prefix.clone(),
             duration: None,
             cluster: true,
+            proxy_mode: None,
         },
     );
     let left = topology::leftovers(&prefix, &conntrack_max).unwrap();

@@ -5,6 +5,7 @@
 
 use lbtest::{
     lab::{
+        kubeproxy::ProxyMode,
         scenarios::{self, Options, Scenario},
         topology,
     },
@@ -12,7 +13,7 @@ use lbtest::{
 };
 
 /// One run of `scenario` in a lab of its own; nothing of it may be left behind.
-fn run_once(scenario: Scenario) -> scenarios::Outcome {
+fn run_once(scenario: Scenario, proxy_mode: Option<ProxyMode>) -> scenarios::Outcome {
     let conntrack_max = topology::conntrack_max().unwrap();
     let prefix = unique("lbtlab");
     let outcome = scenarios::run(
@@ -21,6 +22,7 @@ fn run_once(scenario: Scenario) -> scenarios::Outcome {
             prefix: prefix.clone(),
             duration: None,
             cluster: false,
+            proxy_mode,
         },
     );
     let left = topology::leftovers(&prefix, &conntrack_max).unwrap();
@@ -34,14 +36,14 @@ fn run_once(scenario: Scenario) -> scenarios::Outcome {
 /// Runs of hundreds of timed flows on a shared 2-core host have been seen, rarely, one packet
 /// apart between two of the three accounts (the kernel's and lbtrace's); a broken lbtrace fails
 /// both runs. Every retry is said in the test's output.
-fn check(scenario: Scenario) {
+fn check(scenario: Scenario, proxy_mode: Option<ProxyMode>) {
     require_root();
-    let first = run_once(scenario);
+    let first = run_once(scenario, proxy_mode);
     if first.passed() {
         return;
     }
     println!("RETRY: {} failed once; running it again", scenario.name());
-    let second = run_once(scenario);
+    let second = run_once(scenario, proxy_mode);
     assert!(
         second.passed(),
         "failed twice:\n{}\n{}",
@@ -56,7 +58,7 @@ macro_rules! scenario_tests {
         $(
             #[test]
             fn $test() {
-                check(Scenario::$scenario);
+                check(Scenario::$scenario, None);
             }
         )*
     };
@@ -74,4 +76,11 @@ scenario_tests! {
     policy_race: PolicyRace,
     late_start: LateStart,
     node_loss: NodeLoss,
+}
+
+/// endpoint-churn runs kube-proxy's iptables mode; its names, endpoint records and diagnosis
+/// are checked in nftables mode too.
+#[test]
+fn endpoint_churn_nftables() {
+    check(Scenario::EndpointChurn, Some(ProxyMode::Nftables));
 }

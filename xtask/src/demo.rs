@@ -32,7 +32,7 @@ pub fn demo() -> Result<()> {
         step(&format!("demo: scenario {}: {}", s.name(), s.about()));
         step(&format!("demo: lbtrace watch {}", args.join(" ")));
         let live = Watch::start_live(&args)?;
-        let out = crate::lab::run(s, None).with_context(|| s.name());
+        let out = crate::lab::run(s, None, None).with_context(|| s.name());
         step(&format!("demo: lbtrace's summary of {}", s.name()));
         let finished = live.stop()?;
         let out = out?;

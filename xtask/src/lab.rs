@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use lbtest::lab::{
     self,
+    kubeproxy::ProxyMode,
     scenarios::{self, Options, Scenario},
     topology::{self, Lab},
     STATE_DIR, XTASK_PREFIX,
@@ -32,6 +33,9 @@ pub enum LabCmd {
         /// Seconds of traffic, instead of the scenario's own.
         #[arg(long)]
         duration: Option<u64>,
+        /// kube-proxy's mode on the nodes (nftables, iptables), instead of the scenario's own.
+        #[arg(long)]
+        kube_proxy: Option<String>,
     },
     /// Remove every lab namespace (lbl…), stop `lab up`'s servers, restore changed sysctls.
     Down,
@@ -60,10 +64,16 @@ pub fn lab(cmd: LabCmd) -> Result<()> {
     match cmd {
         LabCmd::List => Ok(()),
         LabCmd::Up => up(),
-        LabCmd::Run { scenario, duration } => {
+        LabCmd::Run {
+            scenario,
+            duration,
+            kube_proxy,
+        } => {
+            let mode = kube_proxy.as_deref().map(ProxyMode::parse).transpose()?;
             let out = run(
                 Scenario::parse(&scenario)?,
                 duration.map(Duration::from_secs),
+                mode,
             )?;
             print!("{}", out.render());
             anyhow::ensure!(out.passed(), "{}: some checks failed", scenario);
@@ -80,7 +90,11 @@ pub fn lab(cmd: LabCmd) -> Result<()> {
 }
 
 /// A scenario in a lab with a fresh name; Ctrl-C ends it early and still cleans up.
-pub fn run(scenario: Scenario, duration: Option<Duration>) -> Result<scenarios::Outcome> {
+pub fn run(
+    scenario: Scenario,
+    duration: Option<Duration>,
+    proxy_mode: Option<ProxyMode>,
+) -> Result<scenarios::Outcome> {
     interrupt_on_ctrl_c();
     scenarios::run(
         scenario,
@@ -88,6 +102,7 @@ pub fn run(scenario: Scenario, duration: Option<Duration>) -> Result<scenarios::
             prefix: lbtest::unique(XTASK_PREFIX),
             duration,
             cluster: false,
+            proxy_mode,
         },
     )
 }

@@ -46,6 +46,14 @@ impl ProxyMode {
             Self::Iptables => "iptables",
         }
     }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "nftables" => Ok(Self::Nftables),
+            "iptables" => Ok(Self::Iptables),
+            _ => anyhow::bail!("kube-proxy mode {s:?}: nftables or iptables"),
+        }
+    }
 }
 
 /// One port of a lab Service.
@@ -298,13 +306,9 @@ pub fn nft_table(lab: &Lab, n: usize, v6: bool) -> String {
         "dstnat",
         "    jump services\n",
     );
-    t += &base(
-        "nat-output",
-        "nat",
-        "output",
-        "dstnat",
-        "    jump services\n",
-    );
+    // kube-proxy writes `dstnat` (and `dstnat - 10` for filter chains); nft 1.0.6 takes the
+    // name only on prerouting, and lists every other one as the number anyway.
+    t += &base("nat-output", "nat", "output", "-100", "    jump services\n");
     t += &base(
         "nat-postrouting",
         "nat",
@@ -665,7 +669,9 @@ fn endpoint_records_check(lab: &Lab, events: &[Value], since: f64) -> Check {
         let lag_of = |e: &Value| wall(e).unwrap_or(0.0) - from;
         let window = |lag: f64| (-0.05..=RECORD_LAG + secs(c.at) - from).contains(&lag);
         let same = |e: &Value| {
-            e["service"] == c.service.as_str() && e["endpoint"] == ep.as_str() && e["change"] == change
+            e["service"] == c.service.as_str()
+                && e["endpoint"] == ep.as_str()
+                && e["change"] == change
         };
         let matching: Vec<usize> = (0..seen.len())
             .filter(|&i| same(seen[i]) && window(lag_of(seen[i])))

@@ -62,6 +62,8 @@ pub struct Options {
     pub duration: Option<Duration>,
     /// Also run one agent per node, scraped by Prometheus ([`cluster`]).
     pub cluster: bool,
+    /// kube-proxy's mode on the nodes, instead of the scenario's own.
+    pub proxy_mode: Option<super::kubeproxy::ProxyMode>,
 }
 
 #[derive(Clone, Debug)]
@@ -83,7 +85,8 @@ pub struct Outcome {
 pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     let duration = opts.duration.unwrap_or(scenario.default_duration());
     let targets = scenario.targets();
-    let mut lab = Lab::up_with(&opts.prefix, scenario.services(), scenario.proxy_mode())?;
+    let mode = opts.proxy_mode.unwrap_or(scenario.proxy_mode());
+    let mut lab = Lab::up_with(&opts.prefix, scenario.services(), mode)?;
     let _limits = scenario.prepare(&mut lab)?;
     // Every drop, benign ones too: the lab classes them itself and checks lbtrace's class.
     let mut args = vec![
