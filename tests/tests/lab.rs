@@ -6,6 +6,7 @@
 use lbtest::{
     lab::{
         kubeproxy::ProxyMode,
+        kubeproxy_checks,
         scenarios::{self, Options, Scenario},
         topology,
     },
@@ -83,4 +84,28 @@ scenario_tests! {
 #[test]
 fn endpoint_churn_nftables() {
     check(Scenario::EndpointChurn, Some(ProxyMode::Nftables));
+}
+
+/// `--discover-vips` learns every LoadBalancer IP in kube-proxy's rules and nothing else, in
+/// both of kube-proxy's modes.
+fn discovery(mode: ProxyMode) {
+    require_root();
+    let conntrack_max = topology::conntrack_max().unwrap();
+    let prefix = unique("lbtdisc");
+    let check = kubeproxy_checks::discovery(&prefix, mode);
+    let left = topology::leftovers(&prefix, &conntrack_max).unwrap();
+    let check = check.unwrap();
+    println!("{} {}", if check.ok { "ok  " } else { "FAIL" }, check.what);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(check.ok, "{}", check.what);
+}
+
+#[test]
+fn discover_vips_nftables() {
+    discovery(ProxyMode::Nftables);
+}
+
+#[test]
+fn discover_vips_iptables() {
+    discovery(ProxyMode::Iptables);
 }

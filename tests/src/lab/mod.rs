@@ -10,6 +10,7 @@ pub mod generator;
 mod inject;
 pub mod run;
 pub mod kubeproxy;
+pub mod kubeproxy_checks;
 pub mod scenarios;
 pub mod speaker;
 pub mod topology;

@@ -93,7 +93,7 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         "--json".to_owned(),
         "--all-drops".to_owned(),
         "--kube-proxy-interval".to_owned(),
-        super::kubeproxy::LBTRACE_INTERVAL.to_owned(),
+        super::kubeproxy_checks::LBTRACE_INTERVAL.to_owned(),
     ];
     for (vip, _) in &targets {
         args.push("--vip".to_owned());
@@ -179,7 +179,7 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         old_owner,
     )?);
     let log = clock.log.into_inner().unwrap_or_default();
-    checks.extend(super::kubeproxy::checks(
+    checks.extend(super::kubeproxy_checks::checks(
         &lab,
         clock.t0,
         &log,
