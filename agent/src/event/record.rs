@@ -80,6 +80,18 @@ impl Record {
         }
     }
 
+    /// The Service port (or Service) kube-proxy's rules give the record.
+    pub fn service(&self) -> Option<&Name> {
+        match self {
+            Self::Drop(d) | Self::Conntrack(d) => d.service.as_ref(),
+            Self::Arp(a) => a.service.as_ref(),
+            Self::Neigh(n) => n.service.as_ref(),
+            Self::VipOwner(o) => o.service.as_ref(),
+            Self::Endpoint(e) => Some(&e.service),
+            _ => None,
+        }
+    }
+
     pub fn time(&self) -> Option<Time> {
         match self {
             Self::Drop(d) | Self::Conntrack(d) => d.time,
@@ -301,8 +313,10 @@ pub struct DropRec {
     pub sampled: bool,
     /// The Service port (`ns/name:port`) kube-proxy's rules give the flow's address and port;
     /// `ns/name` when only the VIP is known and all its ports are one Service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Name>,
     /// The packet's destination is an endpoint in kube-proxy's rules: the drop is at a backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<EndpointRef>,
 }
 
@@ -453,7 +467,8 @@ pub struct ArpRec {
     pub netns: u32,
     pub vip: Option<IpAddr>,
     /// The VIP's Service (`ns/name`, or `ns/name:port` when it has one port) from
-    /// kube-proxy's rules; null when several Services share the VIP.
+    /// kube-proxy's rules; absent when several Services share the VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Name>,
 }
 
@@ -505,6 +520,7 @@ pub struct NeighRec {
     pub netns: Option<u32>,
     pub vip: Option<IpAddr>,
     /// As [`ArpRec::service`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Name>,
 }
 
