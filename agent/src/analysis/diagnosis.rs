@@ -147,6 +147,29 @@ pub struct VipDiagnosis {
     /// What the evidence could not show (a diagnosis from metrics).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<String>,
+    /// The VIP's Service ports, from kube-proxy's rules (empty without them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+}
+
+impl VipDiagnosis {
+    /// `VIP` or `VIP (ns/name)`, as the text outputs name it.
+    pub fn title(&self) -> String {
+        vip_title(&self.vip, &self.services)
+    }
+}
+
+/// A VIP and its Services (`ns/name`, ports left out), as the text outputs name a VIP.
+pub fn vip_title(vip: &str, service_ports: &[String]) -> String {
+    let names: BTreeSet<&str> = service_ports
+        .iter()
+        .map(|s| s.rsplit_once(':').map_or(s.as_str(), |(svc, _)| svc))
+        .collect();
+    if names.is_empty() {
+        return vip.to_owned();
+    }
+    let names: Vec<&str> = names.into_iter().collect();
+    format!("{vip} ({})", names.join(", "))
 }
 
 pub(super) fn span(samples: &[&Sample]) -> (f64, f64) {

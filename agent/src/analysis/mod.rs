@@ -7,11 +7,11 @@
 //! buckets count them). Bucket totals always equal the records they summarize.
 
 pub mod diagnosis;
+mod endpoints;
 pub mod from_metrics;
 pub mod merge;
 pub mod nodes;
 mod stale;
-mod endpoints;
 pub mod timeline;
 mod vip_state;
 
@@ -21,7 +21,11 @@ pub use diagnosis::{Cause, Finding, VipDiagnosis};
 pub use timeline::{Bucket, Timeline, COARSE_BUCKETS, FINE_BUCKETS};
 
 use crate::{
-    event::{record::FindingKind, values::Mac, Record},
+    event::{
+        record::{EndpointRec, FindingKind},
+        values::Mac,
+        Record,
+    },
     pipeline::{attribution::own_entry, Sink},
 };
 
@@ -87,8 +91,9 @@ impl Analyzer {
         }
         if let Record::Endpoint(e) = r {
             for vip in &e.vips {
-                self.state(&vip.to_string())
-                    .add_endpoint(t.unwrap_or(0.0), e);
+                let st = self.state(&vip.to_string());
+                st.add_service(&e.service);
+                st.add_endpoint(t.unwrap_or(0.0), e);
             }
             return;
         }
@@ -97,6 +102,9 @@ impl Analyzer {
         };
         let t = t.unwrap_or(0.0);
         let st = self.state(&vip.to_string());
+        if let Some(service) = r.service() {
+            st.add_service(service);
+        }
         match r {
             Record::Drop(d) | Record::Conntrack(d) => st.add_drop(t, d, vip),
             Record::Arp(a) => st.add_arp(t, a),
@@ -137,6 +145,18 @@ impl Analyzer {
             .unwrap_or_default()
     }
 
+    /// The VIP with its Services, as the text outputs name it.
+    pub fn title(&self, vip: &str) -> String {
+        diagnosis::vip_title(vip, &self.services(vip))
+    }
+
+    /// The endpoint changes of the VIP's Services: (time, change).
+    pub fn endpoint_changes(&self, vip: &str) -> &[(f64, Box<EndpointRec>)] {
+        self.vips
+            .get(vip)
+            .map_or(&[], |s| s.endpoint_changes.as_slice())
+    }
+
     /// The MAC that last announced the VIP.
     pub fn owner(&self, vip: &str) -> Option<Mac> {
         self.vips.get(vip)?.changes.last().map(|c| c.new_mac)
@@ -171,6 +191,7 @@ impl Analyzer {
                     .collect();
                 VipDiagnosis {
                     findings,
+                    services: self.services(&vip),
                     vip,
                     limits: Vec::new(),
                 }

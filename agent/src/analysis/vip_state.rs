@@ -72,6 +72,12 @@ pub(super) struct VipState {
 const MAX_MACS: usize = 1024;
 
 impl VipState {
+    pub(super) fn add_service(&mut self, s: &Name) {
+        if self.services.len() < super::endpoints::MAX_SERVICES || self.services.contains(s) {
+            self.services.insert(s.clone());
+        }
+    }
+
     pub(super) fn add_drop(&mut self, t: f64, d: &DropRec, vip: IpAddr) {
         // Benign frees and local noise are no part of any per-VIP view.
         if !d.is_loss() {
@@ -83,11 +89,6 @@ impl VipState {
         } else {
             d.reason.clone()
         };
-        if let Some(s) = &d.service {
-            if self.services.len() < super::endpoints::MAX_SERVICES || self.services.contains(s) {
-                self.services.insert(s.clone());
-            }
-        }
         let b = self.timeline.bucket(t as u64);
         b.drops += 1;
         *b.drops_by_reason.entry(reason.to_string()).or_default() += 1;

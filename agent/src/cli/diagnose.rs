@@ -114,13 +114,13 @@ fn print_diagnosis(diagnosis: &[VipDiagnosis], json: bool) -> anyhow::Result<()>
             continue;
         }
         if d.findings.is_empty() {
-            writeln!(out, "VIP {}: no finding", d.vip)?;
+            writeln!(out, "VIP {}: no finding", d.title())?;
         }
         for (i, f) in d.findings.iter().enumerate() {
             writeln!(
                 out,
                 "VIP {} #{}: {} (confidence {}) from {} to {}\n    evidence: {}\n    hint: {}",
-                d.vip,
+                d.title(),
                 i + 1,
                 f.cause.as_str(),
                 number(f.confidence),

@@ -238,10 +238,18 @@ fn draw(f: &mut Frame<'_>, st: &State, view: &mut View, rows_now: &[[String; 7]]
     ])
     .areas(f.area());
     f.render_widget(Paragraph::new(Line::from(title(st, view))).bold(), head);
-    let visible: Vec<&[String; 7]> = rows_now
+    // The VIP with its Services (kube-proxy's rules), which the filter matches too.
+    let visible: Vec<(String, &[String; 7])> = rows_now
         .iter()
-        .filter(|r| view.filter.is_empty() || r[0].contains(&view.filter))
+        .map(|r| (st.analyzer.title(&r[0]), r))
+        .filter(|(t, _)| view.filter.is_empty() || t.contains(&view.filter))
         .collect();
+    let vip_width = visible
+        .iter()
+        .map(|(t, _)| t.len())
+        .max()
+        .unwrap_or(0)
+        .clamp(18, 48);
     view.selected = view.selected.min(visible.len().saturating_sub(1));
     let header = Row::new([
         "VIP",
@@ -254,9 +262,11 @@ fn draw(f: &mut Frame<'_>, st: &State, view: &mut View, rows_now: &[[String; 7]]
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
     let table = Table::new(
-        visible.iter().map(|r| Row::new(r.iter().cloned())),
+        visible
+            .iter()
+            .map(|(t, r)| Row::new(std::iter::once(t.clone()).chain(r[1..].iter().cloned()))),
         [
-            Constraint::Length(18),
+            Constraint::Length(vip_width as u16),
             Constraint::Length(36),
             Constraint::Length(8),
             Constraint::Length(24),
@@ -270,7 +280,7 @@ fn draw(f: &mut Frame<'_>, st: &State, view: &mut View, rows_now: &[[String; 7]]
     .block(Block::bordered().title(" VIPs "));
     let mut ts = TableState::default().with_selected(Some(view.selected));
     f.render_stateful_widget(table, table_area, &mut ts);
-    let selected = visible.get(view.selected).map(|r| r[0].clone());
+    let selected = visible.get(view.selected).map(|(_, r)| r[0].clone());
     let lines: Vec<Line<'_>> = selected
         .as_ref()
         .and_then(|v| st.recent.get(v))

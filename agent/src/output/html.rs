@@ -167,8 +167,9 @@ table{{border-collapse:collapse;margin:.5em 0;max-width:100%}}td p{{margin:.2em 
         let vip = d.vip.as_str();
         let _ = write!(
             o,
-            "<section class=\"vip\" data-vip=\"{0}\"><h2>VIP {0}</h2>",
-            esc(vip)
+            "<section class=\"vip\" data-vip=\"{}\"><h2>VIP {}</h2>",
+            esc(vip),
+            esc(&d.title())
         );
         o.push_str(&chart(a, vip, &colour));
         findings_table(&mut o, d, t0);
@@ -198,6 +199,14 @@ fn findings_table(o: &mut String, d: &VipDiagnosis, t0: f64) {
         );
     }
     o.push_str("</table>");
+    let statements: Vec<&String> = d.findings.iter().flat_map(|f| &f.statements).collect();
+    if !statements.is_empty() {
+        o.push_str("<ul class=\"statements\">");
+        for s in statements {
+            let _ = write!(o, "<li>{}</li>", esc(s));
+        }
+        o.push_str("</ul>");
+    }
 }
 
 /// The flows that lost the most packets for the VIP (loss only).

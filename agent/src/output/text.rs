@@ -148,18 +148,22 @@ fn discovered_line(d: &VipDiscoveredRec) -> String {
     format!("lbtrace: discovered VIP {} (announced by {})", d.vip, d.mac)
 }
 
-fn endpoint_line(e: &EndpointRec) -> String {
+/// `ns/svc:port added 10.0.0.2:8080`, `ns/svc:port entered no local endpoints (netns N)`.
+pub fn endpoint_change(e: &EndpointRec) -> String {
     let what = match (e.endpoint, e.state) {
         (Some(ep), _) => ep.to_string(),
         (None, Some(s)) => format!("{} (netns {})", s.as_str(), e.netns.unwrap_or(0)),
         (None, None) => "-".to_owned(),
     };
+    format!("{} {} {what}", e.service, e.change.as_str())
+}
+
+fn endpoint_line(e: &EndpointRec) -> String {
     let vips: Vec<String> = e.vips.iter().map(ToString::to_string).collect();
     format!(
-        "{} ENDPOINT         {} {} {what} vips {}",
+        "{} ENDPOINT         {} vips {}",
         clock(e.time),
-        e.service,
-        e.change.as_str(),
+        endpoint_change(e),
         vips.join(",")
     )
 }

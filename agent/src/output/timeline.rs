@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use crate::{
     analysis::{nodes::NodeNames, Analyzer, Bucket, Finding, VipDiagnosis},
     event::values::Mac,
+    output::text::endpoint_change,
 };
 
 /// A number as JSON writes it (`0.9`, `11.0`): the form the diagnosis always printed.
@@ -23,19 +24,21 @@ pub fn clock(sec: u64) -> String {
     )
 }
 
-/// One line per non-empty bucket, with ownership moves and findings marked.
+/// One line per non-empty bucket, with ownership moves, endpoint changes (kube-proxy's rules)
+/// and findings marked.
 pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "timeline for VIP {vip}");
+    let _ = writeln!(o, "timeline for VIP {}", a.title(vip));
     let Some(tl) = a.timeline(vip) else {
         let _ = writeln!(o, "  (no events for this VIP)");
         return o;
     };
-    let changes = a.changes(vip);
-    let mut moves = changes.iter().peekable();
+    let mut marks = marks(a, vip);
+    marks.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let mut marks = marks.into_iter().peekable();
     for (start, width, b) in tl.buckets() {
-        while let Some(m) = moves.next_if(|(t, _, _)| *t as u64 <= start) {
-            move_line(&mut o, m, &a.nodes);
+        while let Some((t, line)) = marks.next_if(|(t, _)| *t as u64 <= start) {
+            let _ = writeln!(o, "{}  >>> {line}", clock(t as u64));
         }
         let parts = bucket_parts(b, &a.nodes);
         if !parts.is_empty() {
@@ -47,8 +50,8 @@ pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> Str
             let _ = writeln!(o, "{}{w}  {}", clock(start), parts.join("; "));
         }
     }
-    for m in moves {
-        move_line(&mut o, m, &a.nodes);
+    for (t, line) in marks {
+        let _ = writeln!(o, "{}  >>> {line}", clock(t as u64));
     }
     let findings: Vec<&Finding> = diagnosis
         .iter()
@@ -80,18 +83,22 @@ pub fn text_timeline(a: &Analyzer, vip: &str, diagnosis: &[VipDiagnosis]) -> Str
     o
 }
 
-fn move_line(o: &mut String, (t, from, to): &(f64, Option<Mac>, Mac), nodes: &NodeNames) {
-    let on = |m: Mac| match nodes.of_mac(m) {
+/// The VIP's moves (with the node that holds each MAC, when known) and its Services' endpoint
+/// changes, each with its time.
+fn marks(a: &Analyzer, vip: &str) -> Vec<(f64, String)> {
+    let on = |m: Mac, nodes: &NodeNames| match nodes.of_mac(m) {
         Some(n) => format!("{m} ({n})"),
         None => m.to_string(),
     };
-    let _ = writeln!(
-        o,
-        "{}  >>> VIP moved {} -> {}",
-        clock(*t as u64),
-        from.map_or("?".to_owned(), on),
-        on(*to)
-    );
+    let moves = a.changes(vip).into_iter().map(|(t, from, to)| {
+        let from = from.map_or("?".to_owned(), |m| on(m, &a.nodes));
+        (t, format!("VIP moved {from} -> {}", on(to, &a.nodes)))
+    });
+    let endpoints = a
+        .endpoint_changes(vip)
+        .iter()
+        .map(|(t, e)| (*t, format!("endpoint {}", endpoint_change(e))));
+    moves.chain(endpoints).collect()
 }
 
 /// What a bucket holds, as parts of its line.
