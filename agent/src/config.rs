@@ -40,6 +40,8 @@ pub struct FileConfig {
     pub sample_limit: Option<u32>,
     pub max_vips: Option<u32>,
     pub nat_entries: Option<u32>,
+    /// Seconds between reads of kube-proxy's rules (0: not read).
+    pub kube_proxy_interval: Option<f64>,
 }
 
 /// A validated file.
@@ -117,6 +119,10 @@ impl Config {
                 ));
             }
         }
+        if let Some(i) = file.kube_proxy_interval {
+            crate::kernel::kubeproxy::interval(i)
+                .map_err(|e| format!("kube_proxy_interval: {e}"))?;
+        }
         Ok(Self {
             vips,
             metrics_addr,
@@ -152,6 +158,10 @@ mod tests {
             .unwrap_err()
             .starts_with("ring_size"));
         assert!(Config::parse("vips = 3").is_err());
+        assert!(Config::parse("kube_proxy_interval = -1")
+            .unwrap_err()
+            .starts_with("kube_proxy_interval"));
+        assert!(Config::parse("kube_proxy_interval = 0.5").is_ok());
         assert!(!Config::parse("vips = [").unwrap_err().contains('\n'));
     }
 }

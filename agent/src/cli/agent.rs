@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use lbtrace::{
     config::Config,
     event::{Clock, Namer},
-    kernel::{btf::DropReasons, privileges},
+    kernel::{btf::DropReasons, kubeproxy, privileges},
     output::{
         http,
         metrics::{Metrics, MetricsSink},
@@ -142,7 +142,15 @@ fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
             .nat_entries
             .or(f.nat_entries)
             .unwrap_or(DEFAULT_NAT_ENTRIES),
-        kube_proxy_interval: args.kube_proxy_interval,
+        kube_proxy_interval: match args.kube_proxy_interval {
+            Some(i) => i,
+            None => f
+                .kube_proxy_interval
+                .map(kubeproxy::interval)
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or(kubeproxy::DEFAULT_INTERVAL),
+        },
     })
 }
 

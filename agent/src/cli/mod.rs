@@ -238,17 +238,17 @@ pub struct AgentArgs {
     /// at 50k new connections/s]. Evictions are counted.
     #[arg(long, env = "LBTRACE_NAT_ENTRIES", value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub(crate) nat_entries: Option<u32>,
-    /// How often kube-proxy's rules are read again (0: not at all).
-    #[arg(long, env = "LBTRACE_KUBE_PROXY_INTERVAL", value_name = "SECS", default_value = "1", value_parser = parse_interval)]
-    pub(crate) kube_proxy_interval: Duration,
+    /// How often kube-proxy's rules are read again, in seconds (0: not at all) [default: 1].
+    #[arg(long, env = "LBTRACE_KUBE_PROXY_INTERVAL", value_name = "SECS", value_parser = parse_interval)]
+    pub(crate) kube_proxy_interval: Option<Duration>,
 }
 
 /// Seconds, fractions allowed; 0 is allowed (off).
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!("`{s}` is not a number of seconds from 0 to 3600")),
-    }
+    let secs = s
+        .parse::<f64>()
+        .map_err(|_| format!("`{s}` is not a number of seconds from 0 to 3600"))?;
+    lbtrace::kernel::kubeproxy::interval(secs)
 }
 
 fn parse_netns(s: &str) -> Result<u32, String> {

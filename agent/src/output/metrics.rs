@@ -3,7 +3,8 @@
 //! Label cardinality is bounded: at most [`MAX_VIP_LABELS`] VIPs get their own label (the rest
 //! count under `vip="other"`, and `lbtrace_label_overflow_total` says how many events did), at
 //! most [`MAX_MAC_LABELS`] MACs per VIP, and reasons come from the kernel's finite enum.
-//! Events attributed to no VIP count under `vip="none"`.
+//! Events attributed to no VIP count under `vip="none"`. A VIP's drops carry the `service`
+//! (`ns/name`) kube-proxy's rules give it: one per VIP label, so no more series.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +25,7 @@ use crate::{
     kernel::btf::DropReasons,
     pipeline::{
         attribution::{own_entry, OTHER},
+        services::Catalog,
         Housekeeping, Sink,
     },
     probes::{AggCount, KernelCounters},
@@ -98,6 +100,9 @@ pub struct Metrics {
     maps_bytes: u64,
     /// Series for the cluster-wide view (alert rules, `diagnose --prometheus`).
     cluster: ClusterSeries,
+    /// The Services of each labelled VIP, and the rules skipped, from kube-proxy's rules.
+    services: BTreeMap<IpAddr, String>,
+    kube_skipped: Option<u64>,
 }
 
 fn escape(v: &str) -> String {
@@ -242,6 +247,7 @@ impl Metrics {
                 self.owners
                     .insert(label, (o.new_mac, o.new_netns.unwrap_or_default()));
             }
+            Record::Endpoint(_) => *self.events.entry("endpoint").or_default() += 1,
             _ => {}
         }
     }
@@ -274,6 +280,17 @@ impl Metrics {
         self.kernel = k.clone();
     }
 
+    /// The VIPs' Services in kube-proxy's rules (for VIPs with a label of their own only).
+    pub fn kube_proxy(&mut self, c: &Catalog) {
+        self.services = self
+            .vip_labels
+            .iter()
+            .map(|v| (*v, c.vip_services(*v).join(",")))
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
+        self.kube_skipped = Some(c.stats().rules_skipped);
+    }
+
     pub fn conntrack_tables(&mut self, entries: BTreeMap<u32, u64>, max: Option<u64>) {
         self.conntrack_entries = entries;
         self.conntrack_max = max;
@@ -298,12 +315,14 @@ impl Metrics {
             *drops.entry(k.clone()).or_default() += n;
         }
         for ((vip, reason), n) in &drops {
+            let service = match vip {
+                VipLabel::Vip(ip) => self.services.get(ip),
+                _ => None,
+            };
             let vip = vip.to_string();
-            e.sample(
-                "lbtrace_drops_total",
-                &[("vip", &vip), ("reason", reason)],
-                n,
-            );
+            let mut labels = vec![("vip", vip.as_str()), ("reason", reason)];
+            labels.extend(service.map(|s| ("service", s.as_str())));
+            e.sample("lbtrace_drops_total", &labels, n);
         }
         e.family(
             "lbtrace_kernel_drops_total",
@@ -477,6 +496,14 @@ impl Metrics {
                 u8::from(p.state.attached()),
             );
         }
+        if let Some(n) = self.kube_skipped {
+            e.family(
+                "lbtrace_kube_proxy_rules_skipped",
+                "gauge",
+                "Rules in kube-proxy's tables of a shape lbtrace does not know (skipped).",
+            );
+            e.sample("lbtrace_kube_proxy_rules_skipped", &[], n);
+        }
         e.family(
             "lbtrace_label_overflow_total",
             "counter",
@@ -555,6 +582,9 @@ impl Sink for MetricsSink {
             m.nat = h.nat;
         }
         m.conntrack_tables(h.tables.entries(), h.tables.max);
+        if let Some(c) = h.kube {
+            m.kube_proxy(c);
+        }
     }
 }
 
@@ -577,6 +607,44 @@ mod tests {
         let text = m.render();
         assert!(text.contains("lbtrace_label_overflow_total{node=\"n\"} 5"));
         assert!(text.contains("# TYPE lbtrace_drops_total counter"));
+    }
+
+    #[test]
+    fn drops_carry_the_vips_service() {
+        use crate::{
+            event::{record::DropRec, values::Time},
+            kernel::kubeproxy::{Frontend, FrontendKind, Mode, NodeRules, Snapshot},
+        };
+        let vip: IpAddr = "10.200.0.100".parse().unwrap();
+        let mut rules = NodeRules::default();
+        rules.modes.insert(Mode::Nftables);
+        rules.skipped = 2;
+        let f = Frontend {
+            ip: vip,
+            proto: 6,
+            port: 80,
+        };
+        rules
+            .frontends
+            .insert(f, ("lab/a:http".into(), FrontendKind::External));
+        let mut c = Catalog::default();
+        c.update(Snapshot {
+            at: Time::now(),
+            nodes: [(1, rules)].into(),
+        });
+        let mut m = Metrics::new("n".into(), Vec::new(), 0);
+        m.record(&Record::Drop(DropRec {
+            vip: Some(vip),
+            reason: "NO_SOCKET".into(),
+            ..Default::default()
+        }));
+        m.kube_proxy(&c);
+        let text = m.render();
+        assert!(
+            text.contains(r#"lbtrace_drops_total{vip="10.200.0.100",reason="NO_SOCKET",service="lab/a",node="n"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"lbtrace_kube_proxy_rules_skipped{node="n"} 2"#));
     }
 
     #[test]

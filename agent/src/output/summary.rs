@@ -17,7 +17,7 @@ use crate::{
         Record,
     },
     kernel::conntrack::TableReport,
-    pipeline::Pipeline,
+    pipeline::{services::KubeProxyStats, Pipeline},
     probes::{probe_name, KernelCounters, Tracer},
 };
 
@@ -141,8 +141,11 @@ pub struct Summary {
     /// Who announces each VIP, its ownership changes and findings.
     pub vip_owners: BTreeMap<String, OwnerSummary>,
     pub findings: Vec<FindingRec>,
-    /// VIPs learned from gratuitous announcements (`--discover-vips`).
+    /// VIPs learned from gratuitous announcements or kube-proxy's rules (`--discover-vips`).
     pub discovered_vips: Vec<String>,
+    /// What kube-proxy's rules gave (absent when they were not read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_proxy: Option<KubeProxyStats>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -210,6 +213,7 @@ impl Summary {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            kube_proxy: p.kube.as_ref().map(|k| k.catalog.stats()),
         }
     }
 
@@ -255,6 +259,18 @@ impl Summary {
             writeln!(
                 out,
                 "vip {vip}: {n} benign frees or local noise, not loss (--all-drops shows them)"
+            )?;
+        }
+        if let Some(k) = &self.kube_proxy {
+            let modes: Vec<&str> = k.modes.iter().map(|m| m.as_str()).collect();
+            writeln!(
+                out,
+                "kube-proxy: rules in {} namespace(s) ({}), {} Service ports, {} endpoint changes, {} rules of an unknown shape skipped",
+                k.namespaces,
+                if modes.is_empty() { "none".to_owned() } else { modes.join(", ") },
+                k.service_ports,
+                k.endpoint_changes,
+                k.rules_skipped
             )?;
         }
         writeln!(

@@ -72,6 +72,8 @@ pub struct Housekeeping<'a> {
     pub reasons: &'a DropReasons,
     /// The NAT map's occupancy, counted every [`NAT_COUNT_INTERVAL`] once it learned anything.
     pub nat: Option<NatOccupancy>,
+    /// kube-proxy's rules, when they are read.
+    pub kube: Option<&'a services::Catalog>,
 }
 
 /// A NAT map key walk costs about a microsecond per entry: rare enough to stay cheap, more often
@@ -371,6 +373,7 @@ impl<'s> Pipeline<'s> {
             tables: &self.tables,
             reasons: self.namer.reasons(),
             nat: self.nat.map(|(n, _)| n),
+            kube: self.kube.as_ref().map(|k| &k.catalog),
         };
         for s in &mut self.sinks {
             s.housekeeping(&h);

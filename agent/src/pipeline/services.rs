@@ -15,8 +15,9 @@ use crate::{
         values::{Mac, Name, Time},
         Record,
     },
-    kernel::kubeproxy::{self, Endpoint, Frontend, NoEndpoints, NodeRules, Snapshot},
+    kernel::kubeproxy::{self, Endpoint, Frontend, Mode, NoEndpoints, NodeRules, Snapshot},
 };
+use serde::{Deserialize, Serialize};
 
 /// The catalog fed by the rules reader's snapshots.
 pub struct KubeProxy {
@@ -49,8 +50,26 @@ impl KubeProxy {
         while let Ok(s) = self.rx.try_recv() {
             out.extend(self.catalog.update(s));
         }
+        self.catalog.changes += out
+            .iter()
+            .filter(|r| matches!(r, Record::Endpoint(e) if e.change != EndpointChange::Present))
+            .count() as u64;
         out
     }
+}
+
+/// What the rules reader saw, for the summary and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KubeProxyStats {
+    /// Namespaces (nodes) whose rules were read last.
+    pub namespaces: usize,
+    pub modes: Vec<Mode>,
+    pub service_ports: usize,
+    /// `endpoint` records of changes (not the ones present at the start).
+    pub endpoint_changes: u64,
+    /// Rules of a shape lbtrace does not know, skipped (a newer kube-proxy, hand-made rules).
+    pub rules_skipped: u64,
 }
 
 /// What the catalog knows, merged over every node's rules.
@@ -69,6 +88,8 @@ pub struct Catalog {
     last_read: BTreeMap<u32, Time>,
     /// Records of the first read, made before the pipeline ran.
     pending: Vec<Record>,
+    /// Endpoint changes made into records.
+    changes: u64,
 }
 
 /// How long lbtrace waits for the first read of the rules.
@@ -99,6 +120,34 @@ fn service_of(port: &str) -> &str {
 impl Catalog {
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    pub fn stats(&self) -> KubeProxyStats {
+        let modes: BTreeSet<Mode> = self.nodes.values().flat_map(|r| r.modes.clone()).collect();
+        let ports: BTreeSet<&Name> = self
+            .nodes
+            .values()
+            .flat_map(|r| r.frontends.values().map(|(n, _)| n))
+            .collect();
+        KubeProxyStats {
+            namespaces: self.nodes.len(),
+            modes: modes.into_iter().collect(),
+            service_ports: ports.len(),
+            endpoint_changes: self.changes,
+            rules_skipped: self.skipped,
+        }
+    }
+
+    /// The Services (`ns/name`) whose LoadBalancer IP `vip` is.
+    pub fn vip_services(&self, vip: IpAddr) -> Vec<&str> {
+        let names: BTreeSet<&str> = self
+            .lb
+            .get(&vip)
+            .into_iter()
+            .flatten()
+            .map(|n| service_of(n))
+            .collect();
+        names.into_iter().collect()
     }
 
     /// Takes a new snapshot; returns the `endpoint` records of what changed since the last
@@ -328,7 +377,7 @@ fn at(s: f64) -> Time {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::kubeproxy::{FrontendKind, Mode};
+    use crate::kernel::kubeproxy::FrontendKind;
 
     fn node(eps: &[&str], no_local: bool) -> NodeRules {
         let mut r = NodeRules::default();

@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use poll::{spawn, Snapshot, DEFAULT_INTERVAL};
+pub use poll::{interval, spawn, Snapshot, DEFAULT_INTERVAL};
 
 use crate::event::values::{L4Proto, Name};
 
@@ -26,6 +26,15 @@ use crate::event::values::{L4Proto, Name};
 pub enum Mode {
     Nftables,
     Iptables,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nftables => "nftables",
+            Self::Iptables => "iptables",
+        }
+    }
 }
 
 /// A Service's address, protocol and port as clients (or pods) address it.

@@ -14,6 +14,17 @@ use super::{iptables, nft, NodeRules};
 use crate::{event::values::Time, kernel::netns};
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A re-read interval in seconds (fractions allowed; 0: rules not read at all).
+pub fn interval(secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && (0.0..=3600.0).contains(&secs) {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(format!(
+            "`{secs}` is not a number of seconds from 0 to 3600"
+        ))
+    }
+}
 /// How often every namespace is looked at, not only those known to hold kube-proxy's rules.
 const RESCAN: Duration = Duration::from_secs(10);
 
