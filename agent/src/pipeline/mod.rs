@@ -242,6 +242,9 @@ impl<'s> Pipeline<'s> {
             if let Some(node) = &self.node {
                 r.set_node(node);
             }
+            if let Some(k) = &self.kube {
+                k.catalog.annotate(&mut r);
+            }
             self.emit(&r, true);
         }
     }
