@@ -41,6 +41,11 @@ pub enum ProbeId {
     NetifReceiveTracepoint = 6,
     NeighUpdateBtf = 7,
     NeighUpdateTracepoint = 8,
+    /// kprobe + kretprobe on `__nf_conntrack_confirm` and `__nf_conntrack_alloc`: conntrack's
+    /// own verdicts classify NETFILTER_DROPs.
+    CtVerdictKprobes = 9,
+    /// No hook of its own: kfree_skb compares conntrack's per-CPU statistics.
+    CtStatistics = 10,
 }
 
 impl TryFrom<u8> for ProbeId {
@@ -56,6 +61,8 @@ impl TryFrom<u8> for ProbeId {
             6 => Ok(Self::NetifReceiveTracepoint),
             7 => Ok(Self::NeighUpdateBtf),
             8 => Ok(Self::NeighUpdateTracepoint),
+            9 => Ok(Self::CtVerdictKprobes),
+            10 => Ok(Self::CtStatistics),
             other => Err(other),
         }
     }
@@ -505,6 +512,25 @@ pub const STAT_SAMPLED_OUT: u32 = 7;
 pub const STAT_AGG_FULL: u32 = 8;
 pub const STAT_COUNT: u32 = 9;
 
+/// The one per-CPU slot of `CT_VERDICT`: what conntrack's hooks saw last on this CPU, for the
+/// NETFILTER_DROP that follows in the same call chain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtVerdict {
+    /// Set by the agent once the hooks are attached: kfree_skb then classifies from this slot
+    /// instead of the statistics.
+    pub hooked: u64,
+    /// The skb `__nf_conntrack_confirm` is working on (its entry probe).
+    pub confirming: u64,
+    /// The skb whose confirm returned NF_DROP (insert_failed), until kfree_skb takes it.
+    pub refused: u64,
+    /// The `struct net` `__nf_conntrack_alloc` is allocating in (its entry probe).
+    pub allocating: u64,
+    /// The `struct net` whose allocation failed (table full), until kfree_skb takes it.
+    pub full: u64,
+}
+const _: () = assert!(size_of::<CtVerdict>() == 40);
+
 /// Key of `CT_LAST`: the last conntrack statistics seen per netns and CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -596,6 +622,8 @@ pub const MAP_REASON_FILTER: &str = "REASON_FILTER";
 pub const MAP_HOST_FILTER: &str = "HOST_FILTER";
 pub const MAP_CT_COUNTS: &str = "CT_COUNTS";
 pub const MAP_CT_LAST: &str = "CT_LAST";
+/// Per-CPU [`CtVerdict`] (one slot).
+pub const MAP_CT_VERDICT: &str = "CT_VERDICT";
 pub const MAP_NAT: &str = "NAT";
 pub const MAP_AGG: &str = "AGG";
 pub const MAP_VIPS4: &str = "VIPS4";
@@ -630,6 +658,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatOrigin {}
     unsafe impl aya::Pod for super::CtStatKey {}
     unsafe impl aya::Pod for super::CtStatValue {}
+    unsafe impl aya::Pod for super::CtVerdict {}
     unsafe impl aya::Pod for super::Vip4Key {}
     unsafe impl aya::Pod for super::Vip6Key {}
     unsafe impl aya::Pod for super::AggKey {}
