@@ -50,6 +50,11 @@ pub const CHECKS: &[Check] = &[
         "full_table_counts_table_full_exactly",
     ),
     c(
+        "conntrack hooks = statistics",
+        "conntrack",
+        "hooks_and_statistics_count_the_same",
+    ),
+    c(
         "DNAT attribution",
         "conntrack",
         "dnat_drops_in_pod_netns_carry_the_vip",
