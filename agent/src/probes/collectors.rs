@@ -203,6 +203,7 @@ pub(crate) const COLLECTORS: &[Collector] = &[
             },
             ProbeSpec {
                 id: ProbeId::CtStatistics,
+                // The drop program itself, whichever attached.
                 program: "kfree_skb",
                 hook: Hook::Statistics,
             },
@@ -361,7 +362,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::verifier_reason;
+    use super::{probe_name, verifier_reason, COLLECTORS};
+
+    #[test]
+    fn every_probe_can_be_named_in_the_disable_list() {
+        let names: Vec<&str> = COLLECTORS
+            .iter()
+            .flat_map(|c| c.probes)
+            .map(|p| probe_name(p.id))
+            .collect();
+        for n in &names {
+            assert!(!n.contains(','), "{n}");
+            assert_eq!(names.iter().filter(|m| *m == n).count(), 1, "{n}");
+        }
+    }
 
     #[test]
     fn the_reason_is_the_last_line_before_the_statistics() {
