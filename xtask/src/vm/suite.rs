@@ -123,7 +123,7 @@ ip link set lo up
     };
     for c in checks {
         s.push_str(&format!(
-            "echo 'VMTEST-BEGIN {t}'\ntimeout {TEST_TIMEOUT} /t/{b} --exact {t} --test-threads=1 2>&1\necho \"VMTEST-END {t} $?\"\n",
+            "echo 'VMTEST-BEGIN {t}'\ntimeout {TEST_TIMEOUT} /t/{b} --exact {t} --test-threads=1 --show-output 2>&1\necho \"VMTEST-END {t} $?\"\n",
             t = c.test,
             b = c.bin,
         ));
