@@ -172,8 +172,14 @@ fn snat_exhaustion(forced_statistics: bool) -> (CtPath, u64, u64) {
             let plain = (0..PLAIN)
                 .map(|_| traffic::udp_send(plain_dst, 1, 8).unwrap())
                 .sum::<u32>();
-            let sent = (0..FLOWS)
-                .map(|_| traffic::udp_send(dst, 1, 8).unwrap())
+            // All sockets stay open until every flow is sent, so each has its own source port
+            // (closed ones may be reused, and the check below counts ports).
+            let socks: Vec<_> = (0..FLOWS)
+                .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+                .collect();
+            let sent = socks
+                .iter()
+                .map(|s| u32::from(s.send_to(&[0x5a; 8], dst).unwrap() == 8))
                 .sum::<u32>();
             (sent, plain)
         })
