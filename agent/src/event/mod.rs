@@ -3,6 +3,7 @@
 pub mod class;
 pub mod decode;
 pub mod record;
+pub mod speaker;
 pub mod values;
 
 use std::{collections::HashMap, sync::Arc};
