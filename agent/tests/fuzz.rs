@@ -15,7 +15,8 @@ use std::{
 };
 
 use agent_common::{
-    ArpRecord, CtEvent, DropRecord, NeighRecord, ProbeId, RecordKind, FAMILY_IPV4, FAMILY_IPV6,
+    ArpRecord, CtEvent, DropRecord, NeighRecord, ProbeId, ProcRecord, RecordKind, FAMILY_IPV4,
+    FAMILY_IPV6,
 };
 use lbtrace::{
     analysis::Analyzer,
@@ -168,7 +169,7 @@ fn fuzz_decode_arbitrary_bytes() {
                 Err(DecodeError::Truncated { len, need, .. }) => {
                     prop_assert!(len < need && len == bytes.len())
                 }
-                Err(DecodeError::UnknownKind(k)) => prop_assert!(!(1..=3).contains(&k)),
+                Err(DecodeError::UnknownKind(k)) => prop_assert!(!(1..=4).contains(&k)),
             }
             Ok(())
         },
@@ -181,6 +182,7 @@ fn record(kind: u16) -> impl Strategy<Value = Vec<u8>> {
         Ok(RecordKind::Drop) => size_of::<DropRecord>(),
         Ok(RecordKind::Arp) => size_of::<ArpRecord>(),
         Ok(RecordKind::Neigh) => size_of::<NeighRecord>(),
+        Ok(RecordKind::Proc) => size_of::<ProcRecord>(),
         Err(_) => 16,
     };
     (
@@ -211,7 +213,7 @@ fn record(kind: u16) -> impl Strategy<Value = Vec<u8>> {
 
 #[test]
 fn fuzz_decode_valid_records_keep_every_value() {
-    let kinds = prop_oneof![Just(1u16), Just(2u16), Just(3u16), any::<u16>()];
+    let kinds = prop_oneof![Just(1u16), Just(2u16), Just(3u16), Just(4u16), any::<u16>()];
     fuzz(
         regressions!("decode_valid_records"),
         5000,
@@ -272,12 +274,19 @@ fn fuzz_decode_valid_records_keep_every_value() {
                     prop_assert_eq!((n.old_state, n.new_state), (r.old_state, r.new_state));
                     prop_assert!(ifname_ok(&n.ifname, &r.ifname));
                 }
+                Event::Proc(p) => {
+                    let r: ProcRecord = from_bytes(&bytes);
+                    prop_assert_eq!((p.pid, p.netns, p.signal), (r.pid, r.netns, r.signal));
+                    prop_assert!(ifname_ok(&p.comm, &r.comm));
+                    prop_assert_eq!(p.oom.total_vm_kb, r.total_vm_kb);
+                }
             }
             // One byte short of its kind's record: an error, never a guess.
             let need = match &event {
                 Event::Drop(_) => size_of::<DropRecord>(),
                 Event::Arp(_) => size_of::<ArpRecord>(),
                 Event::Neigh(_) => size_of::<NeighRecord>(),
+                Event::Proc(_) => size_of::<ProcRecord>(),
             };
             let short = decode(&bytes[..need - 1]);
             prop_assert!(
@@ -802,6 +811,7 @@ fn corpus_records() {
             Ok(Event::Drop(_)) => "drop",
             Ok(Event::Arp(_)) => "arp",
             Ok(Event::Neigh(_)) => "neigh",
+            Ok(Event::Proc(_)) => "proc",
             Err(DecodeError::Truncated { .. }) => "truncated",
             Err(DecodeError::UnknownKind(_)) => "unknown-kind",
         };
