@@ -85,7 +85,7 @@ pub fn handle_exec<M: Mem>(task: u64, probe: ProbeId) {
     let Ok(comm) = bpf_get_current_comm() else {
         return;
     };
-    if SPEAKER_COMMS.get_ptr(&comm).is_none() {
+    if SPEAKER_COMMS.get_ptr(comm).is_none() {
         return;
     }
     let mut rec = record(PROC_EXEC, probe, current_tgid());
