@@ -24,7 +24,7 @@ const COMM: &str = "garp-child";
 /// A node namespace with a VIP's subnet on a veth to a peer namespace.
 struct Node {
     ns: Netns,
-    _peer: Netns,
+    peer: Netns,
     ifname: String,
     vip: String,
 }
@@ -46,7 +46,7 @@ fn node(third: u8) -> Node {
     .unwrap();
     Node {
         ns,
-        _peer: peer,
+        peer,
         ifname: a,
         vip: format!("10.200.{third}.100"),
     }
@@ -382,12 +382,13 @@ fn without_the_process_and_oom_probes_doctor_says_so_and_the_rest_works() {
 
     // Drops and announcements still come through, counted as the workload made them.
     let n = node(76);
-    n.ns
-        .nft("table inet lbtdis {\n counter c {}\n chain in {\n  type filter hook output priority 0;\n  udp dport 9 counter name c drop\n }\n}\n")
+    n.peer
+        .nft("table inet lbtdis {\n counter c {}\n chain in {\n  type filter hook input priority 0;\n  udp dport 9 counter name c drop\n }\n}\n")
         .unwrap();
     let mut cmd = lbtest::lbtrace::binary().unwrap();
     cmd.env("LBTRACE_DISABLE_PROBES", OFF);
-    let w = Watch::start_via(cmd, &["--json", "--netns", &n.ns.inode.to_string()]).unwrap();
+    let netns = format!("{},{}", n.ns.inode, n.peer.inode);
+    let w = Watch::start_via(cmd, &["--json", "--netns", &netns]).unwrap();
     let sent =
         n.ns.run(|| lbtest::traffic::udp_send("10.200.76.2:9".parse().unwrap(), 25, 64).unwrap())
             .unwrap();
@@ -395,7 +396,7 @@ fn without_the_process_and_oom_probes_doctor_says_so_and_the_rest_works() {
     assert!(status.success());
     std::thread::sleep(Duration::from_millis(300));
     let f = w.stop_ok();
-    let dropped = n.ns.nft_counter("inet", "lbtdis", "c").unwrap();
+    let dropped = n.peer.nft_counter("inet", "lbtdis", "c").unwrap();
     assert_eq!((sent as u64, dropped), (25, 25));
     let drops = f
         .drops("NETFILTER_DROP")
