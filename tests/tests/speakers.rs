@@ -380,6 +380,23 @@ fn without_the_process_and_oom_probes_doctor_says_so_and_the_rest_works() {
         .unwrap();
     assert!(signal.starts_with("ok"), "the others stay: {signal}");
 
+    // The agent's metrics say the same, and it runs.
+    let agent = lbtest::agent::Agent::start(&[], &[("LBTRACE_DISABLE_PROBES", OFF)]).unwrap();
+    for (probe, collector) in [
+        ("tp_btf/sched_process_exit", "exit"),
+        ("tracepoint/oom/mark_victim", "oom"),
+    ] {
+        let series = format!("lbtrace_probe_attached{{probe=\"{probe}\",collector=\"{collector}\"");
+        assert_eq!(agent.metric(&series), Some(0), "{series}");
+    }
+    let series = "lbtrace_probe_attached{probe=\"tp_btf/signal_generate\",collector=\"signal\"";
+    assert_eq!(agent.metric(series), Some(1));
+    assert_eq!(agent.metric("lbtrace_oom_kills_total"), Some(0));
+    let (code, health) = agent.get("/healthz").unwrap();
+    assert_eq!(code, 200, "{health}");
+    assert!(health.contains("no probe for exit"), "{health}");
+    agent.stop().unwrap();
+
     // Drops and announcements still come through, counted as the workload made them.
     let n = node(76);
     n.peer
