@@ -99,10 +99,9 @@ fn wait(mut child: Child) -> ExitStatus {
     child.wait().expect("wait for garp-child")
 }
 
-#[test]
-fn an_exit_code_is_recorded_with_the_pid_and_the_vip_announced() {
-    let n = node(71);
-    let w = watch(&["--speaker-comm", COMM]);
+fn exit_code(third: u8, mode: &str) {
+    let n = node(third);
+    let w = watch(&["--speaker-comm", COMM, "--probe-mode", mode]);
     let child = speaker(&n, 800, "exit:3");
     let pid = child.id();
     let status = wait(child);
@@ -116,6 +115,16 @@ fn an_exit_code_is_recorded_with_the_pid_and_the_vip_announced() {
     assert_is_the_child(exit, &n);
     assert_eq!(exit["exit_code"], 3);
     assert!(exit["signal"].is_null(), "{exit}");
+}
+
+#[test]
+fn an_exit_code_is_recorded_with_the_pid_and_the_vip_announced() {
+    exit_code(71, "btf");
+}
+
+#[test]
+fn the_classic_tracepoints_record_the_same_exit() {
+    exit_code(77, "tracepoint");
 }
 
 fn killed_by(sig: i32) {
