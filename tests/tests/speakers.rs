@@ -353,6 +353,28 @@ fn memberlist_drops_are_speaker_links_counted_as_nft_counts_them() {
         .filter(|d| d["dport"] == 9)
         .count();
     assert_eq!(ordinary as u64, other, "other drops stay drops");
+
+    // The agent samples drops (here one per key and second) but never memberlist ones: its
+    // counter per node pair equals nft's, while a flood of other drops is sampled out.
+    let agent = lbtest::agent::Agent::start(&["--sample-limit", "1", "--netns", &netns], &[])
+        .expect("agent starts");
+    a.run(|| {
+        lbtest::traffic::udp_send("10.200.75.2:7946".parse().unwrap(), 60, 64).unwrap()
+            + lbtest::traffic::udp_send("10.200.75.2:9".parse().unwrap(), 200, 64).unwrap()
+    })
+    .unwrap();
+    let ml_now = b.nft_counter("inet", "lbtml", "ml").unwrap() - ml;
+    assert_eq!(ml_now, 60);
+    let series = format!(
+        "lbtrace_speaker_link_drops_total{{src_node=\"{}\",dst_node=\"{}\",reason=\"NETFILTER_DROP\"",
+        a.name, b.name
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while agent.metric(&series) != Some(ml_now) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(agent.metric(&series), Some(ml_now), "{series}");
+    agent.stop().unwrap();
 }
 
 #[test]
