@@ -425,7 +425,14 @@ fn without_the_process_and_oom_probes_doctor_says_so_and_the_rest_works() {
     assert_eq!(agent.metric("lbtrace_oom_kills_total"), Some(0));
     let (code, health) = agent.get("/healthz").unwrap();
     assert_eq!(code, 200, "{health}");
-    assert!(health.contains("no probe for exit"), "{health}");
+    assert!(
+        health.starts_with("ok, degraded: no probe for "),
+        "{health}"
+    );
+    for c in ["exec (", "exit (", "oom ("] {
+        assert!(health.contains(c), "{c}: {health}");
+    }
+    assert!(!health.contains("signal ("), "{health}");
     agent.stop().unwrap();
 
     // Drops and announcements still come through, counted as the workload made them.
