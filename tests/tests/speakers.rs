@@ -115,6 +115,14 @@ fn exit_code(third: u8, mode: &str) {
     assert_is_the_child(exit, &n);
     assert_eq!(exit["exit_code"], 3);
     assert!(exit["signal"].is_null(), "{exit}");
+    // Process records are in the kernel's own count too: delivered + lost = seen.
+    let n = |k: &str| f.summary[k].as_u64().unwrap();
+    assert_eq!(
+        n("events_delivered") + n("events_lost"),
+        n("events_seen"),
+        "{}",
+        f.summary
+    );
 }
 
 #[test]
