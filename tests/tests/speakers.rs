@@ -135,10 +135,10 @@ fn the_classic_tracepoints_record_the_same_exit() {
     exit_code(77, "tracepoint");
 }
 
-fn killed_by(sig: i32) {
-    let n = node(if sig == libc::SIGKILL { 72 } else { 73 });
+fn killed_by(sig: i32, third: u8, mode: &str) {
+    let n = node(third);
     // No --speaker-comm: the speaker is learnt from its announcements alone.
-    let w = watch(&[]);
+    let w = watch(&["--probe-mode", mode]);
     let child = speaker(&n, 200, "wait");
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(1500));
@@ -165,12 +165,17 @@ fn killed_by(sig: i32) {
 
 #[test]
 fn sigkill_is_recorded_as_sent_and_as_the_cause_of_the_exit() {
-    killed_by(libc::SIGKILL);
+    killed_by(libc::SIGKILL, 72, "btf");
+}
+
+#[test]
+fn the_classic_tracepoints_record_the_same_sigkill() {
+    killed_by(libc::SIGKILL, 78, "tracepoint");
 }
 
 #[test]
 fn sigterm_is_recorded_as_sent_and_as_the_cause_of_the_exit() {
-    killed_by(libc::SIGTERM);
+    killed_by(libc::SIGTERM, 73, "btf");
 }
 
 /// A cgroup v1 memory cgroup of ours with a limit, removed when dropped (its processes are
@@ -266,10 +271,19 @@ impl Drop for OomTrace {
 
 #[test]
 fn an_oom_kill_in_a_memory_cgroup_is_recorded_with_the_kernels_figures() {
-    let n = node(74);
+    oom_kill(74, "btf");
+}
+
+#[test]
+fn the_classic_tracepoint_records_the_same_oom_kill() {
+    oom_kill(79, "tracepoint");
+}
+
+fn oom_kill(third: u8, mode: &str) {
+    let n = node(third);
     let cg = MemCgroup::new(48 << 20);
     let trace = OomTrace::start();
-    let w = watch(&[]);
+    let w = watch(&["--probe-mode", mode]);
     let child = speaker(&n, 1000, "alloc");
     let pid = child.id();
     cg.write("cgroup.procs", &pid.to_string());

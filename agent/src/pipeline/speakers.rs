@@ -47,6 +47,9 @@ enum MapOp {
 #[derive(Clone, Debug, Default)]
 struct Proc {
     vips: Vec<IpAddr>,
+    /// Its network namespace as last seen (for records whose hook cannot tell: the classic
+    /// signal tracepoint).
+    netns: u32,
 }
 
 /// Speakers seen so far, and the kernel maps' pending changes.
@@ -100,6 +103,7 @@ impl Speakers {
             }
         }
         let p = self.procs.entry(pid).or_default();
+        p.netns = a.netns;
         p.vips.retain(|v| *v != vip);
         p.vips.insert(0, vip);
         p.vips.truncate(MAX_VIPS);
@@ -119,13 +123,17 @@ impl Speakers {
             }
             SpeakerEvent::Start => {
                 if !self.procs.contains_key(&rec.pid) && self.procs.len() < MAX_SPEAKERS {
-                    self.procs.insert(rec.pid, Proc::default());
+                    let p = Proc {
+                        netns: rec.netns,
+                        ..Proc::default()
+                    };
+                    self.procs.insert(rec.pid, p);
                     self.pending.push(MapOp::AddPid(rec.pid));
                 }
             }
             SpeakerEvent::Exit => {
                 if let Some(p) = self.procs.remove(&rec.pid) {
-                    rec.vips = p.vips;
+                    fill(rec, p.vips, p.netns);
                 }
                 self.pending.push(MapOp::RemovePid(rec.pid));
                 return true;
@@ -133,7 +141,7 @@ impl Speakers {
             SpeakerEvent::Signal => {}
         }
         if let Some(p) = self.procs.get(&rec.pid) {
-            rec.vips.clone_from(&p.vips);
+            fill(rec, p.vips.clone(), p.netns);
         }
         true
     }
@@ -182,6 +190,14 @@ impl Speakers {
                 Err(e) => tracing::warn!("speaker map ({op:?}): {e}"),
             }
         }
+    }
+}
+
+/// The process's VIPs, and its namespace when the hook could not tell.
+fn fill(rec: &mut SpeakerRec, vips: Vec<IpAddr>, netns: u32) {
+    rec.vips = vips;
+    if rec.netns == 0 {
+        rec.netns = netns;
     }
 }
 
