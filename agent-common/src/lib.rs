@@ -484,7 +484,9 @@ pub struct ProbeConfig {
     pub tp_sig_pid: u32,
     /// The memberlist port with `FEATURE_MEMBERLIST`.
     pub memberlist_port: u16,
-    pub _pad2: [u8; 2],
+    /// Arguments of tp_btf/sched_process_exit: 2 when it passes `group_dead` (6.16+).
+    pub sched_exit_args: u8,
+    pub _pad2: u8,
     pub tp_sig_comm: u32,
     pub tp_oom_comm: u32,
 }
@@ -587,7 +589,8 @@ impl ProbeConfig {
             tp_sig_sig: OFFSET_UNKNOWN,
             tp_sig_pid: OFFSET_UNKNOWN,
             memberlist_port: 0,
-            _pad2: [0; 2],
+            sched_exit_args: 0,
+            _pad2: 0,
             tp_sig_comm: OFFSET_UNKNOWN,
             tp_oom_comm: OFFSET_UNKNOWN,
         }

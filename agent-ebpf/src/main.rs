@@ -212,18 +212,24 @@ mod proc_programs {
     };
 
     use crate::{
+        conf,
         kernel::{Btf, Probe},
         proc::{
             current_task, exit_tp, handle_exec, handle_exit, handle_oom_btf, handle_oom_tp,
-            handle_signal_btf, handle_signal_tp,
+            handle_signal_btf, handle_signal_tp, leader_exits,
         },
     };
 
-    /// tp_btf/sched_process_exit: args are (task, group_dead).
+    /// tp_btf/sched_process_exit: args are (task) and, since 6.16, group_dead.
     #[btf_tracepoint(function = "sched_process_exit")]
     pub fn process_exit_btf(ctx: BtfTracePointContext) -> u32 {
-        let group_dead: u64 = ctx.arg(1);
-        handle_exit::<Btf>(ctx.arg(0), group_dead & 0xff != 0, ProbeId::ProcessExitBtf);
+        // The verifier prunes this read on kernels whose tracepoint has no second argument.
+        let group_dead = if conf!(sched_exit_args) >= 2 {
+            ctx.arg::<u64>(1) & 0xff != 0
+        } else {
+            leader_exits()
+        };
+        handle_exit::<Btf>(ctx.arg(0), group_dead, ProbeId::ProcessExitBtf);
         0
     }
 

@@ -188,21 +188,23 @@ pub fn handle_oom_tp(ctx: &TracePointContext) -> Result<(), i32> {
         conf!(tp_oom_score_adj) as usize,
         conf!(tp_oom_comm) as usize,
     );
-    // SAFETY: every offset comes from this kernel's tracefs format for oom/mark_victim.
+    // SAFETY: every offset comes from this kernel's tracefs format for oom/mark_victim; those
+    // it lacks (before 6.8 it has only `pid`) fail to read and stay zero.
     unsafe {
         let pid = ctx.read_at::<u32>(pid_at)?;
         let mut rec = record(PROC_OOM_VICTIM, ProbeId::OomVictimTracepoint, pid);
-        rec.total_vm_kb = ctx.read_at::<u64>(vm_at)?;
-        rec.anon_rss_kb = ctx.read_at::<u64>(anon_at)?;
-        rec.file_rss_kb = ctx.read_at::<u64>(file_at)?;
-        rec.shmem_rss_kb = ctx.read_at::<u64>(shmem_at)?;
-        rec.pgtables_kb = ctx.read_at::<u64>(pgt_at)?;
-        rec.oom_score_adj = ctx.read_at::<i16>(adj_at)?;
+        rec.total_vm_kb = ctx.read_at::<u64>(vm_at).unwrap_or(0);
+        rec.anon_rss_kb = ctx.read_at::<u64>(anon_at).unwrap_or(0);
+        rec.file_rss_kb = ctx.read_at::<u64>(file_at).unwrap_or(0);
+        rec.shmem_rss_kb = ctx.read_at::<u64>(shmem_at).unwrap_or(0);
+        rec.pgtables_kb = ctx.read_at::<u64>(pgt_at).unwrap_or(0);
+        rec.oom_score_adj = ctx.read_at::<i16>(adj_at).unwrap_or(0);
         // __data_loc: low 16 bits are the string's offset in the record.
-        let loc = ctx.read_at::<u32>(comm_at)?;
-        rec.comm = ctx
-            .read_at::<[u8; 16]>((loc & 0xffff) as usize)
-            .unwrap_or([0; 16]);
+        if let Ok(loc) = ctx.read_at::<u32>(comm_at) {
+            rec.comm = ctx
+                .read_at::<[u8; 16]>((loc & 0xffff) as usize)
+                .unwrap_or([0; 16]);
+        }
         send(&rec);
     }
     Ok(())
@@ -215,14 +217,21 @@ pub fn current_task() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_get_current_task() }
 }
 
+/// Without `group_dead` (kernels before 6.16): the thread-group leader's exit stands for the
+/// process's.
+#[inline(always)]
+pub fn leader_exits() -> bool {
+    let id = bpf_get_current_pid_tgid();
+    id >> 32 == id & 0xffff_ffff
+}
+
 /// For the classic exit tracepoint: `group_dead` from its record when the kernel has it, else
 /// whether the exiting thread is the group leader.
 #[inline(always)]
 pub fn exit_tp(ctx: &TracePointContext) {
     let at = conf!(tp_exit_group_dead);
     let group_dead = if at == agent_common::OFFSET_UNKNOWN {
-        let id = bpf_get_current_pid_tgid();
-        id >> 32 == id & 0xffff_ffff
+        leader_exits()
     } else {
         // SAFETY: offset from this kernel's tracefs format for sched/sched_process_exit.
         unsafe { ctx.read_at::<u8>(at as usize) }.unwrap_or(0) != 0

@@ -85,17 +85,20 @@ fn process_layouts(cfg: &mut ProbeConfig, out: &mut BTreeMap<&'static str, Resul
         "pgtables",
         "oom_score_adj",
     ];
+    // Before 6.8 the record has only `pid`: the figures then stay unknown (zero).
     out.insert(
         "oom/mark_victim",
-        tracepoint_fields("oom", "mark_victim", OOM).map(|o| {
+        tracepoint_fields("oom", "mark_victim", &["pid"]).map(|o| {
             cfg.tp_oom_pid = o["pid"];
-            cfg.tp_oom_comm = o["comm"];
-            cfg.tp_oom_total_vm = o["total_vm"];
-            cfg.tp_oom_anon_rss = o["anon_rss"];
-            cfg.tp_oom_file_rss = o["file_rss"];
-            cfg.tp_oom_shmem_rss = o["shmem_rss"];
-            cfg.tp_oom_pgtables = o["pgtables"];
-            cfg.tp_oom_score_adj = o["oom_score_adj"];
+            if let Ok(o) = tracepoint_fields("oom", "mark_victim", OOM) {
+                cfg.tp_oom_comm = o["comm"];
+                cfg.tp_oom_total_vm = o["total_vm"];
+                cfg.tp_oom_anon_rss = o["anon_rss"];
+                cfg.tp_oom_file_rss = o["file_rss"];
+                cfg.tp_oom_shmem_rss = o["shmem_rss"];
+                cfg.tp_oom_pgtables = o["pgtables"];
+                cfg.tp_oom_score_adj = o["oom_score_adj"];
+            }
         }),
     );
     out.insert(
@@ -112,6 +115,11 @@ fn process_layouts(cfg: &mut ProbeConfig, out: &mut BTreeMap<&'static str, Resul
 /// reports it). The indices of `mm->rss_stat` (an anonymous enum) and 4 KiB pages are kept as
 /// the defaults of [`ProbeConfig::zeroed`].
 pub fn process_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
+    cfg.sched_exit_args = btf
+        .tracepoint_args("sched_process_exit")
+        .ok()
+        .and_then(|n| u8::try_from(n).ok())
+        .unwrap_or(1);
     cfg.task_tgid = btf.member_offset("task_struct", "tgid")?;
     cfg.task_exit_code = btf.member_offset("task_struct", "exit_code")?;
     cfg.task_comm = btf.member_offset("task_struct", "comm")?;
