@@ -21,6 +21,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod proc;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 #[cfg(target_arch = "bpf")]
@@ -198,6 +200,89 @@ mod verdict_programs {
     pub fn ct_alloc_ret(ctx: RetProbeContext) -> u32 {
         verdict::alloc_return(ctx.ret());
         0
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+mod proc_programs {
+    use agent_common::ProbeId;
+    use aya_ebpf::{
+        macros::{btf_tracepoint, tracepoint},
+        programs::{BtfTracePointContext, TracePointContext},
+    };
+
+    use crate::{
+        conf,
+        kernel::{Btf, Probe},
+        proc::{
+            current_task, exit_tp, handle_exec, handle_exit, handle_oom_btf, handle_oom_tp,
+            handle_signal_btf, handle_signal_tp, leader_exits,
+        },
+    };
+
+    /// tp_btf/sched_process_exit: args are (task) and, since 6.16, group_dead.
+    #[btf_tracepoint(function = "sched_process_exit")]
+    pub fn process_exit_btf(ctx: BtfTracePointContext) -> u32 {
+        // The verifier prunes this read on kernels whose tracepoint has no second argument.
+        let group_dead = if conf!(sched_exit_args) >= 2 {
+            ctx.arg::<u64>(1) & 0xff != 0
+        } else {
+            leader_exits()
+        };
+        handle_exit::<Btf>(ctx.arg(0), group_dead, ProbeId::ProcessExitBtf);
+        0
+    }
+
+    /// The classic tracepoint sched/sched_process_exit.
+    #[tracepoint]
+    pub fn process_exit_tp(ctx: TracePointContext) -> u32 {
+        exit_tp(&ctx);
+        0
+    }
+
+    /// tp_btf/sched_process_exec: args are (task, old_pid, bprm); the task has its new name.
+    #[btf_tracepoint(function = "sched_process_exec")]
+    pub fn process_exec_btf(ctx: BtfTracePointContext) -> u32 {
+        handle_exec::<Btf>(ctx.arg(0), ProbeId::ProcessExecBtf);
+        0
+    }
+
+    /// The classic tracepoint sched/sched_process_exec (the current task is the one).
+    #[tracepoint]
+    pub fn process_exec_tp(_ctx: TracePointContext) -> u32 {
+        handle_exec::<Probe>(current_task(), ProbeId::ProcessExecTracepoint);
+        0
+    }
+
+    /// tp_btf/mark_victim: args are (task, uid).
+    #[btf_tracepoint(function = "mark_victim")]
+    pub fn oom_victim_btf(ctx: BtfTracePointContext) -> u32 {
+        handle_oom_btf::<Btf>(ctx.arg(0));
+        0
+    }
+
+    /// The classic tracepoint oom/mark_victim.
+    #[tracepoint]
+    pub fn oom_victim_tp(ctx: TracePointContext) -> u32 {
+        match handle_oom_tp(&ctx) {
+            Ok(()) | Err(_) => 0,
+        }
+    }
+
+    /// tp_btf/signal_generate: args are (sig, info, task, group, result).
+    #[btf_tracepoint(function = "signal_generate")]
+    pub fn signal_btf(ctx: BtfTracePointContext) -> u32 {
+        let sig: u64 = ctx.arg(0);
+        handle_signal_btf::<Btf>(sig as u32, ctx.arg(2));
+        0
+    }
+
+    /// The classic tracepoint signal/signal_generate.
+    #[tracepoint]
+    pub fn signal_tp(ctx: TracePointContext) -> u32 {
+        match handle_signal_tp(&ctx) {
+            Ok(()) | Err(_) => 0,
+        }
     }
 }
 

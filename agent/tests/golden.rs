@@ -61,6 +61,25 @@ fn every_line_of_the_previous_release_reads_back_field_for_field() {
     assert_eq!((records.len(), bad), (text.lines().count(), 0));
 }
 
+/// The speaker lifecycle and memberlist records (issue 19): every field written, read back the
+/// same.
+#[test]
+fn speaker_records_read_back_field_for_field() {
+    let text = golden("speaker.ndjson");
+    for (i, line) in text.lines().enumerate() {
+        let record: Record =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}\n{line}", i + 1));
+        assert!(
+            matches!(record, Record::Speaker(_) | Record::SpeakerLink(_)),
+            "line {}",
+            i + 1
+        );
+        let again: Value = serde_json::to_value(&record).unwrap();
+        let before: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(again, before, "line {}", i + 1);
+    }
+}
+
 #[test]
 fn diagnose_timeline_and_report_print_what_they_printed() {
     assert_eq!(

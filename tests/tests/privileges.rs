@@ -157,8 +157,9 @@ fn daemonset_capabilities_attach_every_probe_and_see_drops() {
         "exactly the DaemonSet's capabilities"
     );
     let probes = tracepoint_probes(&d);
-    // tp_btf and classic tracepoint for each of drops, xmit, rx and neigh.
-    assert_eq!(probes.len(), 8, "{probes:?}");
+    // tp_btf and classic tracepoint for each of drops, xmit, rx, neigh and the speaker
+    // collectors exit, exec, oom and signal.
+    assert_eq!(probes.len(), 16, "{probes:?}");
     for p in probes {
         assert_eq!(p["attached"], true, "{p}");
     }
@@ -200,7 +201,7 @@ fn without_bpf_or_perfmon_one_line_and_exit_2() {
     // The kernel lets CAP_SYS_ADMIN stand in for both (bpf_capable, perfmon_capable).
     let d = doctor(&without(&daemonset_caps(), &["BPF", "PERFMON"]));
     let probes = tracepoint_probes(&d);
-    assert_eq!(probes.len(), 8, "{probes:?}");
+    assert_eq!(probes.len(), 16, "{probes:?}");
     assert!(probes.iter().all(|p| p["attached"] == true), "{probes:?}");
     assert_conntrack_path(&d);
     let base = without(&daemonset_caps(), &["SYS_ADMIN"]);

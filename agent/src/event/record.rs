@@ -14,6 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::class::{classify_packet, Class};
+pub use super::speaker::{OomFigures, SpeakerEvent, SpeakerLinkRec, SpeakerRec};
 use super::values::{
     ArpOp, ConntrackEvent, Direction, Family, L4Proto, Mac, Name, NudState, TcpFlags, Time,
 };
@@ -59,6 +60,10 @@ pub enum Record {
     /// A change of a Service's endpoints in kube-proxy's rules.
     Endpoint(Box<EndpointRec>),
     Finding(FindingRec),
+    /// A start, exit, OOM kill or SIGKILL/SIGTERM of a process that announces VIPs.
+    Speaker(SpeakerRec),
+    /// A dropped memberlist (leader-election) packet between speakers.
+    SpeakerLink(SpeakerLinkRec),
     Summary(Box<crate::output::summary::Summary>),
     /// A kind from another version of lbtrace: read, and passed over.
     #[serde(other)]
@@ -76,6 +81,8 @@ impl Record {
             Self::VipDiscovered(d) => Some(d.vip),
             Self::Endpoint(e) => e.vips.first().copied(),
             Self::Finding(f) => Some(f.vip),
+            Self::Speaker(s) => s.vips.first().copied(),
+            Self::SpeakerLink(_) => None,
             Self::Header(_) | Self::Status(_) | Self::Summary(_) | Self::Unknown => None,
         }
     }
@@ -100,6 +107,8 @@ impl Record {
             Self::VipOwner(o) => o.time,
             Self::Endpoint(e) => e.time,
             Self::Finding(f) => f.time,
+            Self::Speaker(s) => s.time,
+            Self::SpeakerLink(l) => l.time,
             _ => None,
         }
     }
@@ -122,6 +131,8 @@ impl Record {
             Self::VipDiscovered(d) => &mut d.node,
             Self::Endpoint(e) => &mut e.node,
             Self::Finding(f) => &mut f.node,
+            Self::Speaker(s) => &mut s.node,
+            Self::SpeakerLink(l) => &mut l.node,
             _ => return,
         };
         *slot = Some(node.clone());
@@ -470,6 +481,12 @@ pub struct ArpRec {
     /// kube-proxy's rules; absent when several Services share the VIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Name>,
+    /// Sent from an AF_PACKET socket (a speaker's own send): the sending process's pid
+    /// (thread-group id) and name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<Name>,
 }
 
 impl ArpRec {

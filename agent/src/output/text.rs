@@ -8,7 +8,8 @@ use std::{
 use crate::{
     event::{
         record::{
-            ArpRec, DropRec, EndpointRec, FindingRec, NeighRec, VipDiscoveredRec, VipOwnerRec,
+            ArpRec, DropRec, EndpointRec, FindingRec, NeighRec, SpeakerLinkRec, SpeakerRec,
+            VipDiscoveredRec, VipOwnerRec,
         },
         values::Time,
         Record,
@@ -172,6 +173,55 @@ fn finding_line(f: &FindingRec) -> String {
     format!("FINDING {} vip {}: {}", f.finding.as_str(), f.vip, f.detail)
 }
 
+/// `SPEAKER speaker[4242] oom-kill: OOM-killed (rss 51200 kB) netns N vips 10.0.0.1`.
+fn speaker_line(s: &SpeakerRec) -> String {
+    let mut what = s.what();
+    if let Some(o) = &s.oom {
+        what.push_str(&format!(
+            " (rss {} kB, total-vm {} kB, oom_score_adj {})",
+            o.rss_kb(),
+            o.total_vm_kb,
+            o.oom_score_adj
+        ));
+    }
+    if let (Some(pid), Some(comm)) = (s.sender_pid, &s.sender_comm) {
+        what.push_str(&format!(" by {comm}[{pid}]"));
+    }
+    let vips: Vec<String> = s.vips.iter().map(ToString::to_string).collect();
+    format!(
+        "{} SPEAKER          {}[{}] {}: {what} netns {} vips {}",
+        clock(s.time),
+        s.comm,
+        s.pid,
+        s.event.as_str(),
+        s.netns,
+        if vips.is_empty() {
+            "-".to_owned()
+        } else {
+            vips.join(",")
+        }
+    )
+}
+
+/// `SPEAKER-LINK     memberlist udp/7946 n0 (10.200.0.1) -> n1 (10.200.0.2) dropped NETFILTER_DROP`.
+fn speaker_link_line(l: &SpeakerLinkRec) -> String {
+    let end = |n: Option<&crate::event::values::Name>, ip: IpAddr| match n {
+        Some(n) => format!("{n} ({ip})"),
+        None => ip.to_string(),
+    };
+    format!(
+        "{} SPEAKER-LINK     memberlist {}/{} {} -> {} dropped {} at {}{}",
+        clock(l.time),
+        l.proto,
+        l.port,
+        end(l.src_node.as_ref(), l.src),
+        end(l.dst_node.as_ref(), l.dst),
+        l.reason,
+        l.location,
+        if l.sampled { " (sample)" } else { "" }
+    )
+}
+
 /// The line of a record; `None` for what a terminal stream does not show.
 pub fn line(r: &Record, colour: bool) -> Option<String> {
     Some(match r {
@@ -182,6 +232,8 @@ pub fn line(r: &Record, colour: bool) -> Option<String> {
         Record::VipDiscovered(d) => discovered_line(d),
         Record::Endpoint(e) => endpoint_line(e),
         Record::Finding(f) => finding_line(f),
+        Record::Speaker(s) => speaker_line(s),
+        Record::SpeakerLink(l) => speaker_link_line(l),
         Record::Header(_) | Record::Status(_) | Record::Summary(_) | Record::Unknown => {
             return None
         }
@@ -204,5 +256,51 @@ impl<W: Write> Sink for TextSink<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{
+        speaker::{OomFigures, SpeakerEvent},
+        values::{L4Proto, Name},
+    };
+
+    #[test]
+    fn speaker_lines_say_what_happened_to_whom() {
+        let s = SpeakerRec {
+            pid: 4242,
+            comm: Name::from("speaker"),
+            netns: 7,
+            event: SpeakerEvent::OomKill,
+            oom: Some(OomFigures {
+                anon_rss_kb: 1000,
+                file_rss_kb: 24,
+                ..OomFigures::default()
+            }),
+            vips: vec!["10.200.0.100".parse().unwrap()],
+            ..SpeakerRec::default()
+        };
+        let l = line(&Record::Speaker(s), false).unwrap();
+        assert!(
+            l.ends_with("SPEAKER          speaker[4242] oom-kill: OOM-killed (rss 1024 kB, total-vm 0 kB, oom_score_adj 0) netns 7 vips 10.200.0.100"),
+            "{l}"
+        );
+        let link = SpeakerLinkRec {
+            src: "10.200.0.1".parse().unwrap(),
+            dst: "10.200.0.2".parse().unwrap(),
+            src_node: Some(Name::from("n0")),
+            proto: L4Proto::Udp,
+            port: 7946,
+            reason: Name::from("NETFILTER_DROP"),
+            location: Name::from("nf_hook_slow+0x91"),
+            ..SpeakerLinkRec::default()
+        };
+        let l = line(&Record::SpeakerLink(link), false).unwrap();
+        assert!(
+            l.ends_with("memberlist udp/7946 n0 (10.200.0.1) -> 10.200.0.2 dropped NETFILTER_DROP at nf_hook_slow+0x91"),
+            "{l}"
+        );
     }
 }
