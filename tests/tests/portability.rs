@@ -62,7 +62,7 @@ fn doctor_names_the_probe_in_use_and_why_not_the_others() {
     assert!(attached("tracepoint/skb/kfree_skb"), "{d:#}");
     // Every feature is on, or off with a reason.
     let features = d["features"].as_object().expect("features");
-    assert_eq!(features.len(), 4, "{d:#}");
+    assert_eq!(features.len(), 5, "{d:#}");
     for (name, f) in features {
         assert!(
             f.get("Ok").is_some() || f["Err"].as_str().is_some_and(|w| !w.is_empty()),

@@ -193,7 +193,8 @@ fn configure(
     cfg: &mut ProbeConfig,
 ) -> Result<Offered, ProbeError> {
     kernel_offsets(btf, cfg)?;
-    let layouts = tracepoint_layouts(cfg);
+    let mut layouts = tracepoint_layouts(cfg);
+    offsets::btf_prototypes(btf, &mut layouts);
     let conntrack = Feature::from(conntrack_offsets(btf, cfg));
     let ct_stats = match (&conntrack, reasons.code("NETFILTER_DROP")) {
         (Feature::Off(e), _) => Feature::Off(e.clone()),
@@ -307,10 +308,13 @@ fn attach_one(
     spec: &ProbeSpec,
 ) -> Result<(), String> {
     match spec.hook {
-        Hook::BtfTracepoint { function } => match btf {
-            Some(kbtf) => attach_btf(ebpf, spec.program, function, kbtf),
-            None => Err("kernel BTF unavailable to the loader".to_owned()),
-        },
+        Hook::BtfTracepoint { function } => {
+            match (btf, offered.layouts.get(format!("btf/{function}").as_str())) {
+                (_, Some(Err(e))) => Err(e.clone()),
+                (Some(kbtf), _) => attach_btf(ebpf, spec.program, function, kbtf),
+                (None, _) => Err("kernel BTF unavailable to the loader".to_owned()),
+            }
+        }
         Hook::Tracepoint { category, name } => {
             match offered.layouts.get(format!("{category}/{name}").as_str()) {
                 Some(Err(e)) => Err(e.clone()),

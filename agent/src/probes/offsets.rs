@@ -111,6 +111,23 @@ fn process_layouts(cfg: &mut ProbeConfig, out: &mut BTreeMap<&'static str, Resul
     );
 }
 
+/// tp_btf programs this kernel cannot run, keyed `btf/<name>` beside the layouts.
+/// `mark_victim` passes the task only since 6.8 (before, its pid), and the program reads RSS
+/// from `percpu_counter`s (6.2); older `mm_rss_stat` atomics are left to the classic tracepoint.
+pub fn btf_prototypes(btf: &KernelBtf, out: &mut BTreeMap<&'static str, Result<(), String>>) {
+    let why = if btf.tracepoint_args("mark_victim").is_ok_and(|n| n < 2) {
+        "this kernel's mark_victim passes only the pid, not the task (6.8 added it)"
+    } else if btf.struct_size("mm_rss_stat").is_ok() {
+        "this kernel counts RSS in mm_rss_stat atomics (percpu_counters came in 6.2)"
+    } else {
+        return;
+    };
+    out.insert(
+        "btf/mark_victim",
+        Err(format!("{why}: the classic tracepoint is used")),
+    );
+}
+
 /// Offsets for the speaker programs: the task, its namespace, its memory (as `oom:mark_victim`
 /// reports it). The indices of `mm->rss_stat` (an anonymous enum) and 4 KiB pages are kept as
 /// the defaults of [`ProbeConfig::zeroed`].
