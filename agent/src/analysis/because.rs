@@ -1,0 +1,590 @@
+//! Why a VIP moved: the one rule that picks, for each ownership change, the evidence that
+//! explains it. In order: the previous announcer was OOM-killed, signalled, or exited; the new
+//! owner's speaker (re)started and took the VIP back; memberlist traffic between the nodes was
+//! dropped; the old owner's node left the LAN; else the announcer changed with nothing else
+//! seen (or, when the process collectors could not look, unknown).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{diagnosis::Counts, nodes::NodeNames, vip_state::OwnerChange};
+pub use crate::event::record::OomFigures;
+use crate::event::values::{Mac, Name, Time};
+
+/// How long before a move a speaker's exit (or start) can explain it: longer than any
+/// memberlist's failure detection.
+const LIFECYCLE_BEFORE: f64 = 30.0;
+/// How long before a move dropped memberlist packets or signs of a lost node explain it.
+const LINK_BEFORE: f64 = 10.0;
+/// Evidence seen this long after the move (records of one instant from different hooks)
+/// still counts.
+const AFTER: f64 = 1.0;
+/// A signal this long before its target's exit is what ended it.
+const SIGNAL_TO_EXIT: f64 = 5.0;
+/// Kept per analysis (oldest dropped first).
+pub(super) const MAX_LIFECYCLE: usize = 4096;
+pub(super) const MAX_LINK_DROPS: usize = 20_000;
+
+/// Why a move happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    AnnouncerOomKilled,
+    AnnouncerSignalled,
+    AnnouncerExited,
+    AnnouncerRestarted,
+    MemberlistDropped,
+    NodeLinkLost,
+    AnnouncerChanged,
+    Unknown,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AnnouncerOomKilled => "announcer-oom-killed",
+            Self::AnnouncerSignalled => "announcer-signalled",
+            Self::AnnouncerExited => "announcer-exited",
+            Self::AnnouncerRestarted => "announcer-restarted",
+            Self::MemberlistDropped => "memberlist-dropped",
+            Self::NodeLinkLost => "node-link-lost",
+            Self::AnnouncerChanged => "announcer-changed",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// A failure behind the move (not a planned or unexplained one).
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Self::AnnouncerChanged | Self::Unknown)
+    }
+}
+
+/// What happened to a speaker process.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum LifeEvent {
+    Start,
+    Exit {
+        code: Option<i32>,
+        signal: Option<u32>,
+    },
+    OomKill(Option<OomFigures>),
+    Signal {
+        signal: u32,
+        sender_pid: u32,
+        sender_comm: Name,
+    },
+}
+
+/// One lifecycle record of a process that announced VIPs.
+#[derive(Clone, Debug)]
+pub(super) struct Lifecycle {
+    pub(super) t: f64,
+    pub(super) node: Option<Name>,
+    pub(super) netns: u32,
+    pub(super) pid: u32,
+    pub(super) comm: Name,
+    pub(super) event: LifeEvent,
+    pub(super) vips: Vec<IpAddr>,
+}
+
+/// One dropped memberlist packet.
+#[derive(Clone, Debug)]
+pub(super) struct LinkDrop {
+    pub(super) t: f64,
+    pub(super) src: Option<IpAddr>,
+    pub(super) dst: Option<IpAddr>,
+    pub(super) src_node: Option<Name>,
+    pub(super) dst_node: Option<Name>,
+    pub(super) reason: Name,
+}
+
+/// What the rule looks at besides the VIP's own state.
+#[derive(Debug, Default)]
+pub(super) struct Context<'a> {
+    pub(super) lifecycle: &'a [Lifecycle],
+    pub(super) links: &'a [LinkDrop],
+    pub(super) nodes: Option<&'a NodeNames>,
+    /// The process collectors ran: no lifecycle record means nothing happened.
+    pub(super) lifecycle_seen: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessEvidence {
+    pub pid: u32,
+    pub comm: String,
+    pub netns: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<u32>,
+    /// `pid comm` of the task that sent the signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom: Option<OomFigures>,
+    /// A new process started in the same place this long after the exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_after_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberlistEvidence {
+    /// The two ends, as `address (node)` when known.
+    pub between: Vec<String>,
+    pub drops: u64,
+    pub reasons: Counts,
+    pub last: Time,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkLossEvidence {
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Frames to the MAC the bridge flooded to other hosts, who dropped them (OTHERHOST).
+    pub flooded: u64,
+    /// Neighbour entries for the VIP pointing at the MAC that failed.
+    pub neigh_failed: u64,
+}
+
+/// Why one ownership change happened, with its evidence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Because {
+    pub reason: Reason,
+    /// When the evidence began (the kill, the first dropped packet, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Time>,
+    /// Seconds from `at` to the move (negative: seen after it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_move_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessEvidence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memberlist: Option<MemberlistEvidence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkLossEvidence>,
+    /// The sentence the text outputs show.
+    pub says: String,
+}
+
+impl Because {
+    fn new(reason: Reason, at: Option<f64>, move_t: f64, says: String) -> Self {
+        Self {
+            reason,
+            at: at.map(Time::from_secs_f64),
+            before_move_s: at.map(|a| ((move_t - a) * 1000.0).round() / 1000.0),
+            process: None,
+            memberlist: None,
+            link: None,
+            says,
+        }
+    }
+}
+
+/// Signs that a MAC left the LAN, kept per VIP: (time, MAC) of flooded copies and of failed
+/// neighbour entries.
+#[derive(Debug, Default)]
+pub(super) struct LinkSigns {
+    pub(super) flooded: Vec<(f64, Mac)>,
+    pub(super) neigh_failed: Vec<(f64, Mac)>,
+}
+
+/// Each sign list keeps at most this many.
+const MAX_SIGNS: usize = 4096;
+
+impl LinkSigns {
+    pub(super) fn flooded(&mut self, t: f64, mac: Mac) {
+        if self.flooded.len() < MAX_SIGNS {
+            self.flooded.push((t, mac));
+        }
+    }
+
+    pub(super) fn failed(&mut self, t: f64, mac: Mac) {
+        if self.neigh_failed.len() < MAX_SIGNS {
+            self.neigh_failed.push((t, mac));
+        }
+    }
+}
+
+/// The explanation of `c`, a move of `vip`.
+pub(super) fn explain(vip: IpAddr, c: &OwnerChange, signs: &LinkSigns, ctx: &Context) -> Because {
+    if let Some(b) = old_announcer_ended(vip, c, ctx) {
+        return b;
+    }
+    if let Some(b) = new_announcer_started(vip, c, ctx) {
+        return b;
+    }
+    if let Some(b) = memberlist(c, ctx) {
+        return b;
+    }
+    if let Some(b) = link_lost(c, signs, ctx) {
+        return b;
+    }
+    if ctx.lifecycle_seen {
+        Because::new(
+            Reason::AnnouncerChanged,
+            None,
+            c.t,
+            "the announcer changed; no exit, kill, dropped memberlist traffic or lost link was seen".to_owned(),
+        )
+    } else {
+        Because::new(
+            Reason::Unknown,
+            None,
+            c.t,
+            "unknown: the speaker's process events were not collected".to_owned(),
+        )
+    }
+}
+
+/// Whether lifecycle record `l` is of the process that announced `vip` from the namespace
+/// `netns` (when known; else from anywhere but `not_netns`).
+fn announcer_of(l: &Lifecycle, vip: IpAddr, netns: Option<u32>, not_netns: Option<u32>) -> bool {
+    match netns {
+        Some(ns) => l.netns == ns,
+        None => l.vips.contains(&vip) && Some(l.netns) != not_netns,
+    }
+}
+
+fn old_announcer_ended(vip: IpAddr, c: &OwnerChange, ctx: &Context) -> Option<Because> {
+    let window = |l: &&Lifecycle| l.t >= c.t - LIFECYCLE_BEFORE && l.t <= c.t + AFTER;
+    let old: Vec<&Lifecycle> = ctx
+        .lifecycle
+        .iter()
+        .filter(window)
+        .filter(|l| announcer_of(l, vip, c.old_netns, c.new_netns))
+        .collect();
+    // The last ending before (or just after) the move: an OOM kill, else an exit.
+    let end = old
+        .iter()
+        .rev()
+        .find(|l| matches!(l.event, LifeEvent::OomKill(_)))
+        .or_else(|| {
+            old.iter()
+                .rev()
+                .find(|l| matches!(l.event, LifeEvent::Exit { .. }))
+        })?;
+    let signal = old.iter().rev().find(|l| {
+        l.pid == end.pid
+            && l.t <= end.t + AFTER
+            && end.t - l.t <= SIGNAL_TO_EXIT
+            && matches!(l.event, LifeEvent::Signal { .. })
+    });
+    let exit = old
+        .iter()
+        .find(|l| l.pid == end.pid && matches!(l.event, LifeEvent::Exit { .. }));
+    let mut p = process(end, ctx);
+    if let Some(LifeEvent::Exit { code, signal }) = exit.map(|e| &e.event) {
+        (p.exit_code, p.signal) = (*code, *signal);
+    }
+    p.restarted_after_s = ctx
+        .lifecycle
+        .iter()
+        .find(|l| l.netns == end.netns && l.t > end.t && l.event == LifeEvent::Start)
+        .map(|l| ((l.t - end.t) * 1000.0).round() / 1000.0);
+    let who = speaker_name(&p);
+    let signalled_at = signal.map_or(end.t, |s| s.t);
+    let (reason, at, what) = match (&end.event, signal.map(|s| &s.event)) {
+        (LifeEvent::OomKill(m), _) => {
+            p.oom = *m;
+            let rss = m
+                .as_ref()
+                .map(|m| format!(" (anon-rss {} kB)", m.anon_rss_kb))
+                .unwrap_or_default();
+            (
+                Reason::AnnouncerOomKilled,
+                end.t,
+                format!("was OOM-killed{rss}"),
+            )
+        }
+        (
+            _,
+            Some(LifeEvent::Signal {
+                signal,
+                sender_pid,
+                sender_comm,
+            }),
+        ) => {
+            p.signal = Some(*signal);
+            p.sender = Some(format!("{sender_pid} {sender_comm}"));
+            (
+                Reason::AnnouncerSignalled,
+                signalled_at,
+                format!(
+                    "got {} from {sender_comm} ({sender_pid})",
+                    signal_name(*signal)
+                ),
+            )
+        }
+        _ => {
+            let how = match (p.exit_code, p.signal) {
+                (_, Some(s)) => format!("was killed by {}", signal_name(s)),
+                (Some(code), None) => format!("exited with code {code}"),
+                (None, None) => "exited".to_owned(),
+            };
+            (Reason::AnnouncerExited, end.t, how)
+        }
+    };
+    let mut b = Because::new(
+        reason,
+        Some(at),
+        c.t,
+        format!(
+            "the previous announcer, {who}, {what} {}",
+            relative(c.t - at)
+        ),
+    );
+    b.process = Some(p);
+    Some(b)
+}
+
+/// The new owner's speaker started shortly before the move and took the VIP (back).
+fn new_announcer_started(vip: IpAddr, c: &OwnerChange, ctx: &Context) -> Option<Because> {
+    let start = ctx.lifecycle.iter().rev().find(|l| {
+        l.t >= c.t - LINK_BEFORE
+            && l.t <= c.t + AFTER
+            && l.event == LifeEvent::Start
+            && announcer_of(l, vip, c.new_netns, c.old_netns)
+    })?;
+    let p = process(start, ctx);
+    let mut b = Because::new(
+        Reason::AnnouncerRestarted,
+        Some(start.t),
+        c.t,
+        format!(
+            "the new owner's {} started {} and took the VIP",
+            speaker_name(&p),
+            relative(c.t - start.t)
+        ),
+    );
+    b.process = Some(p);
+    Some(b)
+}
+
+/// Memberlist packets dropped shortly before the move (between the two owners' nodes, when
+/// both are known by name).
+fn memberlist(c: &OwnerChange, ctx: &Context) -> Option<Because> {
+    let owners: Vec<&str> = [c.old_netns, c.new_netns]
+        .into_iter()
+        .flatten()
+        .filter_map(|ns| ctx.nodes.and_then(|n| n.of_netns(u64::from(ns))))
+        .collect();
+    let between = |d: &LinkDrop| match (&d.src_node, &d.dst_node) {
+        (Some(a), Some(b)) if owners.len() == 2 => owners.contains(&&**a) && owners.contains(&&**b),
+        _ => true,
+    };
+    let drops: Vec<&LinkDrop> = ctx
+        .links
+        .iter()
+        .filter(|d| d.t >= c.t - LINK_BEFORE && d.t <= c.t + AFTER && between(d))
+        .collect();
+    let first = drops.first()?;
+    let last = drops.last().map_or(first.t, |d| d.t);
+    let mut reasons: Counts = BTreeMap::new();
+    for d in &drops {
+        *reasons.entry(d.reason.to_string()).or_default() += 1;
+    }
+    let end = |ip: Option<IpAddr>, n: &Option<Name>| match (ip, n) {
+        (Some(ip), Some(n)) => format!("{ip} ({n})"),
+        (Some(ip), None) => ip.to_string(),
+        (None, Some(n)) => n.to_string(),
+        (None, None) => "?".to_owned(),
+    };
+    let pair = vec![
+        end(first.src, &first.src_node),
+        end(first.dst, &first.dst_node),
+    ];
+    let reason_text: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let mut b = Because::new(
+        Reason::MemberlistDropped,
+        Some(first.t),
+        c.t,
+        format!(
+            "memberlist packets between {} and {} were dropped ({}, {}) from {}",
+            pair[0],
+            pair[1],
+            drops.len(),
+            reason_text.join(", "),
+            relative(c.t - first.t)
+        ),
+    );
+    b.memberlist = Some(MemberlistEvidence {
+        between: pair,
+        drops: drops.len() as u64,
+        reasons,
+        last: Time::from_secs_f64(last),
+    });
+    Some(b)
+}
+
+/// The old owner's MAC left the LAN: frames to it flooded to everyone (the bridge forgot
+/// it), or clients' neighbour entries for it failed.
+fn link_lost(c: &OwnerChange, signs: &LinkSigns, ctx: &Context) -> Option<Because> {
+    let mac = c.old_mac?;
+    let near = |v: &[(f64, Mac)]| -> Vec<f64> {
+        v.iter()
+            .filter(|(t, m)| *m == mac && *t >= c.t - LINK_BEFORE && *t <= c.t + AFTER)
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let (flooded, failed) = (near(&signs.flooded), near(&signs.neigh_failed));
+    let first = flooded
+        .iter()
+        .chain(&failed)
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    if !first.is_finite() {
+        return None;
+    }
+    let node = ctx.nodes.and_then(|n| n.of_mac(mac)).map(str::to_owned);
+    let name = node
+        .as_ref()
+        .map_or(mac.to_string(), |n| format!("{n} ({mac})"));
+    let mut b = Because::new(
+        Reason::NodeLinkLost,
+        Some(first),
+        c.t,
+        format!(
+            "the old owner {name} left the LAN {}: {} frames to it flooded and dropped by other hosts, {} neighbour entries failed",
+            relative(c.t - first),
+            flooded.len(),
+            failed.len()
+        ),
+    );
+    b.link = Some(LinkLossEvidence {
+        mac: mac.to_string(),
+        node,
+        flooded: flooded.len() as u64,
+        neigh_failed: failed.len() as u64,
+    });
+    Some(b)
+}
+
+fn process(l: &Lifecycle, ctx: &Context) -> ProcessEvidence {
+    ProcessEvidence {
+        pid: l.pid,
+        comm: l.comm.to_string(),
+        netns: l.netns,
+        node: l.node.as_ref().map(ToString::to_string).or_else(|| {
+            let n = ctx.nodes?.of_netns(u64::from(l.netns))?;
+            Some(n.to_owned())
+        }),
+        exit_code: None,
+        signal: None,
+        sender: None,
+        oom: None,
+        restarted_after_s: None,
+    }
+}
+
+/// `speaker 1234 on n0` (or `in netns N`).
+pub(super) fn speaker_name(p: &ProcessEvidence) -> String {
+    match &p.node {
+        Some(n) => format!("{} {} on {n}", p.comm, p.pid),
+        None => format!("{} {} in netns {}", p.comm, p.pid, p.netns),
+    }
+}
+
+fn relative(before: f64) -> String {
+    if before >= 0.0 {
+        format!("{before:.1} s before the move")
+    } else {
+        format!("{:.1} s after the move", -before)
+    }
+}
+
+pub fn signal_name(s: u32) -> String {
+    match s {
+        9 => "SIGKILL".to_owned(),
+        15 => "SIGTERM".to_owned(),
+        2 => "SIGINT".to_owned(),
+        6 => "SIGABRT".to_owned(),
+        11 => "SIGSEGV".to_owned(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// For a VIP that keeps moving: the failure behind most of its moves, as a sentence ("speaker
+/// 812 on n1 was OOM-killed 3 times in 40 s"), and what to change.
+pub(super) fn behind_flapping(moves: &[&Because]) -> Option<(String, &'static str)> {
+    let mut by: BTreeMap<(Reason, String), Vec<&Because>> = BTreeMap::new();
+    for b in moves.iter().filter(|b| b.reason.is_failure()) {
+        let place = match (&b.process, &b.memberlist, &b.link) {
+            (Some(p), _, _) => p
+                .node
+                .clone()
+                .unwrap_or_else(|| format!("netns {}", p.netns)),
+            (_, Some(m), _) => m.between.join(" and "),
+            (_, _, Some(l)) => l.node.clone().unwrap_or_else(|| l.mac.clone()),
+            _ => String::new(),
+        };
+        by.entry((b.reason, place)).or_default().push(b);
+    }
+    // A restart that takes a VIP back follows the failure that moved it away: name the
+    // failure; among equals, the first reason in order.
+    let ((reason, place), list) = by.into_iter().max_by_key(|((r, _), v)| {
+        (
+            *r != Reason::AnnouncerRestarted,
+            v.len(),
+            std::cmp::Reverse(*r),
+        )
+    })?;
+    let times: Vec<f64> = list
+        .iter()
+        .filter_map(|b| b.at.map(Time::as_secs_f64))
+        .collect();
+    let span = times.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        - times.iter().copied().fold(f64::INFINITY, f64::min);
+    let span = if span.is_finite() { span } else { 0.0 };
+    // Process events count once per process; memberlist and link ones once per move.
+    let mut pids: Vec<u32> = list
+        .iter()
+        .filter_map(|b| Some(b.process.as_ref()?.pid))
+        .collect();
+    pids.dedup();
+    let n = if pids.is_empty() {
+        list.len()
+    } else {
+        pids.len()
+    };
+    let (what, hint) = match reason {
+        Reason::AnnouncerOomKilled => (
+            format!("speaker on {place} was OOM-killed"),
+            "the speaker is OOM-killed: raise its memory limit (resources.limits.memory of the speaker DaemonSet) or find what makes it grow",
+        ),
+        Reason::AnnouncerSignalled => (
+            format!("speaker on {place} was signalled"),
+            "the speaker is being stopped (SIGTERM/SIGKILL): look at who sends it (rollouts, evictions, failing liveness probes) and at the sender named in the evidence",
+        ),
+        Reason::AnnouncerExited => (
+            format!("speaker on {place} exited"),
+            "the speaker keeps exiting: read its logs and exit codes (crash loop)",
+        ),
+        Reason::AnnouncerRestarted => (
+            format!("speaker on {place} started and took the VIP back"),
+            "the speaker restarts and reclaims the VIP: find why it restarts; each restart moves the VIP twice",
+        ),
+        Reason::MemberlistDropped => (
+            format!("memberlist packets between {place} were dropped"),
+            "the speakers' memberlist traffic (UDP and TCP 7946 by default) is dropped: allow the memberlist port between the nodes in network policies and host firewalls",
+        ),
+        Reason::NodeLinkLost => (
+            format!("node {place} lost its link"),
+            "a node keeps leaving the LAN: check its NIC, cabling or virtual switch port, and node readiness",
+        ),
+        Reason::AnnouncerChanged | Reason::Unknown => return None,
+    };
+    let span = if span >= 120.0 {
+        format!("{:.0} minutes", span / 60.0)
+    } else {
+        format!("{span:.0} s")
+    };
+    Some((format!("{what} {n} time(s) in {span}"), hint))
+}
+
+#[cfg(test)]
+#[path = "because_tests.rs"]
+mod tests;
