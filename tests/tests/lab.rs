@@ -77,6 +77,9 @@ scenario_tests! {
     policy_race: PolicyRace,
     late_start: LateStart,
     node_loss: NodeLoss,
+    speaker_oom: SpeakerOom,
+    memberlist_loss: MemberlistLoss,
+    speaker_restart: SpeakerRestart,
 }
 
 /// endpoint-churn runs kube-proxy's iptables mode; its names, endpoint records and diagnosis

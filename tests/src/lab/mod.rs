@@ -13,6 +13,8 @@ pub mod kubeproxy_checks;
 pub mod run;
 pub mod scenarios;
 pub mod speaker;
+pub mod speaker_scenarios;
+pub mod speakers;
 pub mod topology;
 mod verdict;
 

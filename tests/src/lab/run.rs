@@ -128,6 +128,7 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         },
     )?;
     let clock = Clock::start();
+    let t0_wall = super::speakers::now();
     if late {
         // The client resolves the VIPs with its first requests, before lbtrace runs.
         clock.at(LATE_WATCH)?;
@@ -178,6 +179,9 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         &finished.stdout,
         old_owner,
     )?);
+    if lab.speakers.is_some() {
+        checks.extend(speaker_checks(scenario, &lab, &vips, &finished, t0_wall)?);
+    }
     let log = clock.log.into_inner().unwrap_or_default();
     checks.extend(super::kubeproxy_checks::checks(
         &lab,
@@ -198,6 +202,27 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     })
 }
 
+/// The speaker scenarios' ground truth and the reason of each move (`lbtrace diagnose`).
+fn speaker_checks(
+    scenario: Scenario,
+    lab: &Lab,
+    vips: &[VipOutcome],
+    finished: &crate::lbtrace::Finished,
+    since: f64,
+) -> Result<Vec<Check>> {
+    let mut checks = super::speaker_scenarios::truth_checks(scenario, lab, &finished.events)?;
+    let moved: Vec<IpAddr> = vips
+        .iter()
+        .filter(|v| v.role == super::accounts::Role::Moved)
+        .map(|v| v.vip)
+        .collect();
+    let diagnosis = super::verdict::diagnose_json(&finished.stdout, &moved)?;
+    checks.extend(super::speaker_scenarios::because_checks(
+        lab, &moved, &diagnosis, since,
+    )?);
+    Ok(checks)
+}
+
 impl Scenario {
     /// kube-proxy's mode on the lab's nodes: endpoint-churn runs iptables mode.
     pub fn proxy_mode(self) -> super::kubeproxy::ProxyMode {
@@ -211,9 +236,12 @@ impl Scenario {
     pub(super) fn expected_cause(self) -> Option<&'static str> {
         match self {
             Scenario::Healthy => None,
-            Scenario::FailoverGarp | Scenario::LeaderFlap | Scenario::NodeLoss => {
-                Some("speaker-failover")
-            }
+            Scenario::FailoverGarp
+            | Scenario::LeaderFlap
+            | Scenario::NodeLoss
+            | Scenario::SpeakerOom
+            | Scenario::MemberlistLoss
+            | Scenario::SpeakerRestart => Some("speaker-failover"),
             Scenario::StaleArp | Scenario::LateStart => Some("stale-arp"),
             Scenario::EndpointChurn => Some("endpoint-churn"),
             Scenario::ConntrackSnat | Scenario::ConntrackFull => Some("conntrack"),

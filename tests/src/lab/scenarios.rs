@@ -23,6 +23,7 @@ use super::{
     generator::{self, Load},
     inject::{every, family, lose_node, rst_counters, snat_counters, take_out},
     run::Clock,
+    speaker_scenarios,
     topology::{
         node_ip4, node_ip6, pod_net4, pod_net6, snmp, snmp6, ConntrackMax, Counter, Lab, Pod,
         Policy, Service, TABLE, VIP_A, VIP_A6, VIP_B, VIP_B6, VIP_CTL, VIP_CTL6,
@@ -43,6 +44,9 @@ pub enum Scenario {
     PolicyRace,
     LateStart,
     NodeLoss,
+    SpeakerOom,
+    MemberlistLoss,
+    SpeakerRestart,
 }
 
 /// Seconds between the endpoint moving off a node and the speaker moving the VIP after it.
@@ -68,7 +72,7 @@ const NODE_LOSS: f64 = 3.0;
 pub const CHURN_PROPAGATION: f64 = 1.5;
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::Healthy,
         Scenario::FailoverGarp,
         Scenario::StaleArp,
@@ -80,6 +84,9 @@ impl Scenario {
         Scenario::PolicyRace,
         Scenario::LateStart,
         Scenario::NodeLoss,
+        Scenario::SpeakerOom,
+        Scenario::MemberlistLoss,
+        Scenario::SpeakerRestart,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +102,9 @@ impl Scenario {
             Scenario::PolicyRace => "policy-race",
             Scenario::LateStart => "late-start",
             Scenario::NodeLoss => "node-loss",
+            Scenario::SpeakerOom => "speaker-oom",
+            Scenario::MemberlistLoss => "memberlist-loss",
+            Scenario::SpeakerRestart => "speaker-restart",
         }
     }
 
@@ -121,6 +131,9 @@ impl Scenario {
             Scenario::MtuMismatch => "from 2 s n0's path to n1's pods has MTU 1450: every large UDP request to A (1500 bytes, DF; IPv6 never fragments in transit) is dropped there with ICMP frag-needed / ICMPv6 packet-too-big, small ones and TCP pass",
             Scenario::PolicyRace => "at 3 s a new pod joins A's endpoints before its network-policy allow rule (a drop rule on n0, lifted at 8 s)",
             Scenario::NodeLoss => "at 3 s n0's link goes down (node loss); 1 s later the speaker moves A to n1 with 3 gratuitous ARPs/NAs. Meanwhile the client's frames to n0's MAC are flooded by the bridge and dropped by every other host as not theirs (OTHERHOST): lbtrace sees copies, never the loss",
+            Scenario::SpeakerOom => "one speaker process per node elects A's leader over UDP heartbeats (7946); at 3 s n0's speaker, A's leader, allocates in its 48 MiB memory cgroup and is OOM-killed; n1's takes A over 0.5 s later with gratuitous ARPs/NAs",
+            Scenario::MemberlistLoss => "one speaker process per node; from 3 s to 9 s n0 and n1 drop each other's heartbeats (nft, UDP 7946): both lead A and announce it, the client flips between them; then n1 gives A back",
+            Scenario::SpeakerRestart => "one speaker process per node; at 3 s SIGTERM to n0's speaker, A's leader (it leaves and withdraws, n1 takes over); at 9 s it starts again and takes A back",
             Scenario::LateStart => "lbtrace starts 2 s in, after the client resolved A; at 4 s A moves n0 → n1 without GARP and n0 is taken out (forwarding off, kube-proxy no longer handles A there): n0 drops the client's packets as not its address (IP_INADDRERRORS) until the client's entry fails (≈10 s) and n1 answers its ARP/NDP request",
         }
     }
@@ -146,6 +159,9 @@ impl Scenario {
             }
             Scenario::EndpointChurn => {
                 "the node's DNAT carried across the veth (dropped in the pod, conntrack reference gone)"
+            }
+            Scenario::SpeakerOom | Scenario::MemberlistLoss | Scenario::SpeakerRestart => {
+                "the speaker processes learned from their announcements, their exits, kills and starts, and the memberlist packets dropped between nodes"
             }
         }
     }
@@ -181,6 +197,8 @@ impl Scenario {
     pub fn default_duration(self) -> Duration {
         Duration::from_secs(match self {
             Scenario::Healthy | Scenario::FailoverGarp | Scenario::NodeLoss => 8,
+            Scenario::SpeakerOom => 8,
+            Scenario::MemberlistLoss | Scenario::SpeakerRestart => 14,
             Scenario::ConntrackSnat | Scenario::MtuMismatch => 8,
             Scenario::PolicyRace => 11,
             Scenario::LeaderFlap | Scenario::EndpointChurn => 14,
@@ -210,6 +228,10 @@ impl Scenario {
         let a = match self {
             Scenario::EndpointChurn | Scenario::ConntrackSnat => a(Policy::Cluster, &[n0p0, n1p0]),
             Scenario::MtuMismatch => a(Policy::Cluster, &[n1p0]),
+            // Whichever of n0 and n1 holds A serves it from its own pod: a move loses nothing.
+            Scenario::SpeakerOom | Scenario::MemberlistLoss | Scenario::SpeakerRestart => {
+                a(Policy::Local, &[n0p0, n1p0])
+            }
             _ => a(Policy::Local, &[n0p0]),
         };
         let mut services = vec![a, ctl];
@@ -231,6 +253,9 @@ impl Scenario {
         let a = match self {
             Scenario::Healthy => Role::Control,
             Scenario::NodeLoss => Role::Unseen,
+            Scenario::SpeakerOom | Scenario::MemberlistLoss | Scenario::SpeakerRestart => {
+                Role::Moved
+            }
             _ => Role::Affected,
         };
         let mut t = vec![(VIP_A, a), (VIP_A6, a)];
@@ -285,6 +310,10 @@ impl Scenario {
                 )?;
                 return Ok(Some(ConntrackMax::set(CONNTRACK_MAX)?));
             }
+            Scenario::SpeakerOom | Scenario::MemberlistLoss | Scenario::SpeakerRestart => {
+                let prefix = lab.lan.name.trim_end_matches("-lan").to_owned();
+                speaker_scenarios::prepare(self, lab, &prefix)?;
+            }
             _ => {}
         }
         Ok(None)
@@ -295,6 +324,9 @@ impl Scenario {
         let (n0p0, n0p1, n1p0) = (Pod::new(0, 0), Pod::new(0, 1), Pod::new(1, 0));
         match self {
             Scenario::Healthy => {}
+            Scenario::SpeakerOom | Scenario::MemberlistLoss | Scenario::SpeakerRestart => {
+                speaker_scenarios::script(self, lab, clock)?;
+            }
             Scenario::FailoverGarp | Scenario::StaleArp => {
                 clock.at(3.0)?;
                 lab.set_endpoints("a", &[n1p0])?;

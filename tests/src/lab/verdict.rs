@@ -56,6 +56,37 @@ pub(super) fn diagnosis_checks(
     Ok(checks)
 }
 
+/// `lbtrace diagnose --json --vip …` of a recording, per VIP.
+pub(super) fn diagnose_json(
+    stream: &str,
+    vips: &[std::net::IpAddr],
+) -> Result<BTreeMap<String, Value>> {
+    let file = std::env::temp_dir().join(format!("{}.ndjson", crate::unique("lbtdiag")));
+    std::fs::write(&file, stream)?;
+    let mut args = vec![
+        "diagnose".to_owned(),
+        file.display().to_string(),
+        "--json".to_owned(),
+    ];
+    for v in vips {
+        args.extend(["--vip".to_owned(), v.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::lbtrace::run(&args);
+    let _ = std::fs::remove_file(&file);
+    let out = out?;
+    ensure!(
+        out.status.success(),
+        "lbtrace diagnose failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|d| (d["vip"].as_str().unwrap_or("").to_owned(), d))
+        .collect())
+}
+
 /// Every control VIP shows no drop in `lbtrace timeline` and no bar in its chart of `lbtrace
 /// report`, both from the recording. (A hidden VIP may: stale-arp's B has a few ICMP packets
 /// dropped by netfilter, not its service's traffic, counted as the lab's "other".)
