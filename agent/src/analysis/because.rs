@@ -421,7 +421,7 @@ fn memberlist(c: &OwnerChange, ctx: &Context) -> Option<Because> {
 }
 
 /// The old owner's MAC left the LAN: frames to it flooded to everyone (the bridge forgot
-/// it), or clients' neighbour entries for it failed.
+/// it); clients' neighbour entries for it that failed are counted with it.
 fn link_lost(c: &OwnerChange, signs: &LinkSigns, ctx: &Context) -> Option<Because> {
     let mac = c.old_mac?;
     let near = |v: &[(f64, Mac)]| -> Vec<f64> {
@@ -431,11 +431,9 @@ fn link_lost(c: &OwnerChange, signs: &LinkSigns, ctx: &Context) -> Option<Becaus
             .collect()
     };
     let (flooded, failed) = (near(&signs.flooded), near(&signs.neigh_failed));
-    let first = flooded
-        .iter()
-        .chain(&failed)
-        .copied()
-        .fold(f64::INFINITY, f64::min);
+    // Failed entries alone only say that the MAC stopped answering for the VIP (a planned
+    // move without GARP does that too); flooding says the LAN no longer knows the MAC.
+    let first = flooded.iter().copied().fold(f64::INFINITY, f64::min);
     if !first.is_finite() {
         return None;
     }

@@ -181,6 +181,11 @@ fn the_old_owner_left_the_lan() {
     let l = b.link.unwrap();
     assert_eq!((l.flooded, l.neigh_failed), (2, 1));
     assert_eq!(b.before_move_s, Some(0.9));
+    // Failed entries alone: the old owner stopped answering for the VIP, nothing more.
+    let mut signs = LinkSigns::default();
+    signs.failed(T0 + 9.5, mac(0));
+    let b = explain_with(&[], &[], &signs);
+    assert_eq!(b.reason, Reason::AnnouncerChanged);
 }
 
 #[test]

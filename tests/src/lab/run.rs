@@ -10,7 +10,7 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 
 use super::{
-    accounts::{accounting_checks, vip_outcome, Check, VipOutcome},
+    accounts::{accounting_checks, vip_outcome, Check, Role, VipOutcome},
     cluster,
     generator::{self, Load},
     interrupted,
@@ -182,6 +182,18 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     if lab.speakers.is_some() {
         checks.extend(speaker_checks(scenario, &lab, &vips, &finished, t0_wall)?);
     }
+    if let Some((reason, at)) = scenario.expected_because() {
+        let moved: Vec<IpAddr> = vips
+            .iter()
+            .filter(|v| matches!(v.role, Role::Affected | Role::Unseen))
+            .map(|v| v.vip)
+            .collect();
+        let diagnosis = super::verdict::diagnose_json(&finished.stdout, &moved)?;
+        let at = at.map(|a| t0_wall + a);
+        checks.extend(super::verdict::because_checks(
+            &moved, &diagnosis, reason, at,
+        ));
+    }
     let log = clock.log.into_inner().unwrap_or_default();
     checks.extend(super::kubeproxy_checks::checks(
         &lab,
@@ -213,7 +225,7 @@ fn speaker_checks(
     let mut checks = super::speaker_scenarios::truth_checks(scenario, lab, &finished.events)?;
     let moved: Vec<IpAddr> = vips
         .iter()
-        .filter(|v| v.role == super::accounts::Role::Moved)
+        .filter(|v| v.role == Role::Moved)
         .map(|v| v.vip)
         .collect();
     let diagnosis = super::verdict::diagnose_json(&finished.stdout, &moved)?;
@@ -229,6 +241,20 @@ impl Scenario {
         match self {
             Scenario::EndpointChurn => super::kubeproxy::ProxyMode::Iptables,
             _ => super::kubeproxy::ProxyMode::Nftables,
+        }
+    }
+
+    /// The `because` every move of an affected VIP must carry in the scenarios that move it
+    /// the old way (the lab itself moves the address and sends the announcements), with when
+    /// (seconds from the traffic's start) the evidence must begin, within 1 s.
+    pub(super) fn expected_because(self) -> Option<(&'static str, Option<f64>)> {
+        match self {
+            Scenario::FailoverGarp
+            | Scenario::StaleArp
+            | Scenario::LeaderFlap
+            | Scenario::LateStart => Some(("announcer-changed", None)),
+            Scenario::NodeLoss => Some(("node-link-lost", Some(super::scenarios::NODE_LOSS))),
+            _ => None,
         }
     }
 

@@ -67,7 +67,7 @@ pub(super) const OUT_TABLE: &str = "lbtest-out";
 /// node-loss: the bridge's table that counts frames still sent to the lost node's MAC.
 pub(super) const LOST_TABLE: &str = "lbtest-lost";
 /// node-loss: when n0's link goes down (the speaker moves A `FAILOVER_GAP` later).
-const NODE_LOSS: f64 = 3.0;
+pub(super) const NODE_LOSS: f64 = 3.0;
 /// How long after n1p0 stops listening kube-proxy's sync removes it (endpoint-churn).
 pub const CHURN_PROPAGATION: f64 = 1.5;
 
