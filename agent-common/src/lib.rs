@@ -14,6 +14,7 @@ pub enum RecordKind {
     Drop = 1,
     Arp = 2,
     Neigh = 3,
+    Proc = 4,
 }
 
 impl TryFrom<u16> for RecordKind {
@@ -24,6 +25,7 @@ impl TryFrom<u16> for RecordKind {
             1 => Ok(Self::Drop),
             2 => Ok(Self::Arp),
             3 => Ok(Self::Neigh),
+            4 => Ok(Self::Proc),
             other => Err(other),
         }
     }
@@ -41,6 +43,14 @@ pub enum ProbeId {
     NetifReceiveTracepoint = 6,
     NeighUpdateBtf = 7,
     NeighUpdateTracepoint = 8,
+    ProcessExitBtf = 9,
+    ProcessExitTracepoint = 10,
+    ProcessExecBtf = 11,
+    ProcessExecTracepoint = 12,
+    OomVictimBtf = 13,
+    OomVictimTracepoint = 14,
+    SignalBtf = 15,
+    SignalTracepoint = 16,
 }
 
 impl TryFrom<u8> for ProbeId {
@@ -56,6 +66,14 @@ impl TryFrom<u8> for ProbeId {
             6 => Ok(Self::NetifReceiveTracepoint),
             7 => Ok(Self::NeighUpdateBtf),
             8 => Ok(Self::NeighUpdateTracepoint),
+            9 => Ok(Self::ProcessExitBtf),
+            10 => Ok(Self::ProcessExitTracepoint),
+            11 => Ok(Self::ProcessExecBtf),
+            12 => Ok(Self::ProcessExecTracepoint),
+            13 => Ok(Self::OomVictimBtf),
+            14 => Ok(Self::OomVictimTracepoint),
+            15 => Ok(Self::SignalBtf),
+            16 => Ok(Self::SignalTracepoint),
             other => Err(other),
         }
     }
@@ -224,6 +242,9 @@ const _: () = assert!(size_of::<DropRecord>() == 208);
 pub const DROP_FLAG_MAC: u8 = 1 << 0;
 /// A sample: in aggregation mode only some drops per key and second become records.
 pub const DROP_FLAG_SAMPLED: u8 = 1 << 1;
+/// Not attributed to a VIP, and a port of the packet is the memberlist port: sent whatever
+/// the sample limit (every such drop becomes a record).
+pub const DROP_FLAG_MEMBERLIST: u8 = 1 << 2;
 
 /// [`ArpRecord::direction`].
 pub const DIR_TX: u8 = 1;
@@ -261,9 +282,13 @@ pub struct ArpRecord {
     /// Neighbour advertisement flags as on the wire (0x80 router, 0x40 solicited, 0x20
     /// override).
     pub ndp_flags: u8,
-    pub _pad0: [u8; 8],
+    /// Transmitted from an AF_PACKET socket (a speaker's own send): the sending task's
+    /// thread-group id and name, else 0 and empty.
+    pub pid: u32,
+    pub _pad0: [u8; 4],
+    pub comm: [u8; 16],
 }
-const _: () = assert!(size_of::<ArpRecord>() == 104);
+const _: () = assert!(size_of::<ArpRecord>() == 120);
 
 /// A neighbour-cache update (`neigh_update`).
 #[repr(C)]
@@ -289,6 +314,46 @@ pub struct NeighRecord {
 }
 const _: () = assert!(size_of::<NeighRecord>() == 80);
 
+/// [`ProcRecord::event`].
+pub const PROC_EXEC: u8 = 1;
+pub const PROC_EXIT: u8 = 2;
+pub const PROC_OOM_VICTIM: u8 = 3;
+pub const PROC_SIGNAL: u8 = 4;
+
+/// A start (exec), exit, OOM kill or SIGKILL/SIGTERM of a process the speaker maps name (or,
+/// for an OOM kill, of any process: they are rare).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcRecord {
+    pub header: RecordHeader,
+    /// Thread-group id of the process it happened to.
+    pub pid: u32,
+    /// Inode of that process's network namespace (0 when it could not be read).
+    pub netns: u32,
+    /// exit: `task->exit_code` as `wait()` encodes it (code << 8, or the signal in the low 7
+    /// bits).
+    pub exit_code: i32,
+    /// signal: the signal sent.
+    pub signal: u32,
+    /// signal: the sender's thread-group id.
+    pub sender_pid: u32,
+    /// `PROC_*`.
+    pub event: u8,
+    pub _pad0: [u8; 3],
+    pub comm: [u8; 16],
+    /// signal: the sender's name.
+    pub sender_comm: [u8; 16],
+    /// oom: `oom:mark_victim`'s figures, in kB.
+    pub total_vm_kb: u64,
+    pub anon_rss_kb: u64,
+    pub file_rss_kb: u64,
+    pub shmem_rss_kb: u64,
+    pub pgtables_kb: u64,
+    pub oom_score_adj: i16,
+    pub _pad1: [u8; 6],
+}
+const _: () = assert!(size_of::<ProcRecord>() == 120);
+
 /// Bits of [`ProbeConfig::filter_flags`]: which kernel-side filters are active.
 pub const FILTER_REASON: u32 = 1 << 0;
 pub const FILTER_HOST: u32 = 1 << 1;
@@ -309,6 +374,9 @@ pub const FEATURE_ARP: u32 = 1 << 2;
 /// Count every drop in `AGG` (keyed by VIP, reason, location, conntrack event) and send only
 /// samples through the ring: `sample_limit` per key, CPU and second.
 pub const FEATURE_AGGREGATE: u32 = 1 << 3;
+/// Drops to or from [`ProbeConfig::memberlist_port`] (speakers' election traffic) are always
+/// sent as records, flagged `DROP_FLAG_MEMBERLIST`.
+pub const FEATURE_MEMBERLIST: u32 = 1 << 4;
 
 /// Value that marks a struct offset the running kernel's BTF did not provide.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
@@ -410,8 +478,47 @@ pub struct ProbeConfig {
     /// tick rate (about a second, without a clock read or a division); 0 when the rate is
     /// unknown (then the monotonic clock is read).
     pub window_shift: u32,
+    // speakers: struct sock, struct sk_buff, struct task_struct and what hangs off it
+    pub sk_family: u32,
+    pub skb_transport_header: u32,
+    pub task_tgid: u32,
+    pub task_exit_code: u32,
+    pub task_comm: u32,
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub task_signal: u32,
+    pub signal_oom_score_adj: u32,
+    pub task_mm: u32,
+    pub mm_total_vm: u32,
+    /// `mm_struct.rss_stat`: an array of `struct percpu_counter`, `percpu_counter_size` apart,
+    /// indexed by `MM_FILEPAGES`, `MM_ANONPAGES`, `MM_SHMEMPAGES`.
+    pub mm_rss_stat: u32,
+    pub percpu_counter_size: u32,
+    pub percpu_counter_count: u32,
+    pub mm_pgtables_bytes: u32,
+    pub mm_file_pages: u32,
+    pub mm_anon_pages: u32,
+    pub mm_shmem_pages: u32,
+    /// log2 of the page size in kB (4 KiB pages: 2).
+    pub page_kb_shift: u32,
+    // classic tracepoints sched/sched_process_exit, oom/mark_victim, signal/signal_generate
+    pub tp_exit_group_dead: u32,
+    pub tp_oom_pid: u32,
+    pub tp_oom_total_vm: u32,
+    pub tp_oom_anon_rss: u32,
+    pub tp_oom_file_rss: u32,
+    pub tp_oom_shmem_rss: u32,
+    pub tp_oom_pgtables: u32,
+    pub tp_oom_score_adj: u32,
+    pub tp_sig_sig: u32,
+    pub tp_sig_pid: u32,
+    /// The memberlist port with `FEATURE_MEMBERLIST`.
+    pub memberlist_port: u16,
+    pub _pad2: [u8; 2],
+    pub tp_sig_comm: u32,
+    pub tp_oom_comm: u32,
 }
-const _: () = assert!(size_of::<ProbeConfig>() == 256);
+const _: () = assert!(size_of::<ProbeConfig>() == 384);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -480,6 +587,39 @@ impl ProbeConfig {
             wakeup_bytes: 0,
             sample_limit: 0,
             window_shift: 0,
+            sk_family: OFFSET_UNKNOWN,
+            skb_transport_header: OFFSET_UNKNOWN,
+            task_tgid: OFFSET_UNKNOWN,
+            task_exit_code: OFFSET_UNKNOWN,
+            task_comm: OFFSET_UNKNOWN,
+            task_nsproxy: OFFSET_UNKNOWN,
+            nsproxy_net_ns: OFFSET_UNKNOWN,
+            task_signal: OFFSET_UNKNOWN,
+            signal_oom_score_adj: OFFSET_UNKNOWN,
+            task_mm: OFFSET_UNKNOWN,
+            mm_total_vm: OFFSET_UNKNOWN,
+            mm_rss_stat: OFFSET_UNKNOWN,
+            percpu_counter_size: 0,
+            percpu_counter_count: OFFSET_UNKNOWN,
+            mm_pgtables_bytes: OFFSET_UNKNOWN,
+            mm_file_pages: 0,
+            mm_anon_pages: 1,
+            mm_shmem_pages: 3,
+            page_kb_shift: 2,
+            tp_exit_group_dead: OFFSET_UNKNOWN,
+            tp_oom_pid: OFFSET_UNKNOWN,
+            tp_oom_total_vm: OFFSET_UNKNOWN,
+            tp_oom_anon_rss: OFFSET_UNKNOWN,
+            tp_oom_file_rss: OFFSET_UNKNOWN,
+            tp_oom_shmem_rss: OFFSET_UNKNOWN,
+            tp_oom_pgtables: OFFSET_UNKNOWN,
+            tp_oom_score_adj: OFFSET_UNKNOWN,
+            tp_sig_sig: OFFSET_UNKNOWN,
+            tp_sig_pid: OFFSET_UNKNOWN,
+            memberlist_port: 0,
+            _pad2: [0; 2],
+            tp_sig_comm: OFFSET_UNKNOWN,
+            tp_oom_comm: OFFSET_UNKNOWN,
         }
     }
 }
@@ -503,7 +643,9 @@ pub const STAT_NEIGH: u32 = 6;
 pub const STAT_SAMPLED_OUT: u32 = 7;
 /// Aggregation: drops whose key found `AGG` full (sent as records, counted from them).
 pub const STAT_AGG_FULL: u32 = 8;
-pub const STAT_COUNT: u32 = 9;
+/// Process records (speakers, OOM victims) sent.
+pub const STAT_PROC: u32 = 9;
+pub const STAT_COUNT: u32 = 10;
 
 /// Key of `CT_LAST`: the last conntrack statistics seen per netns and CPU.
 #[repr(C)]
@@ -615,6 +757,11 @@ pub const HOST_FILTER_ENTRIES: u32 = 256;
 /// Network namespaces to keep when `FILTER_NETNS` is set: a node's own and its pods'.
 pub const MAP_NETNS_FILTER: &str = "NETNS_FILTER";
 pub const NETNS_FILTER_ENTRIES: u32 = 1024;
+/// Thread-group ids of the processes that announce VIPs (`u32` → `u8`), filled by the agent.
+pub const MAP_SPEAKER_PIDS: &str = "SPEAKER_PIDS";
+/// Names (`comm`, 16 bytes NUL-padded) of those processes: a restarted one has a new pid.
+pub const MAP_SPEAKER_COMMS: &str = "SPEAKER_COMMS";
+pub const SPEAKER_ENTRIES: u32 = 256;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -624,6 +771,7 @@ mod pod {
     unsafe impl aya::Pod for super::DropRecord {}
     unsafe impl aya::Pod for super::ArpRecord {}
     unsafe impl aya::Pod for super::NeighRecord {}
+    unsafe impl aya::Pod for super::ProcRecord {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::HostKey {}
     unsafe impl aya::Pod for super::Tuple {}

@@ -7,7 +7,7 @@
 
 use agent_common::{
     AggKey, AggValue, DropRecord, Vip4Key, Vip6Key, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, FAMILY_IPV4,
-    FAMILY_IPV6, STAT_AGG_FULL,
+    FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -31,10 +31,35 @@ const META_IPV6: u32 = 1 << 1;
 pub enum Outcome {
     /// Counted in `AGG`; send it as a sample.
     Sample,
+    /// Counted in `AGG`; memberlist traffic: send it whatever the sample limit.
+    Memberlist,
     /// Counted in `AGG`; over this key's sample limit.
     Skip,
     /// `AGG` is full: send it unaggregated, so userspace still counts it.
     Unaggregated,
+}
+
+/// Whether a drop without a VIP is memberlist traffic (a port of it is the memberlist port):
+/// one 4-byte read at the transport header, only when the feature is on.
+#[inline(always)]
+pub fn memberlist<M: Mem>(skb: u64) -> bool {
+    if conf!(features) & FEATURE_MEMBERLIST == 0 {
+        return false;
+    }
+    let (Ok(head), Ok(th)) = (
+        M::read::<u64>(skb, conf!(skb_head)),
+        M::read::<u16>(skb, conf!(skb_transport_header)),
+    ) else {
+        return false;
+    };
+    if th == HEADER_UNSET {
+        return false;
+    }
+    let Ok(p) = read::<[u8; 4]>(head + u64::from(th), 0) else {
+        return false;
+    };
+    let port = conf!(memberlist_port);
+    u16::from_be_bytes([p[0], p[1]]) == port || u16::from_be_bytes([p[2], p[3]]) == port
 }
 
 #[inline(always)]
@@ -199,11 +224,17 @@ pub fn count<M: Mem>(d: &Drop, event: u8, rec: &mut DropRecord, parsed: &mut boo
         location: d.location,
     };
     attribute::<M>(d.skb, &mut key, rec, parsed);
+    // Election traffic is rare and every drop of it is evidence: never sampled out.
+    let always = key.family == 0 && memberlist::<M>(d.skb);
     if let Some(v) = AGG.get_ptr_mut(&key) {
         // SAFETY: this CPU's slot; programs do not nest on one CPU.
         let v = unsafe { &mut *v };
         v.count += 1;
-        return sample(v);
+        return if always {
+            Outcome::Memberlist
+        } else {
+            sample(v)
+        };
     }
     let first = AggValue {
         count: 1,
@@ -212,14 +243,22 @@ pub fn count<M: Mem>(d: &Drop, event: u8, rec: &mut DropRecord, parsed: &mut boo
         _pad0: 0,
     };
     if AGG.insert(&key, &first, u64::from(BPF_NOEXIST)).is_ok() {
-        return Outcome::Sample;
+        return if always {
+            Outcome::Memberlist
+        } else {
+            Outcome::Sample
+        };
     }
     // Another CPU created the key (this CPU's slot starts at zero), or the map is full.
     if let Some(v) = AGG.get_ptr_mut(&key) {
         // SAFETY: as above.
         let v = unsafe { &mut *v };
         v.count += 1;
-        return sample(v);
+        return if always {
+            Outcome::Memberlist
+        } else {
+            sample(v)
+        };
     }
     stat_inc(STAT_AGG_FULL);
     Outcome::Unaggregated

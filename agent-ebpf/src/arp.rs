@@ -9,7 +9,10 @@ use agent_common::{
     FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON, STAT_ARP, STAT_NEIGH,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
+        bpf_ktime_get_boot_ns,
+    },
     programs::TracePointContext,
 };
 use network_types::{
@@ -39,6 +42,7 @@ const ND_OPT_TARGET_LLADDR: u8 = 2;
 const NDP_HOP_LIMIT: u8 = 255;
 const AF_INET: i32 = 2;
 const AF_INET6: i32 = 10;
+const AF_PACKET: u16 = 17;
 
 /// A neighbour solicitation or advertisement with its first option (RFC 4861), read as one
 /// block; network-types 0.2.0 has no NDP layout.
@@ -218,10 +222,25 @@ fn try_handle_frame<M: Mem>(skb: u64, direction: u8, probe: ProbeId) -> Result<(
     {
         rec.flags |= ARP_FLAG_BRIDGED;
     }
+    if direction == DIR_TX && rec.flags & ARP_FLAG_BRIDGED == 0 {
+        sender_task::<M>(skb, rec);
+    }
     rec.header = header(RecordKind::Arp, probe);
     stat_inc(STAT_ARP);
     submit(rec);
     Ok(())
+}
+
+/// A frame sent from an AF_PACKET socket (how speakers announce) is transmitted in the
+/// sending task's context: that task is the announcer. Kernel-made replies carry no socket.
+#[inline(always)]
+fn sender_task<M: Mem>(skb: u64, rec: &mut ArpRecord) {
+    let sk = M::read::<u64>(skb, conf!(skb_sk)).unwrap_or(0);
+    if sk == 0 || M::read::<u16>(sk, conf!(sk_family)).unwrap_or(0) != AF_PACKET {
+        return;
+    }
+    rec.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    rec.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
 
 #[inline(always)]

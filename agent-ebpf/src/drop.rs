@@ -6,9 +6,9 @@
 
 use agent_common::{
     DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
-    DROP_FLAG_SAMPLED, FEATURE_AGGREGATE, FEATURE_CT_STATS, FILTER_CT_EVENT, FILTER_HOST,
-    FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON, STAT_NAT_JOINED, STAT_READ_ERRORS,
-    STAT_SAMPLED_OUT,
+    DROP_FLAG_MEMBERLIST, DROP_FLAG_SAMPLED, FEATURE_AGGREGATE, FEATURE_CT_STATS,
+    FEATURE_MEMBERLIST, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
+    FILTER_REASON, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_SAMPLED_OUT,
 };
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
@@ -103,6 +103,7 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
             return;
         }
         Outcome::Sample => DROP_FLAG_SAMPLED,
+        Outcome::Memberlist => DROP_FLAG_MEMBERLIST,
         Outcome::Unaggregated => {
             count_exactly(d.reason, event);
             0
@@ -127,11 +128,17 @@ fn every<M: Mem>(d: &Drop, filters: u32) {
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
     parse_into::<M>(d.skb, rec);
-    if !packet_matches(rec) {
+    let memberlist = is_memberlist(&rec.pkt);
+    if !packet_matches(rec, memberlist) {
         return;
     }
     count_exactly(d.reason, event);
-    send::<M>(d, event, rec, 0);
+    send::<M>(
+        d,
+        event,
+        rec,
+        if memberlist { DROP_FLAG_MEMBERLIST } else { 0 },
+    );
 }
 
 /// The per-reason and per-conntrack-event counts, independent of the ring.
@@ -184,8 +191,18 @@ fn tuple_listed(t: &Tuple) -> bool {
     t.family != 0 && (host_listed(&t.daddr, t.family) || host_listed(&t.saddr, t.family))
 }
 
+/// TCP or UDP to or from the memberlist port (with the feature on).
 #[inline(always)]
-fn packet_matches(rec: &DropRecord) -> bool {
+fn is_memberlist(pkt: &PacketInfo) -> bool {
+    let port = conf!(memberlist_port);
+    conf!(features) & FEATURE_MEMBERLIST != 0
+        && (pkt.l4_proto == 6 || pkt.l4_proto == 17)
+        && (pkt.sport == port || pkt.dport == port)
+}
+
+/// The filters; memberlist traffic passes the host (VIP) filter: it is evidence for every VIP.
+#[inline(always)]
+fn packet_matches(rec: &DropRecord, memberlist: bool) -> bool {
     let pkt = &rec.pkt;
     let flags = conf!(filter_flags);
     if flags & FILTER_PROTO != 0 && pkt.l4_proto != conf!(filter_proto) {
@@ -199,6 +216,7 @@ fn packet_matches(rec: &DropRecord) -> bool {
     }
     // A host (or VIP) matches the packet's addresses or, behind NAT, the flow's original ones.
     if flags & FILTER_HOST != 0
+        && !memberlist
         && !host_listed(&pkt.saddr, pkt.family)
         && !host_listed(&pkt.daddr, pkt.family)
         && !tuple_listed(&rec.orig)

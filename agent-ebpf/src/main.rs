@@ -20,6 +20,8 @@ mod kernel;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod proc;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -156,6 +158,83 @@ mod frame_programs {
     #[tracepoint]
     pub fn neigh_update_tp(ctx: TracePointContext) -> u32 {
         match handle_neigh_tp(&ctx) {
+            Ok(()) | Err(_) => 0,
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+mod proc_programs {
+    use agent_common::ProbeId;
+    use aya_ebpf::{
+        macros::{btf_tracepoint, tracepoint},
+        programs::{BtfTracePointContext, TracePointContext},
+    };
+
+    use crate::{
+        kernel::{Btf, Probe},
+        proc::{
+            current_task, exit_tp, handle_exec, handle_exit, handle_oom_btf, handle_oom_tp,
+            handle_signal_btf, handle_signal_tp,
+        },
+    };
+
+    /// tp_btf/sched_process_exit: args are (task, group_dead).
+    #[btf_tracepoint(function = "sched_process_exit")]
+    pub fn process_exit_btf(ctx: BtfTracePointContext) -> u32 {
+        let group_dead: u64 = ctx.arg(1);
+        handle_exit::<Btf>(ctx.arg(0), group_dead & 0xff != 0, ProbeId::ProcessExitBtf);
+        0
+    }
+
+    /// The classic tracepoint sched/sched_process_exit.
+    #[tracepoint]
+    pub fn process_exit_tp(ctx: TracePointContext) -> u32 {
+        exit_tp(&ctx);
+        0
+    }
+
+    /// tp_btf/sched_process_exec: args are (task, old_pid, bprm); the task has its new name.
+    #[btf_tracepoint(function = "sched_process_exec")]
+    pub fn process_exec_btf(ctx: BtfTracePointContext) -> u32 {
+        handle_exec::<Btf>(ctx.arg(0), ProbeId::ProcessExecBtf);
+        0
+    }
+
+    /// The classic tracepoint sched/sched_process_exec (the current task is the one).
+    #[tracepoint]
+    pub fn process_exec_tp(_ctx: TracePointContext) -> u32 {
+        handle_exec::<Probe>(current_task(), ProbeId::ProcessExecTracepoint);
+        0
+    }
+
+    /// tp_btf/mark_victim: args are (task, uid).
+    #[btf_tracepoint(function = "mark_victim")]
+    pub fn oom_victim_btf(ctx: BtfTracePointContext) -> u32 {
+        handle_oom_btf::<Btf>(ctx.arg(0));
+        0
+    }
+
+    /// The classic tracepoint oom/mark_victim.
+    #[tracepoint]
+    pub fn oom_victim_tp(ctx: TracePointContext) -> u32 {
+        match handle_oom_tp(&ctx) {
+            Ok(()) | Err(_) => 0,
+        }
+    }
+
+    /// tp_btf/signal_generate: args are (sig, info, task, group, result).
+    #[btf_tracepoint(function = "signal_generate")]
+    pub fn signal_btf(ctx: BtfTracePointContext) -> u32 {
+        let sig: u64 = ctx.arg(0);
+        handle_signal_btf::<Btf>(sig as u32, ctx.arg(2));
+        0
+    }
+
+    /// The classic tracepoint signal/signal_generate.
+    #[tracepoint]
+    pub fn signal_tp(ctx: TracePointContext) -> u32 {
+        match handle_signal_tp(&ctx) {
             Ok(()) | Err(_) => 0,
         }
     }

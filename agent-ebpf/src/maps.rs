@@ -3,8 +3,8 @@
 use agent_common::{
     AggKey, AggValue, ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple,
     AGG_ENTRIES, CT_EVENT_COUNT, CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES,
-    NAT_ENTRIES, NETNS_FILTER_ENTRIES, REASON_COUNTS_ENTRIES, STAT_COUNT, STAT_RING_LOST,
-    VIP_ENTRIES,
+    NAT_ENTRIES, NETNS_FILTER_ENTRIES, REASON_COUNTS_ENTRIES, SPEAKER_ENTRIES, STAT_COUNT,
+    STAT_RING_LOST, VIP_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{
@@ -46,6 +46,14 @@ pub static HOST_FILTER: HashMap<HostKey, u8> = HashMap::with_max_entries(HOST_FI
 /// Network namespaces (inodes) to keep when `FILTER_NETNS` is set.
 #[map]
 pub static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(NETNS_FILTER_ENTRIES, 0);
+
+/// Thread-group ids of the processes that announce VIPs, kept by the agent.
+#[map]
+pub static SPEAKER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(SPEAKER_ENTRIES, 0);
+
+/// Their names (`comm`, NUL-padded): a restarted speaker is known by its name.
+#[map]
+pub static SPEAKER_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(SPEAKER_ENTRIES, 0);
 
 /// Whether `netns` is in the namespace filter (when `FILTER_NETNS` is set).
 #[inline(always)]

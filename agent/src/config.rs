@@ -42,6 +42,23 @@ pub struct FileConfig {
     pub nat_entries: Option<u32>,
     /// Seconds between reads of kube-proxy's rules (0: not read).
     pub kube_proxy_interval: Option<f64>,
+    /// Process names that announce VIPs (`--speaker-comm`).
+    pub speaker_comms: Option<Vec<String>>,
+    /// The speakers' memberlist port (0: off).
+    pub memberlist_port: Option<u16>,
+}
+
+/// A process name as the kernel keeps it (`comm`): not empty, no NUL, cut to 15 bytes at a
+/// character boundary.
+pub fn speaker_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('\0') {
+        return Err(format!("`{}` is not a process name", s.escape_default()));
+    }
+    let mut end = s.len().min(15);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Ok(s[..end].to_owned())
 }
 
 /// A validated file.
@@ -81,7 +98,7 @@ impl Config {
     }
 
     fn parse_raw(text: &str) -> Result<Self, String> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| {
+        let mut file: FileConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().lines().next().unwrap_or_default().to_owned();
             match e.span() {
                 Some(span) => {
@@ -123,6 +140,11 @@ impl Config {
             crate::kernel::kubeproxy::interval(i)
                 .map_err(|e| format!("kube_proxy_interval: {e}"))?;
         }
+        if let Some(comms) = file.speaker_comms.as_mut() {
+            for (i, c) in comms.iter_mut().enumerate() {
+                *c = speaker_comm(c).map_err(|e| format!("speaker_comms[{i}]: {e}"))?;
+            }
+        }
         Ok(Self {
             vips,
             metrics_addr,
@@ -144,6 +166,19 @@ mod tests {
         assert_eq!(c.vips.len(), 2);
         assert_eq!(c.metrics_addr.unwrap().port(), 9999);
         assert_eq!(c.file.node_name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn speaker_keys() {
+        let c = Config::parse(
+            "speaker_comms = [\"speaker\", \"a-very-long-process-name\"]\nmemberlist_port = 0\n",
+        )
+        .unwrap();
+        let comms = c.file.speaker_comms.unwrap();
+        assert_eq!(comms, ["speaker", "a-very-long-pro"]);
+        assert_eq!(c.file.memberlist_port, Some(0));
+        let e = Config::parse("speaker_comms = [\"\"]").unwrap_err();
+        assert!(e.contains("speaker_comms[0]"), "{e}");
     }
 
     #[test]

@@ -61,6 +61,8 @@ struct Settings {
     max_vips: u32,
     nat_entries: u32,
     kube_proxy_interval: std::time::Duration,
+    speaker_comms: Vec<String>,
+    memberlist_port: u16,
 }
 
 /// Samples per key, CPU and second: enough for a recording to show every flow of an incident,
@@ -151,6 +153,15 @@ fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
                 .map_err(anyhow::Error::msg)?
                 .unwrap_or(kubeproxy::DEFAULT_INTERVAL),
         },
+        speaker_comms: if args.speaker_comms.is_empty() {
+            f.speaker_comms.clone().unwrap_or_default()
+        } else {
+            args.speaker_comms.clone()
+        },
+        memberlist_port: args
+            .memberlist_port
+            .or(f.memberlist_port)
+            .unwrap_or(lbtrace::probes::MEMBERLIST_PORT),
     })
 }
 
@@ -184,6 +195,8 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         }),
         vip_entries: s.max_vips,
         nat_entries: s.nat_entries,
+        memberlist_port: s.memberlist_port,
+        speaker_comms: s.speaker_comms.clone(),
         ..LoadOptions::new(s.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;
@@ -217,6 +230,8 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     p.sinks = sinks;
     p.node = Some(s.node.as_str().into());
     p.kube = super::common::kube_proxy(s.kube_proxy_interval, s.discover_vips);
+    p.speakers = lbtrace::pipeline::speakers::Speakers::new(s.memberlist_port, &s.speaker_comms);
+    p.speakers.set_node(p.node.clone());
     p.reload = Some(reload(&args));
     p.learn_holders(&s.netns);
     let health = http::Health {

@@ -24,6 +24,7 @@ use lbtrace::{
         attribution::VipSet,
         ownership::{Ownership, OwnershipConfig},
         services::KubeProxy,
+        speakers::Speakers,
         Pipeline, Selection, Sink, Stop,
     },
     probes::{probe_name, release_freed_memory, KernelFilter, LoadOptions, Prepared, Tracer},
@@ -184,6 +185,8 @@ pub(crate) fn trace(
         ring_bytes: args.ring_size,
         wakeup_bytes: u64::from(args.ring_size / 4),
         arp: !args.no_arp,
+        memberlist_port: args.memberlist_port,
+        speaker_comms: args.speaker_comms.clone(),
         ..LoadOptions::new(args.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;
@@ -212,6 +215,8 @@ pub(crate) fn trace(
         None => recording.then(|| default_node().into()),
     };
     p.kube = kube_proxy(args.kube_proxy_interval, args.discover_vips);
+    p.speakers = Speakers::new(args.memberlist_port, &args.speaker_comms);
+    p.speakers.set_node(p.node.clone());
     if let Some(h) = header {
         p.announce(&h);
         p.announce(&Record::Status(Status {

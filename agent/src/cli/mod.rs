@@ -154,6 +154,14 @@ pub struct WatchArgs {
     /// (0: not at all).
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
     pub(crate) kube_proxy_interval: Duration,
+    /// A process name (`comm`) that announces VIPs, followed from the start (repeatable);
+    /// others are learnt from their own announcements.
+    #[arg(long = "speaker-comm", value_name = "NAME", value_parser = parse_comm)]
+    pub(crate) speaker_comms: Vec<String>,
+    /// The speakers' memberlist (leader election) port, UDP and TCP: its drops are
+    /// speaker_link records (0: off).
+    #[arg(long, value_name = "N", default_value_t = lbtrace::probes::MEMBERLIST_PORT)]
+    pub(crate) memberlist_port: u16,
     /// Which hooks to use: tp_btf first (auto), or only one kind (btf, tracepoint).
     #[arg(long, default_value_t = ProbeMode::Auto, value_parser = probe_modes())]
     pub(crate) probe_mode: ProbeMode,
@@ -177,8 +185,8 @@ pub enum LogFormat {
 pub struct AgentArgs {
     /// TOML config file (keys: vips, metrics_addr, node_name, netns, node_netns, log_format,
     /// events_file, events_max_bytes, probe_mode, ring_size, no_arp, arp_rx, discover_vips,
-    /// sample_limit,
-    /// max_vips, nat_entries).
+    /// sample_limit, max_vips, nat_entries, kube_proxy_interval, speaker_comms,
+    /// memberlist_port).
     #[arg(long, env = "LBTRACE_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<std::path::PathBuf>,
     /// Where to serve /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
@@ -241,6 +249,18 @@ pub struct AgentArgs {
     /// How often kube-proxy's rules are read again, in seconds (0: not at all) [default: 1].
     #[arg(long, env = "LBTRACE_KUBE_PROXY_INTERVAL", value_name = "SECS", value_parser = parse_interval)]
     pub(crate) kube_proxy_interval: Option<Duration>,
+    /// A process name that announces VIPs, followed from the start (repeatable, or
+    /// comma-separated); others are learnt from their own announcements.
+    #[arg(long = "speaker-comm", env = "LBTRACE_SPEAKER_COMM", value_name = "NAME", value_delimiter = ',', value_parser = parse_comm)]
+    pub(crate) speaker_comms: Vec<String>,
+    /// The speakers' memberlist port, UDP and TCP (0: off) [default: 7946].
+    #[arg(long, env = "LBTRACE_MEMBERLIST_PORT", value_name = "N")]
+    pub(crate) memberlist_port: Option<u16>,
+}
+
+/// A process name as `--speaker-comm` takes it: what the kernel keeps of it (15 bytes).
+fn parse_comm(s: &str) -> Result<String, String> {
+    lbtrace::config::speaker_comm(s)
 }
 
 /// Seconds, fractions allowed; 0 is allowed (off).

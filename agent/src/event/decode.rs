@@ -190,6 +190,8 @@ pub struct ArpEvent {
     /// An announcement nobody asked for: ARP with sender IP = target IP, an ARP reply to the
     /// broadcast address, or an unsolicited neighbour advertisement with the override flag.
     pub gratuitous: bool,
+    /// Sent from an AF_PACKET socket: the sending process (thread-group id) and its name.
+    pub sender_task: Option<(u32, Option<IfName>)>,
 }
 
 /// A neighbour-cache update.
@@ -215,6 +217,7 @@ pub enum Event {
     Drop(DropEvent),
     Arp(ArpEvent),
     Neigh(NeighEvent),
+    Proc(super::decode_proc::ProcEvent),
 }
 
 impl Event {
@@ -223,11 +226,12 @@ impl Event {
             Self::Drop(d) => d.ts_ns,
             Self::Arp(a) => a.ts_ns,
             Self::Neigh(n) => n.ts_ns,
+            Self::Proc(p) => p.ts_ns,
         }
     }
 }
 
-fn read_pod<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
+pub(super) fn read_pod<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
     let need = size_of::<T>();
     if bytes.len() < need {
         return Err(DecodeError::Truncated {
@@ -247,7 +251,7 @@ pub struct IfName([u8; 16]);
 
 impl IfName {
     /// `None` for an empty name.
-    fn new(bytes: &[u8; 16]) -> Option<Self> {
+    pub(super) fn new(bytes: &[u8; 16]) -> Option<Self> {
         (bytes[0] != 0).then_some(Self(*bytes))
     }
 
@@ -304,6 +308,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 eth_dst,
                 ndp_flags,
                 gratuitous,
+                sender_task: (r.pid != 0).then(|| (r.pid, IfName::new(&r.comm))),
             }))
         }
         RecordKind::Neigh => {
@@ -323,6 +328,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 update_flags: r.update_flags,
             }))
         }
+        RecordKind::Proc => super::decode_proc::decode(bytes).map(Event::Proc),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod class;
 pub mod decode;
+pub mod decode_proc;
 pub mod record;
 pub mod speaker;
 pub mod values;
@@ -10,6 +11,7 @@ use std::{collections::HashMap, sync::Arc};
 
 pub use record::Record;
 use record::{ArpRec, DropRec, Flow, NdpFlags, NeighRec};
+use speaker::{SpeakerEvent, SpeakerRec};
 use values::{ConntrackEvent, Direction, Name, NudState, TcpFlags, Time};
 
 use crate::kernel::{btf::DropReasons, kallsyms::Kallsyms};
@@ -133,6 +135,37 @@ impl Namer {
             }
             Event::Arp(a) => Record::Arp(self.arp_rec(a)),
             Event::Neigh(n) => Record::Neigh(self.neigh_rec(n)),
+            Event::Proc(p) => Record::Speaker(self.speaker_rec(p)),
+        }
+    }
+
+    /// A process event as a speaker record, without its VIPs (the pipeline knows them). A kind
+    /// from another version reads as a start.
+    fn speaker_rec(&mut self, p: &decode_proc::ProcEvent) -> SpeakerRec {
+        let event = p.event.unwrap_or_default();
+        let (exit_code, signal) = match event {
+            SpeakerEvent::Exit => p.exit(),
+            SpeakerEvent::Signal => (None, Some(p.signal)),
+            _ => (None, None),
+        };
+        let signal_event = event == SpeakerEvent::Signal;
+        SpeakerRec {
+            node: None,
+            time: Some(self.clock.wall(p.ts_ns)),
+            pid: p.pid,
+            comm: self.ifname(p.comm).unwrap_or_else(|| Name::from("")),
+            netns: p.netns,
+            event,
+            exit_code,
+            signal,
+            sender_pid: signal_event.then_some(p.sender_pid),
+            sender_comm: if signal_event {
+                self.ifname(p.sender_comm)
+            } else {
+                None
+            },
+            oom: (event == SpeakerEvent::OomKill).then_some(p.oom),
+            vips: Vec::new(),
         }
     }
 
@@ -200,6 +233,8 @@ impl Namer {
             netns: a.netns,
             vip: None,
             service: None,
+            pid: a.sender_task.map(|(pid, _)| pid),
+            comm: a.sender_task.and_then(|(_, c)| self.ifname(c)),
         }
     }
 

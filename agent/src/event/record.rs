@@ -481,6 +481,12 @@ pub struct ArpRec {
     /// kube-proxy's rules; absent when several Services share the VIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Name>,
+    /// Sent from an AF_PACKET socket (a speaker's own send): the sending process's pid
+    /// (thread-group id) and name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<Name>,
 }
 
 impl ArpRec {

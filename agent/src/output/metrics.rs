@@ -14,7 +14,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use super::metrics_cluster::ClusterSeries;
+use super::{metrics_cluster::ClusterSeries, metrics_speakers::SpeakerSeries};
 use crate::{
     event::{
         class::classify,
@@ -100,6 +100,8 @@ pub struct Metrics {
     maps_bytes: u64,
     /// Series for the cluster-wide view (alert rules, `diagnose --prometheus`).
     cluster: ClusterSeries,
+    /// Speakers' lifecycle and memberlist drops.
+    speakers: SpeakerSeries,
     /// The Services of each labelled VIP, and the rules skipped, from kube-proxy's rules.
     services: BTreeMap<IpAddr, String>,
     kube_skipped: Option<u64>,
@@ -248,6 +250,14 @@ impl Metrics {
                     .insert(label, (o.new_mac, o.new_netns.unwrap_or_default()));
             }
             Record::Endpoint(_) => *self.events.entry("endpoint").or_default() += 1,
+            Record::Speaker(s) => {
+                *self.events.entry("speaker").or_default() += 1;
+                self.speakers.speaker(s);
+            }
+            Record::SpeakerLink(l) => {
+                *self.events.entry("speaker_link").or_default() += 1;
+                self.speakers.link(l);
+            }
             _ => {}
         }
     }
@@ -354,6 +364,7 @@ impl Metrics {
         self.render_ownership(&mut e);
         self.render_health(&mut e);
         self.cluster.render(&mut e);
+        self.speakers.render(&mut e);
         e.o
     }
 
@@ -585,6 +596,7 @@ impl Sink for MetricsSink {
         if let Some(c) = h.kube {
             m.kube_proxy(c);
         }
+        m.speakers.counts(h.speakers);
     }
 }
 

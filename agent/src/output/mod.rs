@@ -6,6 +6,7 @@ pub mod html;
 pub mod http;
 pub mod metrics;
 pub mod metrics_cluster;
+pub mod metrics_speakers;
 pub mod ndjson;
 pub mod summary;
 pub mod text;

@@ -4,7 +4,9 @@
 pub mod attribution;
 pub mod holders;
 pub mod ownership;
+mod selection;
 pub mod services;
+pub mod speakers;
 mod stop;
 
 use std::{
@@ -17,6 +19,8 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+pub use selection::Selection;
+use speakers::Speakers;
 pub use stop::Stop;
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -74,6 +78,7 @@ pub struct Housekeeping<'a> {
     pub nat: Option<NatOccupancy>,
     /// kube-proxy's rules, when they are read.
     pub kube: Option<&'a services::Catalog>,
+    pub speakers: speakers::SpeakerCounts,
 }
 
 /// A NAT map key walk costs about a microsecond per entry: rare enough to stay cheap, more often
@@ -81,28 +86,6 @@ pub struct Housekeeping<'a> {
 /// counts.
 const NAT_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 const NAT_COUNT_BUSY: Duration = Duration::from_secs(5);
-
-/// What selects records for the stream, and how many.
-#[derive(Clone, Debug, Default)]
-pub struct Selection {
-    /// Keep only events attributed to a VIP (`--vip`; `--tag-vip` only attributes).
-    pub vips_only: bool,
-    /// Stop after this many events.
-    pub limit: Option<u64>,
-    /// Stream drops that are not loss too (benign frees, local noise: `--all-drops`).
-    pub all_drops: bool,
-}
-
-impl Selection {
-    /// Whether the stream shows this record.
-    fn shows(&self, r: &Record) -> bool {
-        let loss = match r {
-            Record::Drop(d) | Record::Conntrack(d) => d.is_loss(),
-            _ => true,
-        };
-        (!self.vips_only || r.vip().is_some()) && (loss || self.all_drops)
-    }
-}
 
 /// Re-reads the VIP list (SIGHUP).
 pub type Reload = Box<dyn FnMut() -> anyhow::Result<VipSet>>;
@@ -130,6 +113,8 @@ pub struct Pipeline<'s> {
     pub counts: Counts,
     /// Service names and endpoint changes from kube-proxy's rules.
     pub kube: Option<KubeProxy>,
+    /// The processes that announce VIPs, and memberlist drops.
+    pub speakers: Speakers,
     by_vip: VipCounts,
     /// The VIP set changed (reload, discovery) since the kernel's copy was made.
     vips_changed: bool,
@@ -162,6 +147,7 @@ impl<'s> Pipeline<'s> {
             tables: TablePressure::empty(),
             counts: Counts::default(),
             kube: None,
+            speakers: Speakers::default(),
             by_vip: VipCounts::default(),
             vips_changed: true,
             nat: None,
@@ -264,8 +250,14 @@ impl<'s> Pipeline<'s> {
         if let Some(node) = &self.node {
             rec.set_node(node);
         }
+        if let Record::Speaker(s) = &mut rec {
+            if !self.speakers.speaker(s) {
+                return;
+            }
+        }
         let updates = match &rec {
             Record::Arp(a) => {
+                self.speakers.observe_arp(a);
                 let before = self.vips.addrs().len();
                 let u = self.ownership.observe(a, &mut self.vips);
                 self.vips_changed |= self.vips.addrs().len() != before;
@@ -274,6 +266,12 @@ impl<'s> Pipeline<'s> {
             _ => Vec::new(),
         };
         self.vips.attribute(&mut rec);
+        if let Some(link) = match &rec {
+            Record::Drop(d) => self.speakers.link(d),
+            _ => None,
+        } {
+            rec = Record::SpeakerLink(link);
+        }
         for mut u in updates {
             if let Some(node) = &self.node {
                 u.set_node(node);
@@ -343,8 +341,9 @@ impl<'s> Pipeline<'s> {
         self.last_drain.store(unix_now(), Ordering::Relaxed);
     }
 
-    /// Gives the kernel the current VIP set when it changed.
+    /// Gives the kernel the current VIP set when it changed, and the speakers it must follow.
     fn sync_vips(&mut self, tracer: &mut Tracer) {
+        self.speakers.sync(tracer);
         if !self.vips_changed {
             return;
         }
@@ -377,6 +376,7 @@ impl<'s> Pipeline<'s> {
             reasons: self.namer.reasons(),
             nat: self.nat.map(|(n, _)| n),
             kube: self.kube.as_ref().map(|k| &k.catalog),
+            speakers: self.speakers.counts,
         };
         for s in &mut self.sinks {
             s.housekeeping(&h);

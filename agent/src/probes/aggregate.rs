@@ -146,3 +146,31 @@ impl Tracer {
         Ok(out)
     }
 }
+
+/// The kernel's tick rate: the resolution of the coarse clocks is one jiffy.
+pub(super) fn kernel_hz() -> u32 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres only writes the timespec it is given.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } == 0;
+    match (ok, res.tv_sec, u32::try_from(res.tv_nsec)) {
+        (true, 0, Ok(ns)) if ns > 0 => 1_000_000_000 / ns,
+        _ => 0,
+    }
+}
+
+/// The power of two of jiffies nearest a second (0 when the tick rate is unknown).
+pub(super) fn window_shift(hz: u32) -> u32 {
+    if hz == 0 {
+        return 0;
+    }
+    let below = 31 - hz.leading_zeros();
+    let (lo, hi) = (1u64 << below, 1u64 << (below + 1));
+    if u64::from(hz) - lo <= hi - u64::from(hz) {
+        below.max(1)
+    } else {
+        below + 1
+    }
+}

@@ -174,6 +174,90 @@ pub(crate) const COLLECTORS: &[Collector] = &[
             },
         ],
     },
+    Collector {
+        name: "exit",
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::ProcessExitBtf,
+                program: "process_exit_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "sched_process_exit",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::ProcessExitTracepoint,
+                program: "process_exit_tp",
+                hook: Hook::Tracepoint {
+                    category: "sched",
+                    name: "sched_process_exit",
+                },
+            },
+        ],
+    },
+    Collector {
+        name: "exec",
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::ProcessExecBtf,
+                program: "process_exec_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "sched_process_exec",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::ProcessExecTracepoint,
+                program: "process_exec_tp",
+                hook: Hook::Tracepoint {
+                    category: "sched",
+                    name: "sched_process_exec",
+                },
+            },
+        ],
+    },
+    Collector {
+        name: "oom",
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::OomVictimBtf,
+                program: "oom_victim_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "mark_victim",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::OomVictimTracepoint,
+                program: "oom_victim_tp",
+                hook: Hook::Tracepoint {
+                    category: "oom",
+                    name: "mark_victim",
+                },
+            },
+        ],
+    },
+    Collector {
+        name: "signal",
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::SignalBtf,
+                program: "signal_btf",
+                hook: Hook::BtfTracepoint {
+                    function: "signal_generate",
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::SignalTracepoint,
+                program: "signal_tp",
+                hook: Hook::Tracepoint {
+                    category: "signal",
+                    name: "signal_generate",
+                },
+            },
+        ],
+    },
 ];
 
 pub fn probe_name(id: ProbeId) -> &'static str {
@@ -186,6 +270,14 @@ pub fn probe_name(id: ProbeId) -> &'static str {
         ProbeId::NetifReceiveTracepoint => "tracepoint/net/netif_receive_skb",
         ProbeId::NeighUpdateBtf => "tp_btf/neigh_update",
         ProbeId::NeighUpdateTracepoint => "tracepoint/neigh/neigh_update",
+        ProbeId::ProcessExitBtf => "tp_btf/sched_process_exit",
+        ProbeId::ProcessExitTracepoint => "tracepoint/sched/sched_process_exit",
+        ProbeId::ProcessExecBtf => "tp_btf/sched_process_exec",
+        ProbeId::ProcessExecTracepoint => "tracepoint/sched/sched_process_exec",
+        ProbeId::OomVictimBtf => "tp_btf/mark_victim",
+        ProbeId::OomVictimTracepoint => "tracepoint/oom/mark_victim",
+        ProbeId::SignalBtf => "tp_btf/signal_generate",
+        ProbeId::SignalTracepoint => "tracepoint/signal/signal_generate",
     }
 }
 

@@ -9,6 +9,7 @@ mod collectors;
 mod counters;
 mod filters;
 pub mod offsets;
+mod speakers;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,6 +32,7 @@ use filters::{fill_set, host_key, seed_ct_baselines};
 use offsets::{
     arp_offsets, conntrack_offsets, ct_stat_offsets, kernel_offsets, tracepoint_layouts,
 };
+pub use speakers::{comm_key, Added, MEMBERLIST_PORT};
 
 use crate::{
     event::record::{ProbeState, ProbeStatus},
@@ -79,6 +81,10 @@ pub struct LoadOptions {
     pub vip_entries: u32,
     /// DNAT translations remembered for attribution behind kube-proxy.
     pub nat_entries: u32,
+    /// Speakers' election port (memberlist, UDP and TCP); 0: off.
+    pub memberlist_port: u16,
+    /// Process names (`comm`) known to be speakers before they announce (`--speaker-comm`).
+    pub speaker_comms: Vec<String>,
 }
 
 impl LoadOptions {
@@ -94,6 +100,8 @@ impl LoadOptions {
             aggregate: None,
             vip_entries: agent_common::VIP_ENTRIES,
             nat_entries: agent_common::NAT_ENTRIES,
+            memberlist_port: MEMBERLIST_PORT,
+            speaker_comms: Vec::new(),
         }
     }
 }
@@ -150,15 +158,18 @@ pub struct Features {
     pub arp: Feature,
     /// Neighbour-cache updates are seen.
     pub neighbours: Feature,
+    /// Starts, exits, OOM kills and signals of the processes that announce VIPs.
+    pub speakers: Feature,
 }
 
 impl Features {
-    pub fn list(&self) -> [(&'static str, &Feature); 4] {
+    pub fn list(&self) -> [(&'static str, &Feature); 5] {
         [
             ("conntrack drop classification", &self.conntrack_events),
             ("DNAT attribution", &self.nat_attribution),
             ("ARP/NDP", &self.arp),
             ("neighbour updates", &self.neighbours),
+            ("speaker lifecycle", &self.speakers),
         ]
     }
 }
@@ -169,6 +180,7 @@ struct Offered {
     conntrack: Feature,
     ct_stats: Feature,
     arp: Feature,
+    process: Feature,
 }
 
 /// Fills `cfg` with this kernel's offsets, the features it allows, and the filters.
@@ -203,18 +215,24 @@ fn configure(
             cfg.features |= bit;
         }
     }
+    let process = Feature::from(offsets::process_offsets(btf, cfg));
+    if opts.memberlist_port != 0 {
+        cfg.features |= agent_common::FEATURE_MEMBERLIST;
+        cfg.memberlist_port = opts.memberlist_port;
+    }
     opts.filter.configure(cfg);
     cfg.wakeup_bytes = opts.wakeup_bytes;
     if let Some(a) = opts.aggregate {
         cfg.features |= FEATURE_AGGREGATE;
         cfg.sample_limit = a.sample_limit;
-        cfg.window_shift = window_shift(kernel_hz());
+        cfg.window_shift = aggregate::window_shift(aggregate::kernel_hz());
     }
     Ok(Offered {
         layouts,
         conntrack,
         ct_stats,
         arp,
+        process,
     })
 }
 
@@ -351,6 +369,7 @@ impl Prepared {
         if offered.ct_stats.is_on() {
             seed_ct_baselines(&mut ebpf)?;
         }
+        speakers::fill_comms(&mut ebpf, &opts.speaker_comms)?;
         let (statuses, active) = attach_all(&mut ebpf, aya_btf.as_ref(), &opts, &offered)?;
         drop(aya_btf);
         release_freed_memory();
@@ -366,39 +385,12 @@ impl Prepared {
                     offered.arp.needs(&active, &["xmit"])
                 },
                 neighbours: offered.arp.needs(&active, &["neigh"]),
+                speakers: offered.process.needs(&active, speakers::COLLECTORS),
                 conntrack_events: offered.ct_stats,
             },
             aggregating: opts.aggregate.is_some(),
             vips_in_kernel: BTreeSet::new(),
         })
-    }
-}
-
-/// The kernel's tick rate: the resolution of the coarse clocks is one jiffy.
-fn kernel_hz() -> u32 {
-    let mut res = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_getres only writes the timespec it is given.
-    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) } == 0;
-    match (ok, res.tv_sec, u32::try_from(res.tv_nsec)) {
-        (true, 0, Ok(ns)) if ns > 0 => 1_000_000_000 / ns,
-        _ => 0,
-    }
-}
-
-/// The power of two of jiffies nearest a second (0 when the tick rate is unknown).
-fn window_shift(hz: u32) -> u32 {
-    if hz == 0 {
-        return 0;
-    }
-    let below = 31 - hz.leading_zeros();
-    let (lo, hi) = (1u64 << below, 1u64 << (below + 1));
-    if u64::from(hz) - lo <= hi - u64::from(hz) {
-        below.max(1)
-    } else {
-        below + 1
     }
 }
 

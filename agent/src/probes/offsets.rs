@@ -60,7 +60,72 @@ pub(super) fn tracepoint_layouts(
             cfg.tp_neigh_update_flags = o["update_flags"];
         }),
     );
+    process_layouts(cfg, &mut out);
     out
+}
+
+/// Record layouts of sched_process_exit, mark_victim and signal_generate (exec needs none).
+fn process_layouts(cfg: &mut ProbeConfig, out: &mut BTreeMap<&'static str, Result<(), String>>) {
+    // `group_dead` is recent (6.16): without it the program falls back to the group leader.
+    out.insert(
+        "sched/sched_process_exit",
+        tracepoint_fields("sched", "sched_process_exit", &[]).map(|_| {
+            if let Ok(o) = tracepoint_fields("sched", "sched_process_exit", &["group_dead"]) {
+                cfg.tp_exit_group_dead = o["group_dead"];
+            }
+        }),
+    );
+    const OOM: &[&str] = &[
+        "pid",
+        "comm",
+        "total_vm",
+        "anon_rss",
+        "file_rss",
+        "shmem_rss",
+        "pgtables",
+        "oom_score_adj",
+    ];
+    out.insert(
+        "oom/mark_victim",
+        tracepoint_fields("oom", "mark_victim", OOM).map(|o| {
+            cfg.tp_oom_pid = o["pid"];
+            cfg.tp_oom_comm = o["comm"];
+            cfg.tp_oom_total_vm = o["total_vm"];
+            cfg.tp_oom_anon_rss = o["anon_rss"];
+            cfg.tp_oom_file_rss = o["file_rss"];
+            cfg.tp_oom_shmem_rss = o["shmem_rss"];
+            cfg.tp_oom_pgtables = o["pgtables"];
+            cfg.tp_oom_score_adj = o["oom_score_adj"];
+        }),
+    );
+    out.insert(
+        "signal/signal_generate",
+        tracepoint_fields("signal", "signal_generate", &["sig", "pid", "comm"]).map(|o| {
+            cfg.tp_sig_sig = o["sig"];
+            cfg.tp_sig_pid = o["pid"];
+            cfg.tp_sig_comm = o["comm"];
+        }),
+    );
+}
+
+/// Offsets for the speaker programs: the task, its namespace, its memory (as `oom:mark_victim`
+/// reports it). The indices of `mm->rss_stat` (an anonymous enum) and 4 KiB pages are kept as
+/// the defaults of [`ProbeConfig::zeroed`].
+pub fn process_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
+    cfg.task_tgid = btf.member_offset("task_struct", "tgid")?;
+    cfg.task_exit_code = btf.member_offset("task_struct", "exit_code")?;
+    cfg.task_comm = btf.member_offset("task_struct", "comm")?;
+    cfg.task_nsproxy = btf.member_offset("task_struct", "nsproxy")?;
+    cfg.nsproxy_net_ns = btf.member_offset("nsproxy", "net_ns")?;
+    cfg.task_signal = btf.member_offset("task_struct", "signal")?;
+    cfg.signal_oom_score_adj = btf.member_offset("signal_struct", "oom_score_adj")?;
+    cfg.task_mm = btf.member_offset("task_struct", "mm")?;
+    cfg.mm_total_vm = btf.member_offset("mm_struct", "total_vm")?;
+    cfg.mm_rss_stat = btf.member_offset("mm_struct", "rss_stat")?;
+    cfg.percpu_counter_size = btf.struct_size("percpu_counter")?;
+    cfg.percpu_counter_count = btf.member_offset("percpu_counter", "count")?;
+    cfg.mm_pgtables_bytes = btf.member_offset("mm_struct", "pgtables_bytes")?;
+    Ok(())
 }
 
 /// Struct offsets the drop programs need, from this kernel's BTF.
@@ -75,6 +140,7 @@ pub fn kernel_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfE
     cfg.skb_len = btf.member_offset("sk_buff", "len")?;
     cfg.skb_protocol = btf.member_offset("sk_buff", "protocol")?;
     cfg.skb_network_header = btf.member_offset("sk_buff", "network_header")?;
+    cfg.skb_transport_header = btf.member_offset("sk_buff", "transport_header")?;
     cfg.skb_mac_header = btf.member_offset("sk_buff", "mac_header")?;
     cfg.skb_dev = btf.member_offset("sk_buff", "dev")?;
     cfg.skb_sk = btf.member_offset("sk_buff", "sk")?;
@@ -108,6 +174,7 @@ pub fn conntrack_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), B
 /// Offsets for ARP/NDP frames and neighbour entries.
 pub fn arp_offsets(btf: &KernelBtf, cfg: &mut ProbeConfig) -> Result<(), BtfError> {
     cfg.skb_data = btf.member_offset("sk_buff", "data")?;
+    cfg.sk_family = btf.member_offset("sock", "__sk_common.skc_family")?;
     cfg.dev_type = btf.member_offset("net_device", "type")?;
     cfg.dev_priv_flags = btf.member_offset("net_device", "priv_flags")?;
     cfg.priv_flag_bridge_port = btf
