@@ -17,11 +17,9 @@ pub(super) struct Speakers {
     lifecycle_seen: bool,
 }
 
-/// Collectors whose records say a speaker process started or ended.
+/// Collectors whose records say a speaker process started or ended (probes/speakers.rs).
 fn lifecycle_collector(name: &str) -> bool {
-    ["process", "oom", "speaker"]
-        .iter()
-        .any(|k| name.contains(k))
+    matches!(name, "exit" | "exec")
 }
 
 impl Speakers {
