@@ -105,7 +105,8 @@ pub(super) struct Context<'a> {
     pub(super) lifecycle: &'a [Lifecycle],
     pub(super) links: &'a [LinkDrop],
     pub(super) nodes: Option<&'a NodeNames>,
-    /// The process collectors ran: no lifecycle record means nothing happened.
+    /// The process collectors ran (or nothing says they did not): no lifecycle record means
+    /// nothing happened.
     pub(super) lifecycle_seen: bool,
 }
 

@@ -269,3 +269,32 @@ fn flapping_names_the_repeated_oom_kill_and_json_carries_each_because() {
     );
     assert!(d[1].findings.is_empty(), "the other VIP shows nothing");
 }
+
+#[test]
+fn blind_only_when_the_status_lists_no_process_collector() {
+    use crate::event::record::{ProbeState, ProbeStatus, Status};
+    let status = |collector: &str, state: ProbeState| {
+        Record::Status(Status {
+            probe: "tp_btf".into(),
+            probes: vec![ProbeStatus {
+                collector: collector.into(),
+                probe: "sched_process_exit".into(),
+                state,
+            }],
+        })
+    };
+    let reason = |status: Option<Record>| {
+        let mut a = Analyzer::new([VIP.to_owned()]);
+        if let Some(s) = status {
+            a.add(&s);
+        }
+        a.add(&owner(0.0, None, (0, N0)));
+        a.add(&owner(5.0, Some((0, N0)), (1, N1)));
+        a.moves(VIP)[0].3.reason
+    };
+    assert_eq!(reason(None), Reason::AnnouncerChanged);
+    let attached = status("exit", ProbeState::Attached);
+    assert_eq!(reason(Some(attached)), Reason::AnnouncerChanged);
+    let off = status("exit", ProbeState::Disabled("forced off".into()));
+    assert_eq!(reason(Some(off)), Reason::Unknown);
+}

@@ -15,6 +15,8 @@ pub(super) struct Speakers {
     pub(super) dropped: u64,
     /// A speaker record was seen, or the process collectors were attached.
     lifecycle_seen: bool,
+    /// A status record (a recording's) listed the probes.
+    status_seen: bool,
 }
 
 /// Collectors whose records say a speaker process started or ended (probes/speakers.rs).
@@ -56,6 +58,7 @@ impl Speakers {
                     .iter()
                     .any(|p| lifecycle_collector(&p.collector) && p.state == ProbeState::Attached);
                 self.lifecycle_seen |= attached;
+                self.status_seen = true;
                 false
             }
             _ => false,
@@ -68,7 +71,9 @@ impl Speakers {
             lifecycle: &self.lifecycle,
             links: &self.links,
             nodes: Some(nodes),
-            lifecycle_seen: self.lifecycle_seen,
+            // Blind only when the probes are known and none of them sees processes (a stream
+            // without a status record, `watch --json`, ran with the defaults).
+            lifecycle_seen: self.lifecycle_seen || !self.status_seen,
         }
     }
 }
