@@ -236,7 +236,7 @@ pub(super) fn explain(vip: IpAddr, c: &OwnerChange, signs: &LinkSigns, ctx: &Con
             Reason::Unknown,
             None,
             c.t,
-            "unknown: the speaker's process events were not collected".to_owned(),
+            "unknown (the speakers' process events were not collected)".to_owned(),
         )
     }
 }

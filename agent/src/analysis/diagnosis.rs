@@ -374,7 +374,8 @@ fn speaker_failover(
         .iter()
         .map(|(s, _)| s.clone())
         .chain(changes.iter().filter_map(|m| {
-            let b = m.because.as_ref()?;
+            // Planned and unexplained moves are in the evidence; the sentences name failures.
+            let b = m.because.as_ref().filter(|b| b.reason.is_failure())?;
             Some(format!(
                 "moved at {} to {}: {}",
                 m.time.clock_micros(),

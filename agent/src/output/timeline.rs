@@ -95,7 +95,7 @@ fn marks(a: &Analyzer, vip: &str) -> Vec<(f64, String)> {
         (
             t,
             format!(
-                "VIP moved {from} -> {} because {}",
+                "VIP moved {from} -> {}; because: {}",
                 on(to, &a.nodes),
                 because.says
             ),
