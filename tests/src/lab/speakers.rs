@@ -316,3 +316,38 @@ pub fn now() -> f64 {
         .unwrap_or_default()
         .as_secs_f64()
 }
+
+/// After a run that died: stops the speakers of labs `prefix…` (their logs live in
+/// `{tmp}/{prefix}…-speakers`) and removes their memory cgroups. Returns what it did.
+pub fn clean_up(prefix: &str) -> Vec<String> {
+    let mut done = Vec::new();
+    let marker = std::env::temp_dir().join(prefix).display().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours = args.first().is_some_and(|a| a.ends_with("/speaker"))
+            && args
+                .iter()
+                .any(|a| a.starts_with(&marker) && a.contains("-speakers/"));
+        if ours {
+            // SAFETY: signalling a process identified above as a lab speaker.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            done.push(format!("speaker {pid} stopped"));
+        }
+    }
+    for cg in cgroups_left(prefix) {
+        drop(MemCgroup {
+            path: cg.clone().into(),
+        });
+        done.push(format!("{cg} removed"));
+    }
+    done
+}
