@@ -6,11 +6,15 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use serde::{Deserialize, Serialize};
-
+pub use super::because_evidence::{
+    Because, LinkLossEvidence, MemberlistEvidence, ProcessEvidence, Reason,
+};
 use super::{diagnosis::Counts, nodes::NodeNames, vip_state::OwnerChange};
 pub use crate::event::record::OomFigures;
-use crate::event::values::{Mac, Name, Time};
+use crate::event::{
+    speaker::signal_name,
+    values::{Mac, Name, Time},
+};
 
 /// How long before a move a speaker's exit (or start) can explain it: longer than any
 /// memberlist's failure detection.
@@ -25,40 +29,6 @@ const SIGNAL_TO_EXIT: f64 = 5.0;
 /// Kept per analysis (oldest dropped first).
 pub(super) const MAX_LIFECYCLE: usize = 4096;
 pub(super) const MAX_LINK_DROPS: usize = 20_000;
-
-/// Why a move happened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Reason {
-    AnnouncerOomKilled,
-    AnnouncerSignalled,
-    AnnouncerExited,
-    AnnouncerRestarted,
-    MemberlistDropped,
-    NodeLinkLost,
-    AnnouncerChanged,
-    Unknown,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::AnnouncerOomKilled => "announcer-oom-killed",
-            Self::AnnouncerSignalled => "announcer-signalled",
-            Self::AnnouncerExited => "announcer-exited",
-            Self::AnnouncerRestarted => "announcer-restarted",
-            Self::MemberlistDropped => "memberlist-dropped",
-            Self::NodeLinkLost => "node-link-lost",
-            Self::AnnouncerChanged => "announcer-changed",
-            Self::Unknown => "unknown",
-        }
-    }
-
-    /// A failure behind the move (not a planned or unexplained one).
-    pub fn is_failure(self) -> bool {
-        !matches!(self, Self::AnnouncerChanged | Self::Unknown)
-    }
-}
 
 /// What happened to a speaker process.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,81 +78,6 @@ pub(super) struct Context<'a> {
     /// The process collectors ran (or nothing says they did not): no lifecycle record means
     /// nothing happened.
     pub(super) lifecycle_seen: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ProcessEvidence {
-    pub pid: u32,
-    pub comm: String,
-    pub netns: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<u32>,
-    /// `pid comm` of the task that sent the signal.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sender: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oom: Option<OomFigures>,
-    /// A new process started in the same place this long after the exit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restarted_after_s: Option<f64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MemberlistEvidence {
-    /// The two ends, as `address (node)` when known.
-    pub between: Vec<String>,
-    pub drops: u64,
-    pub reasons: Counts,
-    pub last: Time,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LinkLossEvidence {
-    pub mac: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// Frames to the MAC the bridge flooded to other hosts, who dropped them (OTHERHOST).
-    pub flooded: u64,
-    /// Neighbour entries for the VIP pointing at the MAC that failed.
-    pub neigh_failed: u64,
-}
-
-/// Why one ownership change happened, with its evidence.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Because {
-    pub reason: Reason,
-    /// When the evidence began (the kill, the first dropped packet, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<Time>,
-    /// Seconds from `at` to the move (negative: seen after it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub before_move_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<ProcessEvidence>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memberlist: Option<MemberlistEvidence>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link: Option<LinkLossEvidence>,
-    /// The sentence the text outputs show.
-    pub says: String,
-}
-
-impl Because {
-    fn new(reason: Reason, at: Option<f64>, move_t: f64, says: String) -> Self {
-        Self {
-            reason,
-            at: at.map(Time::from_secs_f64),
-            before_move_s: at.map(|a| ((move_t - a) * 1000.0).round() / 1000.0),
-            process: None,
-            memberlist: None,
-            link: None,
-            says,
-        }
-    }
 }
 
 /// Signs that a MAC left the LAN, kept per VIP: (time, MAC) of flooded copies and of failed
@@ -287,8 +182,28 @@ fn old_announcer_ended(vip: IpAddr, c: &OwnerChange, ctx: &Context) -> Option<Be
         .find(|l| l.netns == end.netns && l.t > end.t && l.event == LifeEvent::Start)
         .map(|l| ((l.t - end.t) * 1000.0).round() / 1000.0);
     let who = speaker_name(&p);
-    let signalled_at = signal.map_or(end.t, |s| s.t);
-    let (reason, at, what) = match (&end.event, signal.map(|s| &s.event)) {
+    let (reason, at, what) = how_it_ended(end, signal.copied(), &mut p);
+    let mut b = Because::new(
+        reason,
+        Some(at),
+        c.t,
+        format!(
+            "the previous announcer, {who}, {what} {}",
+            relative(c.t - at)
+        ),
+    );
+    b.process = Some(p);
+    Some(b)
+}
+
+/// Why the process of `end` ended, when (the signal's time for a signalled one) and in words;
+/// `p` gets the figures.
+fn how_it_ended(
+    end: &Lifecycle,
+    signal: Option<&Lifecycle>,
+    p: &mut ProcessEvidence,
+) -> (Reason, f64, String) {
+    match (&end.event, signal) {
         (LifeEvent::OomKill(m), _) => {
             p.oom = *m;
             let rss = m
@@ -303,17 +218,22 @@ fn old_announcer_ended(vip: IpAddr, c: &OwnerChange, ctx: &Context) -> Option<Be
         }
         (
             _,
-            Some(LifeEvent::Signal {
-                signal,
-                sender_pid,
-                sender_comm,
+            Some(Lifecycle {
+                t,
+                event:
+                    LifeEvent::Signal {
+                        signal,
+                        sender_pid,
+                        sender_comm,
+                    },
+                ..
             }),
         ) => {
             p.signal = Some(*signal);
             p.sender = Some(format!("{sender_pid} {sender_comm}"));
             (
                 Reason::AnnouncerSignalled,
-                signalled_at,
+                *t,
                 format!(
                     "got {} from {sender_comm} ({sender_pid})",
                     signal_name(*signal)
@@ -328,18 +248,7 @@ fn old_announcer_ended(vip: IpAddr, c: &OwnerChange, ctx: &Context) -> Option<Be
             };
             (Reason::AnnouncerExited, end.t, how)
         }
-    };
-    let mut b = Because::new(
-        reason,
-        Some(at),
-        c.t,
-        format!(
-            "the previous announcer, {who}, {what} {}",
-            relative(c.t - at)
-        ),
-    );
-    b.process = Some(p);
-    Some(b)
+    }
 }
 
 /// The new owner's speaker started shortly before the move and took the VIP (back).
@@ -492,17 +401,6 @@ fn relative(before: f64) -> String {
         format!("{before:.1} s before the move")
     } else {
         format!("{:.1} s after the move", -before)
-    }
-}
-
-pub fn signal_name(s: u32) -> String {
-    match s {
-        9 => "SIGKILL".to_owned(),
-        15 => "SIGTERM".to_owned(),
-        2 => "SIGINT".to_owned(),
-        6 => "SIGABRT".to_owned(),
-        11 => "SIGSEGV".to_owned(),
-        n => format!("signal {n}"),
     }
 }
 

@@ -7,6 +7,7 @@
 //! buckets count them). Bucket totals always equal the records they summarize.
 
 pub mod because;
+mod because_evidence;
 pub mod diagnosis;
 mod endpoints;
 pub mod from_metrics;

@@ -11,6 +11,7 @@ mod inject;
 pub mod kubeproxy;
 pub mod kubeproxy_checks;
 pub mod run;
+mod scenario_texts;
 pub mod scenarios;
 pub mod speaker;
 pub mod speaker_scenarios;
