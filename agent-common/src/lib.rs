@@ -7,6 +7,9 @@
 
 use core::mem::size_of;
 
+mod proc;
+pub use proc::*;
+
 /// Discriminant in [`RecordHeader::kind`].
 #[repr(u16)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,14 +46,19 @@ pub enum ProbeId {
     NetifReceiveTracepoint = 6,
     NeighUpdateBtf = 7,
     NeighUpdateTracepoint = 8,
-    ProcessExitBtf = 9,
-    ProcessExitTracepoint = 10,
-    ProcessExecBtf = 11,
-    ProcessExecTracepoint = 12,
-    OomVictimBtf = 13,
-    OomVictimTracepoint = 14,
-    SignalBtf = 15,
-    SignalTracepoint = 16,
+    /// kprobe + kretprobe on `__nf_conntrack_confirm` and `__nf_conntrack_alloc`: conntrack's
+    /// own verdicts classify NETFILTER_DROPs.
+    CtVerdictKprobes = 9,
+    /// No hook of its own: kfree_skb compares conntrack's per-CPU statistics.
+    CtStatistics = 10,
+    ProcessExitBtf = 11,
+    ProcessExitTracepoint = 12,
+    ProcessExecBtf = 13,
+    ProcessExecTracepoint = 14,
+    OomVictimBtf = 15,
+    OomVictimTracepoint = 16,
+    SignalBtf = 17,
+    SignalTracepoint = 18,
 }
 
 impl TryFrom<u8> for ProbeId {
@@ -66,14 +74,16 @@ impl TryFrom<u8> for ProbeId {
             6 => Ok(Self::NetifReceiveTracepoint),
             7 => Ok(Self::NeighUpdateBtf),
             8 => Ok(Self::NeighUpdateTracepoint),
-            9 => Ok(Self::ProcessExitBtf),
-            10 => Ok(Self::ProcessExitTracepoint),
-            11 => Ok(Self::ProcessExecBtf),
-            12 => Ok(Self::ProcessExecTracepoint),
-            13 => Ok(Self::OomVictimBtf),
-            14 => Ok(Self::OomVictimTracepoint),
-            15 => Ok(Self::SignalBtf),
-            16 => Ok(Self::SignalTracepoint),
+            9 => Ok(Self::CtVerdictKprobes),
+            10 => Ok(Self::CtStatistics),
+            11 => Ok(Self::ProcessExitBtf),
+            12 => Ok(Self::ProcessExitTracepoint),
+            13 => Ok(Self::ProcessExecBtf),
+            14 => Ok(Self::ProcessExecTracepoint),
+            15 => Ok(Self::OomVictimBtf),
+            16 => Ok(Self::OomVictimTracepoint),
+            17 => Ok(Self::SignalBtf),
+            18 => Ok(Self::SignalTracepoint),
             other => Err(other),
         }
     }
@@ -313,46 +323,6 @@ pub struct NeighRecord {
     pub update_flags: u32,
 }
 const _: () = assert!(size_of::<NeighRecord>() == 80);
-
-/// [`ProcRecord::event`].
-pub const PROC_EXEC: u8 = 1;
-pub const PROC_EXIT: u8 = 2;
-pub const PROC_OOM_VICTIM: u8 = 3;
-pub const PROC_SIGNAL: u8 = 4;
-
-/// A start (exec), exit, OOM kill or SIGKILL/SIGTERM of a process the speaker maps name (or,
-/// for an OOM kill, of any process: they are rare).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProcRecord {
-    pub header: RecordHeader,
-    /// Thread-group id of the process it happened to.
-    pub pid: u32,
-    /// Inode of that process's network namespace (0 when it could not be read).
-    pub netns: u32,
-    /// exit: `task->exit_code` as `wait()` encodes it (code << 8, or the signal in the low 7
-    /// bits).
-    pub exit_code: i32,
-    /// signal: the signal sent.
-    pub signal: u32,
-    /// signal: the sender's thread-group id.
-    pub sender_pid: u32,
-    /// `PROC_*`.
-    pub event: u8,
-    pub _pad0: [u8; 3],
-    pub comm: [u8; 16],
-    /// signal: the sender's name.
-    pub sender_comm: [u8; 16],
-    /// oom: `oom:mark_victim`'s figures, in kB.
-    pub total_vm_kb: u64,
-    pub anon_rss_kb: u64,
-    pub file_rss_kb: u64,
-    pub shmem_rss_kb: u64,
-    pub pgtables_kb: u64,
-    pub oom_score_adj: i16,
-    pub _pad1: [u8; 6],
-}
-const _: () = assert!(size_of::<ProcRecord>() == 120);
 
 /// Bits of [`ProbeConfig::filter_flags`]: which kernel-side filters are active.
 pub const FILTER_REASON: u32 = 1 << 0;
@@ -647,6 +617,25 @@ pub const STAT_AGG_FULL: u32 = 8;
 pub const STAT_PROC: u32 = 9;
 pub const STAT_COUNT: u32 = 10;
 
+/// The one per-CPU slot of `CT_VERDICT`: what conntrack's hooks saw last on this CPU, for the
+/// NETFILTER_DROP that follows in the same call chain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtVerdict {
+    /// Set by the agent once the hooks are attached: kfree_skb then classifies from this slot
+    /// instead of the statistics.
+    pub hooked: u64,
+    /// The skb `__nf_conntrack_confirm` is working on (its entry probe).
+    pub confirming: u64,
+    /// The skb whose confirm returned NF_DROP (insert_failed), until kfree_skb takes it.
+    pub refused: u64,
+    /// The `struct net` `__nf_conntrack_alloc` is allocating in (its entry probe).
+    pub allocating: u64,
+    /// The `struct net` whose allocation failed (table full), until kfree_skb takes it.
+    pub full: u64,
+}
+const _: () = assert!(size_of::<CtVerdict>() == 40);
+
 /// Key of `CT_LAST`: the last conntrack statistics seen per netns and CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -738,6 +727,8 @@ pub const MAP_REASON_FILTER: &str = "REASON_FILTER";
 pub const MAP_HOST_FILTER: &str = "HOST_FILTER";
 pub const MAP_CT_COUNTS: &str = "CT_COUNTS";
 pub const MAP_CT_LAST: &str = "CT_LAST";
+/// Per-CPU [`CtVerdict`] (one slot).
+pub const MAP_CT_VERDICT: &str = "CT_VERDICT";
 pub const MAP_NAT: &str = "NAT";
 pub const MAP_AGG: &str = "AGG";
 pub const MAP_VIPS4: &str = "VIPS4";
@@ -771,13 +762,13 @@ mod pod {
     unsafe impl aya::Pod for super::DropRecord {}
     unsafe impl aya::Pod for super::ArpRecord {}
     unsafe impl aya::Pod for super::NeighRecord {}
-    unsafe impl aya::Pod for super::ProcRecord {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::HostKey {}
     unsafe impl aya::Pod for super::Tuple {}
     unsafe impl aya::Pod for super::NatOrigin {}
     unsafe impl aya::Pod for super::CtStatKey {}
     unsafe impl aya::Pod for super::CtStatValue {}
+    unsafe impl aya::Pod for super::CtVerdict {}
     unsafe impl aya::Pod for super::Vip4Key {}
     unsafe impl aya::Pod for super::Vip6Key {}
     unsafe impl aya::Pod for super::AggKey {}

@@ -80,6 +80,12 @@ fn skb_nfct<M: Mem>(skb: u64) -> Option<(u64, u64)> {
     (ct != 0).then_some((ct, nfct & NFCT_INFOMASK))
 }
 
+/// Whether the skb carries a conntrack entry (or template).
+#[inline(always)]
+pub fn has_entry<M: Mem>(skb: u64) -> bool {
+    skb_nfct::<M>(skb).is_some()
+}
+
 /// `(nf_conn *, ctinfo, status)` of the skb's entry, skipping templates. The entry pointer is a
 /// plain number (it shares its word with ctinfo), so it is probe-read.
 #[inline(always)]
@@ -190,8 +196,9 @@ fn stat_field(bytes: &[u8; STAT_BYTES], off: u32) -> u32 {
     unsafe { bytes.as_ptr().add(off).cast::<u32>().read_unaligned() }
 }
 
-/// Whether conntrack caused this NETFILTER_DROP: compares the namespace's per-CPU conntrack
-/// statistics with what this CPU saw last. An insert failure or a full table increments them on
+/// Whether conntrack caused this NETFILTER_DROP, where its verdicts are not hooked
+/// (`crate::verdict`): compares the namespace's per-CPU conntrack statistics with what this CPU
+/// saw last. An insert failure or a full table increments them on
 /// this CPU right before the packet is freed, in the same softirq.
 #[inline(always)]
 pub fn classify(net: u64, netns: u32, cpu: u32) -> u8 {

@@ -20,6 +20,7 @@ use crate::{
         array_inc, count_reason, netns_listed, stat_inc, submit, CT_COUNTS, REASON_FILTER, SCRATCH,
     },
     packet::{host_listed, parse_packet, read_macs, skb_net, skb_origin},
+    verdict,
 };
 
 /// What the drop hook hands over.
@@ -49,13 +50,16 @@ pub fn handle_drop<M: Mem>(d: Drop) {
 }
 
 /// Whether conntrack caused this drop: classified for every NETFILTER_DROP, before any filter,
-/// because each one moves this CPU's conntrack baseline. Returns `(event, netns)`.
+/// because each one takes this CPU's verdict or moves its conntrack baseline. Returns `(event, netns)`.
 #[inline(always)]
 fn ct_event<M: Mem>(d: &Drop) -> Option<(u8, u32)> {
     if d.reason != conf!(reason_netfilter_drop) || conf!(features) & FEATURE_CT_STATS == 0 {
         return None;
     }
     let (net, netns) = skb_net::<M>(d.skb, d.rx_sk);
+    if let Some(event) = verdict::classify::<M>(d.skb, net) {
+        return Some((event, netns));
+    }
     // SAFETY: plain helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     Some((conntrack::classify(net, netns, cpu), netns))

@@ -22,6 +22,8 @@ mod maps;
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod proc;
+#[cfg(target_arch = "bpf")]
+mod verdict;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -160,6 +162,44 @@ mod frame_programs {
         match handle_neigh_tp(&ctx) {
             Ok(()) | Err(_) => 0,
         }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+mod verdict_programs {
+    use aya_ebpf::{
+        macros::{kprobe, kretprobe},
+        programs::{ProbeContext, RetProbeContext},
+    };
+
+    use crate::verdict;
+
+    /// kprobe/__nf_conntrack_confirm: arg is (skb).
+    #[kprobe]
+    pub fn ct_confirm(ctx: ProbeContext) -> u32 {
+        verdict::confirm_entry(ctx.arg(0).unwrap_or(0));
+        0
+    }
+
+    /// kretprobe/__nf_conntrack_confirm: NF_ACCEPT or NF_DROP.
+    #[kretprobe]
+    pub fn ct_confirm_ret(ctx: RetProbeContext) -> u32 {
+        verdict::confirm_return(ctx.ret());
+        0
+    }
+
+    /// kprobe/__nf_conntrack_alloc: args are (net, zone, orig, repl, gfp, hash).
+    #[kprobe]
+    pub fn ct_alloc(ctx: ProbeContext) -> u32 {
+        verdict::alloc_entry(ctx.arg(0).unwrap_or(0));
+        0
+    }
+
+    /// kretprobe/__nf_conntrack_alloc: the entry, or an error pointer.
+    #[kretprobe]
+    pub fn ct_alloc_ret(ctx: RetProbeContext) -> u32 {
+        verdict::alloc_return(ctx.ret());
+        0
     }
 }
 

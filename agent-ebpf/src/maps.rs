@@ -1,8 +1,8 @@
 //! Maps shared by all programs. Names are fixed by `agent_common::MAP_*`.
 
 use agent_common::{
-    AggKey, AggValue, ArpRecord, CtStatKey, CtStatValue, DropRecord, HostKey, NatOrigin, Tuple,
-    AGG_ENTRIES, CT_EVENT_COUNT, CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES,
+    AggKey, AggValue, ArpRecord, CtStatKey, CtStatValue, CtVerdict, DropRecord, HostKey, NatOrigin,
+    Tuple, AGG_ENTRIES, CT_EVENT_COUNT, CT_LAST_ENTRIES, DROP_COUNTS_ENTRIES, HOST_FILTER_ENTRIES,
     NAT_ENTRIES, NETNS_FILTER_ENTRIES, REASON_COUNTS_ENTRIES, SPEAKER_ENTRIES, STAT_COUNT,
     STAT_RING_LOST, VIP_ENTRIES,
 };
@@ -100,6 +100,10 @@ pub static VIP_META: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static CT_CACHE: PerCpuArray<crate::conntrack::CtCacheSlot> =
     PerCpuArray::with_max_entries(crate::conntrack::CT_CACHE_SLOTS, 0);
+
+/// Conntrack's last verdicts on this CPU, where its functions are hooked (`crate::verdict`).
+#[map]
+pub static CT_VERDICT: PerCpuArray<CtVerdict> = PerCpuArray::with_max_entries(1, 0);
 
 /// This CPU's per-CPU offset, once found (conntrack classification).
 #[map]

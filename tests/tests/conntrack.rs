@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lbtest::{
-    lbtrace::{Finished, Watch},
+    lbtrace::{self, Finished, Watch},
     netns::{veth, Netns, SysctlGuard},
     require_root, traffic, unique,
 };
@@ -61,6 +61,80 @@ fn watch(ns: &Netns, extra: &[&str]) -> Watch {
     Watch::start(&args).unwrap()
 }
 
+/// How NETFILTER_DROPs are classified as conntrack events (the `conntrack` collector).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CtPath {
+    /// Conntrack's own verdicts, from kprobes on `__nf_conntrack_confirm` and
+    /// `__nf_conntrack_alloc`.
+    Hooks,
+    /// The namespace's per-CPU conntrack statistics, compared on each drop.
+    Statistics,
+}
+
+impl CtPath {
+    fn probe(self) -> &'static str {
+        match self {
+            Self::Hooks => "kretprobe/__nf_conntrack_confirm+__nf_conntrack_alloc",
+            Self::Statistics => "stats/nf_conntrack",
+        }
+    }
+}
+
+/// Where the kernel exposes kprobes to perf; without it there is no hook path.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
+
+fn kprobes_offered() -> bool {
+    std::path::Path::new(KPROBE_PMU).exists()
+}
+
+/// The path lbtrace picks on this kernel, or the statistics when the hooks are forced off.
+fn expected_path(forced_statistics: bool) -> CtPath {
+    if forced_statistics || !kprobes_offered() {
+        CtPath::Statistics
+    } else {
+        CtPath::Hooks
+    }
+}
+
+/// A watch of `ns` whose log names the probes; with `forced_statistics`, the conntrack hooks
+/// are disabled as if the kernel had refused them.
+fn watch_path(ns: &Netns, extra: &[&str], forced_statistics: bool) -> Watch {
+    let inode = ns.inode.to_string();
+    let mut args = vec!["--json", "--netns", &inode];
+    args.extend_from_slice(extra);
+    let mut cmd = lbtrace::binary().unwrap();
+    cmd.env("LBTRACE_LOG", "info");
+    if forced_statistics {
+        cmd.env("LBTRACE_DISABLE_PROBES", CtPath::Hooks.probe());
+    }
+    Watch::start_via(cmd, &args).unwrap()
+}
+
+/// The path a watch used, as its log says; it must be the one expected on this kernel.
+fn assert_path(f: &Finished, forced_statistics: bool) -> CtPath {
+    let want = expected_path(forced_statistics);
+    let attached = format!("probe {} attached", want.probe());
+    assert!(
+        f.stderr.contains(&attached),
+        "`{attached}` not in:\n{}",
+        f.stderr
+    );
+    if want == CtPath::Statistics {
+        let why = if forced_statistics {
+            "disabled by LBTRACE_DISABLE_PROBES"
+        } else {
+            "this kernel offers no kprobes"
+        };
+        let refused = format!("probe {} not attached: {why}", CtPath::Hooks.probe());
+        assert!(
+            f.stderr.contains(&refused),
+            "`{refused}` not in:\n{}",
+            f.stderr
+        );
+    }
+    want
+}
+
 fn conntrack_events<'a>(
     f: &'a Finished,
     event: &'a str,
@@ -72,6 +146,11 @@ fn conntrack_events<'a>(
 
 #[test]
 fn snat_exhaustion_counts_insert_failed_exactly() {
+    snat_exhaustion(false);
+}
+
+/// SNAT exhaustion through `path`: (insert_failed events lbtrace reported, the kernel's delta).
+fn snat_exhaustion(forced_statistics: bool) -> (CtPath, u64, u64) {
     let r = routed();
     // Every flow to the server is SNATed to one address and port: once the first flow holds
     // the mapping, each new flow fails to confirm. Flows to port 7777 a plain rule drops: the
@@ -83,7 +162,7 @@ fn snat_exhaustion_counts_insert_failed_exactly() {
     let plain_dst: SocketAddr = "10.200.6.2:7777".parse().unwrap();
     let before = r.router.conntrack_stat("insert_failed").unwrap();
     let drop_before = r.router.conntrack_stat("drop").unwrap();
-    let w = watch(&r.router, &[]);
+    let w = watch_path(&r.router, &[], forced_statistics);
     const FLOWS: u32 = 12;
     const PLAIN: u32 = 5;
     // One socket per flow: distinct source ports.
@@ -93,14 +172,21 @@ fn snat_exhaustion_counts_insert_failed_exactly() {
             let plain = (0..PLAIN)
                 .map(|_| traffic::udp_send(plain_dst, 1, 8).unwrap())
                 .sum::<u32>();
-            let sent = (0..FLOWS)
-                .map(|_| traffic::udp_send(dst, 1, 8).unwrap())
+            // All sockets stay open until every flow is sent, so each has its own source port
+            // (closed ones may be reused, and the check below counts ports).
+            let socks: Vec<_> = (0..FLOWS)
+                .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+                .collect();
+            let sent = socks
+                .iter()
+                .map(|s| u32::from(s.send_to(&[0x5a; 8], dst).unwrap() == 8))
                 .sum::<u32>();
             (sent, plain)
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let f = w.stop_ok();
+    let path = assert_path(&f, forced_statistics);
     let delta = r.router.conntrack_stat("insert_failed").unwrap() - before;
     let drop_delta = r.router.conntrack_stat("drop").unwrap() - drop_before;
     assert_eq!(plain, PLAIN);
@@ -156,10 +242,16 @@ fn snat_exhaustion_counts_insert_failed_exactly() {
         "{}",
         f.summary
     );
+    (path, events.len() as u64, delta)
 }
 
 #[test]
 fn full_table_counts_table_full_exactly() {
+    full_table(false);
+}
+
+/// A full table through `path`: (table_full events lbtrace reported, the kernel's delta).
+fn full_table(forced_statistics: bool) -> (CtPath, u64, u64) {
     let r = routed();
     // Conntrack on in the router, with no NAT: entries for every forwarded flow.
     r.router
@@ -175,7 +267,7 @@ fn full_table_counts_table_full_exactly() {
         })
         .unwrap();
     let before = r.router.conntrack_stat("drop").unwrap();
-    let w = watch(&r.router, &["--event", "table_full"]);
+    let w = watch_path(&r.router, &["--event", "table_full"], forced_statistics);
     // The limit is global but compared with this namespace's own count: 3 entries fill it.
     let guard = SysctlGuard::set("/proc/sys/net/netfilter/nf_conntrack_max", "3").unwrap();
     const FLOWS: u32 = 20;
@@ -190,6 +282,7 @@ fn full_table_counts_table_full_exactly() {
     // Table pressure is read with the limit still low.
     let f = w.stop_ok();
     drop(guard);
+    let path = assert_path(&f, forced_statistics);
     let delta = r.router.conntrack_stat("drop").unwrap() - before;
     assert!(delta > 0, "the table should have been full");
     let events: Vec<_> = conntrack_events(&f, "table_full").collect();
@@ -218,6 +311,46 @@ fn full_table_counts_table_full_exactly() {
         // No entry could be allocated: there is no tuple to report.
         assert_eq!(e["orig"], serde_json::Value::Null);
     }
+    (path, events.len() as u64, delta)
+}
+
+#[test]
+fn hooks_and_statistics_count_the_same() {
+    require_root();
+    // Where the kernel offers kprobes, lbtrace's own choice is the hooks and the forced run
+    // the statistics; elsewhere only the statistics exist, and the test says so.
+    let runs: &[bool] = if kprobes_offered() {
+        &[false, true]
+    } else {
+        eprintln!(
+            "this kernel offers no kprobes ({KPROBE_PMU} is missing): only the statistics path \
+             exists; it is checked against the kernel's counters, and lbtrace must say why the \
+             hooks are not attached"
+        );
+        &[false]
+    };
+    let mut seen = Vec::new();
+    for &forced in runs {
+        let (path, insert_failed, if_kernel) = snat_exhaustion(forced);
+        let (path2, table_full, tf_kernel) = full_table(forced);
+        assert_eq!(path, path2);
+        eprintln!(
+            "{path:?}: insert_failed {insert_failed} (kernel {if_kernel}), table_full \
+             {table_full} (kernel {tf_kernel})"
+        );
+        seen.push((path, insert_failed, table_full));
+    }
+    // Each run was exact against the kernel's counters; the insert failures, which the
+    // workload makes deterministic, are the same number on both paths.
+    let insert_failed: Vec<u64> = seen.iter().map(|s| s.1).collect();
+    assert!(insert_failed.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    let paths: Vec<CtPath> = seen.iter().map(|s| s.0).collect();
+    let want: &[CtPath] = if kprobes_offered() {
+        &[CtPath::Hooks, CtPath::Statistics]
+    } else {
+        &[CtPath::Statistics]
+    };
+    assert_eq!(paths, want);
 }
 
 /// client — node (DNAT VIP:80 → pod:8080) — pod without a listener.

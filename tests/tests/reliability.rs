@@ -403,7 +403,7 @@ fn kallsyms_empty_or_unreadable_prints_locations_as_addresses() {
 }
 
 /// (collector, preferred probe, fallback probe).
-const COLLECTORS: [(&str, &str, &str); 4] = [
+const COLLECTORS: [(&str, &str, &str); 8] = [
     ("drops", "tp_btf/kfree_skb", "tracepoint/skb/kfree_skb"),
     (
         "xmit",
@@ -419,6 +419,22 @@ const COLLECTORS: [(&str, &str, &str); 4] = [
         "neigh",
         "tp_btf/neigh_update",
         "tracepoint/neigh/neigh_update",
+    ),
+    (
+        "exit",
+        "tp_btf/sched_process_exit",
+        "tracepoint/sched/sched_process_exit",
+    ),
+    (
+        "exec",
+        "tp_btf/sched_process_exec",
+        "tracepoint/sched/sched_process_exec",
+    ),
+    ("oom", "tp_btf/mark_victim", "tracepoint/oom/mark_victim"),
+    (
+        "signal",
+        "tp_btf/signal_generate",
+        "tracepoint/signal/signal_generate",
     ),
 ];
 

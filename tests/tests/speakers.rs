@@ -24,7 +24,7 @@ const COMM: &str = "garp-child";
 /// A node namespace with a VIP's subnet on a veth to a peer namespace.
 struct Node {
     ns: Netns,
-    _peer: Netns,
+    peer: Netns,
     ifname: String,
     vip: String,
 }
@@ -46,7 +46,7 @@ fn node(third: u8) -> Node {
     .unwrap();
     Node {
         ns,
-        _peer: peer,
+        peer,
         ifname: a,
         vip: format!("10.200.{third}.100"),
     }
@@ -99,10 +99,9 @@ fn wait(mut child: Child) -> ExitStatus {
     child.wait().expect("wait for garp-child")
 }
 
-#[test]
-fn an_exit_code_is_recorded_with_the_pid_and_the_vip_announced() {
-    let n = node(71);
-    let w = watch(&["--speaker-comm", COMM]);
+fn exit_code(third: u8, mode: &str) {
+    let n = node(third);
+    let w = watch(&["--speaker-comm", COMM, "--probe-mode", mode]);
     let child = speaker(&n, 800, "exit:3");
     let pid = child.id();
     let status = wait(child);
@@ -116,6 +115,24 @@ fn an_exit_code_is_recorded_with_the_pid_and_the_vip_announced() {
     assert_is_the_child(exit, &n);
     assert_eq!(exit["exit_code"], 3);
     assert!(exit["signal"].is_null(), "{exit}");
+    // Process records are in the kernel's own count too: delivered + lost = seen.
+    let n = |k: &str| f.summary[k].as_u64().unwrap();
+    assert_eq!(
+        n("events_delivered") + n("events_lost"),
+        n("events_seen"),
+        "{}",
+        f.summary
+    );
+}
+
+#[test]
+fn an_exit_code_is_recorded_with_the_pid_and_the_vip_announced() {
+    exit_code(71, "btf");
+}
+
+#[test]
+fn the_classic_tracepoints_record_the_same_exit() {
+    exit_code(77, "tracepoint");
 }
 
 fn killed_by(sig: i32) {
@@ -344,6 +361,28 @@ fn memberlist_drops_are_speaker_links_counted_as_nft_counts_them() {
         .filter(|d| d["dport"] == 9)
         .count();
     assert_eq!(ordinary as u64, other, "other drops stay drops");
+
+    // The agent samples drops (here one per key and second) but never memberlist ones: its
+    // counter per node pair equals nft's, while a flood of other drops is sampled out.
+    let agent = lbtest::agent::Agent::start(&["--sample-limit", "1", "--netns", &netns], &[])
+        .expect("agent starts");
+    a.run(|| {
+        lbtest::traffic::udp_send("10.200.75.2:7946".parse().unwrap(), 60, 64).unwrap()
+            + lbtest::traffic::udp_send("10.200.75.2:9".parse().unwrap(), 200, 64).unwrap()
+    })
+    .unwrap();
+    let ml_now = b.nft_counter("inet", "lbtml", "ml").unwrap() - ml;
+    assert_eq!(ml_now, 60);
+    let series = format!(
+        "lbtrace_speaker_link_drops_total{{src_node=\"{}\",dst_node=\"{}\",reason=\"NETFILTER_DROP\"",
+        a.name, b.name
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while agent.metric(&series) != Some(ml_now) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(agent.metric(&series), Some(ml_now), "{series}");
+    agent.stop().unwrap();
 }
 
 #[test]
@@ -380,14 +419,39 @@ fn without_the_process_and_oom_probes_doctor_says_so_and_the_rest_works() {
         .unwrap();
     assert!(signal.starts_with("ok"), "the others stay: {signal}");
 
+    // The agent's metrics say the same, and it runs.
+    let agent = lbtest::agent::Agent::start(&[], &[("LBTRACE_DISABLE_PROBES", OFF)]).unwrap();
+    for (probe, collector) in [
+        ("tp_btf/sched_process_exit", "exit"),
+        ("tracepoint/oom/mark_victim", "oom"),
+    ] {
+        let series = format!("lbtrace_probe_attached{{probe=\"{probe}\",collector=\"{collector}\"");
+        assert_eq!(agent.metric(&series), Some(0), "{series}");
+    }
+    let series = "lbtrace_probe_attached{probe=\"tp_btf/signal_generate\",collector=\"signal\"";
+    assert_eq!(agent.metric(series), Some(1));
+    assert_eq!(agent.metric("lbtrace_oom_kills_total"), Some(0));
+    let (code, health) = agent.get("/healthz").unwrap();
+    assert_eq!(code, 200, "{health}");
+    assert!(
+        health.starts_with("ok, degraded: no probe for "),
+        "{health}"
+    );
+    for c in ["exec (", "exit (", "oom ("] {
+        assert!(health.contains(c), "{c}: {health}");
+    }
+    assert!(!health.contains("signal ("), "{health}");
+    agent.stop().unwrap();
+
     // Drops and announcements still come through, counted as the workload made them.
     let n = node(76);
-    n.ns
-        .nft("table inet lbtdis {\n counter c {}\n chain in {\n  type filter hook output priority 0;\n  udp dport 9 counter name c drop\n }\n}\n")
+    n.peer
+        .nft("table inet lbtdis {\n counter c {}\n chain in {\n  type filter hook input priority 0;\n  udp dport 9 counter name c drop\n }\n}\n")
         .unwrap();
     let mut cmd = lbtest::lbtrace::binary().unwrap();
     cmd.env("LBTRACE_DISABLE_PROBES", OFF);
-    let w = Watch::start_via(cmd, &["--json", "--netns", &n.ns.inode.to_string()]).unwrap();
+    let netns = format!("{},{}", n.ns.inode, n.peer.inode);
+    let w = Watch::start_via(cmd, &["--json", "--netns", &netns]).unwrap();
     let sent =
         n.ns.run(|| lbtest::traffic::udp_send("10.200.76.2:9".parse().unwrap(), 25, 64).unwrap())
             .unwrap();
@@ -395,7 +459,7 @@ fn without_the_process_and_oom_probes_doctor_says_so_and_the_rest_works() {
     assert!(status.success());
     std::thread::sleep(Duration::from_millis(300));
     let f = w.stop_ok();
-    let dropped = n.ns.nft_counter("inet", "lbtdis", "c").unwrap();
+    let dropped = n.peer.nft_counter("inet", "lbtdis", "c").unwrap();
     assert_eq!((sent as u64, dropped), (25, 25));
     let drops = f
         .drops("NETFILTER_DROP")

@@ -113,7 +113,12 @@ fn probe_checks(
         };
         match Tracer::load(btf, &reasons, &opts) {
             Ok(mut t) => {
-                statuses.extend(t.statuses.iter().filter(|s| s.state.tried()).cloned());
+                // Hooks every mode tries (conntrack's) are listed once.
+                for s in t.statuses.iter().filter(|s| s.state.tried()) {
+                    if !statuses.iter().any(|k: &ProbeStatus| k.probe == s.probe) {
+                        statuses.push(s.clone());
+                    }
+                }
                 features.get_or_insert_with(|| t.features.clone());
                 t.detach();
             }

@@ -172,7 +172,7 @@ impl Summary {
                 .filter(|(_, n)| **n > 0)
                 .map(|(r, n)| (reasons.name(*r), *n))
                 .collect(),
-            events_seen: k.matched + k.arp + k.neigh,
+            events_seen: k.matched + k.arp + k.neigh + k.proc,
             events_delivered: counts.delivered,
             events_lost: k.lost(),
             events_sampled_out: k.sampled_out,

@@ -258,3 +258,49 @@ impl<W: Write> Sink for TextSink<W> {
         self.out.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{
+        speaker::{OomFigures, SpeakerEvent},
+        values::{L4Proto, Name},
+    };
+
+    #[test]
+    fn speaker_lines_say_what_happened_to_whom() {
+        let s = SpeakerRec {
+            pid: 4242,
+            comm: Name::from("speaker"),
+            netns: 7,
+            event: SpeakerEvent::OomKill,
+            oom: Some(OomFigures {
+                anon_rss_kb: 1000,
+                file_rss_kb: 24,
+                ..OomFigures::default()
+            }),
+            vips: vec!["10.200.0.100".parse().unwrap()],
+            ..SpeakerRec::default()
+        };
+        let l = line(&Record::Speaker(s), false).unwrap();
+        assert!(
+            l.ends_with("SPEAKER          speaker[4242] oom-kill: OOM-killed (rss 1024 kB, total-vm 0 kB, oom_score_adj 0) netns 7 vips 10.200.0.100"),
+            "{l}"
+        );
+        let link = SpeakerLinkRec {
+            src: "10.200.0.1".parse().unwrap(),
+            dst: "10.200.0.2".parse().unwrap(),
+            src_node: Some(Name::from("n0")),
+            proto: L4Proto::Udp,
+            port: 7946,
+            reason: Name::from("NETFILTER_DROP"),
+            location: Name::from("nf_hook_slow+0x91"),
+            ..SpeakerLinkRec::default()
+        };
+        let l = line(&Record::SpeakerLink(link), false).unwrap();
+        assert!(
+            l.ends_with("memberlist udp/7946 n0 (10.200.0.1) -> 10.200.0.2 dropped NETFILTER_DROP at nf_hook_slow+0x91"),
+            "{l}"
+        );
+    }
+}

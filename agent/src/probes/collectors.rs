@@ -5,7 +5,7 @@ use std::{fmt, str::FromStr};
 
 use agent_common::ProbeId;
 use aya::{
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, KProbe, TracePoint},
     Ebpf,
 };
 
@@ -24,12 +24,13 @@ pub enum ProbeMode {
 impl ProbeMode {
     pub const NAMES: [&'static str; 3] = ["auto", "btf", "tracepoint"];
 
-    /// Whether this mode lets a hook of this kind be tried.
+    /// Whether this mode lets a hook of this kind be tried. The mode chooses between the
+    /// tracepoint kinds: the conntrack hooks are tried in every mode.
     pub(crate) fn allows(self, spec: &ProbeSpec) -> bool {
-        match self {
-            Self::Auto => true,
-            Self::Btf => spec.is_btf(),
-            Self::Tracepoint => !spec.is_btf(),
+        match (self, spec.hook) {
+            (Self::Auto, _) | (_, Hook::Kprobes { .. } | Hook::Statistics) => true,
+            (Self::Btf, _) => spec.is_btf(),
+            (Self::Tracepoint, _) => !spec.is_btf(),
         }
     }
 }
@@ -66,6 +67,14 @@ pub(crate) enum Hook {
         category: &'static str,
         name: &'static str,
     },
+    /// (program, function) pairs, every one of which must attach; a program's section says
+    /// whether it is a kprobe or a kretprobe.
+    Kprobes {
+        attach: &'static [(&'static str, &'static str)],
+    },
+    /// No hook: the drop program reads the kernel's statistics (always there when the
+    /// feature is).
+    Statistics,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -258,7 +267,36 @@ pub(crate) const COLLECTORS: &[Collector] = &[
             },
         ],
     },
+    // How NETFILTER_DROPs are classified as conntrack events: from conntrack's own verdicts
+    // where kprobes are allowed, else from its per-CPU statistics.
+    Collector {
+        name: CONNTRACK_COLLECTOR,
+        required: false,
+        probes: &[
+            ProbeSpec {
+                id: ProbeId::CtVerdictKprobes,
+                program: "ct_confirm",
+                hook: Hook::Kprobes {
+                    attach: &[
+                        ("ct_confirm", "__nf_conntrack_confirm"),
+                        ("ct_confirm_ret", "__nf_conntrack_confirm"),
+                        ("ct_alloc", "__nf_conntrack_alloc"),
+                        ("ct_alloc_ret", "__nf_conntrack_alloc"),
+                    ],
+                },
+            },
+            ProbeSpec {
+                id: ProbeId::CtStatistics,
+                // The drop program itself, whichever attached.
+                program: "kfree_skb",
+                hook: Hook::Statistics,
+            },
+        ],
+    },
 ];
+
+/// The collector that classifies conntrack drops.
+pub(crate) const CONNTRACK_COLLECTOR: &str = "conntrack";
 
 pub fn probe_name(id: ProbeId) -> &'static str {
     match id {
@@ -278,6 +316,8 @@ pub fn probe_name(id: ProbeId) -> &'static str {
         ProbeId::OomVictimTracepoint => "tracepoint/oom/mark_victim",
         ProbeId::SignalBtf => "tp_btf/signal_generate",
         ProbeId::SignalTracepoint => "tracepoint/signal/signal_generate",
+        ProbeId::CtVerdictKprobes => "kretprobe/__nf_conntrack_confirm+__nf_conntrack_alloc",
+        ProbeId::CtStatistics => "stats/nf_conntrack",
     }
 }
 
@@ -351,6 +391,51 @@ pub(crate) fn attach_tracepoint(
     Ok(())
 }
 
+/// Where the kernel exposes kprobes to perf (what aya attaches through).
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
+
+/// Loads and attaches every (program, function) pair, or none: one that fails unloads those
+/// before it.
+pub(crate) fn attach_kprobes(
+    ebpf: &mut Ebpf,
+    attach: &[(&'static str, &'static str)],
+) -> Result<(), String> {
+    if !std::path::Path::new(KPROBE_PMU).exists() {
+        return Err(format!(
+            "this kernel offers no kprobes ({KPROBE_PMU} is missing)"
+        ));
+    }
+    let mut done = Vec::new();
+    let mut result = Ok(());
+    for &(program, function) in attach {
+        result = attach_kprobe(ebpf, program, function);
+        if result.is_err() {
+            break;
+        }
+        done.push(program);
+    }
+    if result.is_err() {
+        for program in done {
+            if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut KProbe>::try_from) {
+                let _ = p.unload();
+            }
+        }
+    }
+    result
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), String> {
+    let prog: &mut KProbe = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    prog.load().map_err(|e| verifier_refused(program, &e))?;
+    prog.attach(function, 0)
+        .map_err(|e| format!("{function}: {} (is its module loaded?)", error_chain(&e)))?;
+    Ok(())
+}
+
 /// An error with its sources, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -369,7 +454,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::verifier_reason;
+    use super::{probe_name, verifier_reason, COLLECTORS};
+
+    #[test]
+    fn every_probe_can_be_named_in_the_disable_list() {
+        let names: Vec<&str> = COLLECTORS
+            .iter()
+            .flat_map(|c| c.probes)
+            .map(|p| probe_name(p.id))
+            .collect();
+        for n in &names {
+            assert!(!n.contains(','), "{n}");
+            assert_eq!(names.iter().filter(|m| *m == n).count(), 1, "{n}");
+        }
+    }
 
     #[test]
     fn the_reason_is_the_last_line_before_the_statistics() {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use agent_common::{
     CtEvent, Tuple, MAP_CT_COUNTS, MAP_DROP_COUNTS, MAP_NAT, MAP_REASON_COUNTS, MAP_STATS,
     STAT_AGG_FULL, STAT_ARP, STAT_CT_NO_BASELINE, STAT_NAT_JOINED, STAT_NAT_LEARNED, STAT_NEIGH,
-    STAT_READ_ERRORS, STAT_RING_LOST, STAT_SAMPLED_OUT,
+    STAT_PROC, STAT_READ_ERRORS, STAT_RING_LOST, STAT_SAMPLED_OUT,
 };
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 
@@ -28,6 +28,8 @@ pub struct KernelCounters {
     /// ARP/NDP and neighbour records that passed the filters.
     pub arp: u64,
     pub neigh: u64,
+    /// Process records (speaker lifecycle, OOM victims).
+    pub proc: u64,
     /// Aggregation: drops counted exactly but not sent as records (over the sample limit).
     pub sampled_out: u64,
     /// Aggregation: drops whose key did not fit the kernel's map (sent as records instead).
@@ -117,6 +119,7 @@ impl Tracer {
         out.nat_joined = total(STAT_NAT_JOINED);
         out.arp = total(STAT_ARP);
         out.neigh = total(STAT_NEIGH);
+        out.proc = total(STAT_PROC);
         for (idx, per_cpu) in self.per_cpu_array(MAP_CT_COUNTS)?.iter().enumerate() {
             let event = u8::try_from(idx)
                 .ok()

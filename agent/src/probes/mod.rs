@@ -14,17 +14,19 @@ mod speakers;
 use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
-    ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_ARP, FEATURE_CT_STATS, FEATURE_NAT_CAPTURE,
-    GLOBAL_CONFIG, MAP_AGG, MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER,
-    MAP_REASON_FILTER, MAP_VIPS4, MAP_VIPS6,
+    CtVerdict, ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_ARP, FEATURE_CT_STATS,
+    FEATURE_NAT_CAPTURE, GLOBAL_CONFIG, MAP_AGG, MAP_CT_VERDICT, MAP_EVENTS, MAP_HOST_FILTER,
+    MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER, MAP_VIPS4, MAP_VIPS6,
 };
 pub use aggregate::{AggCount, Aggregation};
 use aya::{
-    maps::{MapData, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuValues, RingBuf},
     Ebpf, EbpfLoader,
 };
 pub use collectors::error_chain;
-use collectors::{attach_btf, attach_tracepoint, disabled_by_env, Hook, COLLECTORS};
+use collectors::{
+    attach_btf, attach_kprobes, attach_tracepoint, disabled_by_env, Hook, ProbeSpec, COLLECTORS,
+};
 pub use collectors::{probe_name, ProbeMode, DISABLE_PROBES_ENV};
 pub use counters::{KernelCounters, NatOccupancy};
 pub use filters::KernelFilter;
@@ -270,19 +272,7 @@ fn attach_all(
             } else if disabled_by_env(name) {
                 ProbeState::Disabled(DISABLE_PROBES_ENV.to_owned())
             } else {
-                let result = match spec.hook {
-                    Hook::BtfTracepoint { function } => match btf {
-                        Some(kbtf) => attach_btf(ebpf, spec.program, function, kbtf),
-                        None => Err("kernel BTF unavailable to the loader".to_owned()),
-                    },
-                    Hook::Tracepoint { category, name } => {
-                        match offered.layouts.get(format!("{category}/{name}").as_str()) {
-                            Some(Err(e)) => Err(e.clone()),
-                            _ => attach_tracepoint(ebpf, spec.program, category, name),
-                        }
-                    }
-                };
-                match result {
+                match attach_one(ebpf, btf, offered, spec) {
                     Ok(()) => ProbeState::Attached,
                     Err(e) => ProbeState::Failed(e),
                 }
@@ -307,6 +297,51 @@ fn attach_all(
         }
     }
     Ok((statuses, active))
+}
+
+/// Attaches one probe of a collector.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    btf: Option<&aya::Btf>,
+    offered: &Offered,
+    spec: &ProbeSpec,
+) -> Result<(), String> {
+    match spec.hook {
+        Hook::BtfTracepoint { function } => match btf {
+            Some(kbtf) => attach_btf(ebpf, spec.program, function, kbtf),
+            None => Err("kernel BTF unavailable to the loader".to_owned()),
+        },
+        Hook::Tracepoint { category, name } => {
+            match offered.layouts.get(format!("{category}/{name}").as_str()) {
+                Some(Err(e)) => Err(e.clone()),
+                _ => attach_tracepoint(ebpf, spec.program, category, name),
+            }
+        }
+        Hook::Kprobes { attach } => match &offered.ct_stats {
+            Feature::Off(why) => Err(format!("conntrack drop classification is off: {why}")),
+            Feature::On => {
+                attach_kprobes(ebpf, attach)?;
+                use_ct_verdicts(ebpf)
+            }
+        },
+        Hook::Statistics => Result::from(offered.ct_stats.clone()),
+    }
+}
+
+/// Tells the drop program, on every CPU, to classify from the hooks' verdicts.
+fn use_ct_verdicts(ebpf: &mut Ebpf) -> Result<(), String> {
+    let map = ebpf
+        .map_mut(MAP_CT_VERDICT)
+        .ok_or_else(|| format!("map {MAP_CT_VERDICT} missing from the object"))?;
+    let mut slots: PerCpuArray<_, CtVerdict> =
+        PerCpuArray::try_from(map).map_err(|e| error_chain(&e))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
+    let hooked = CtVerdict {
+        hooked: 1,
+        ..CtVerdict::default()
+    };
+    let values = PerCpuValues::try_from(vec![hooked; cpus]).map_err(|e| e.to_string())?;
+    slots.set(0, values, 0).map_err(|e| error_chain(&e))
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {
@@ -432,6 +467,9 @@ impl Tracer {
                     let _ = p.unload();
                 }
                 aya::programs::Program::TracePoint(p) => {
+                    let _ = p.unload();
+                }
+                aya::programs::Program::KProbe(p) => {
                     let _ = p.unload();
                 }
                 _ => {}

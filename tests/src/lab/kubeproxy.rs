@@ -113,6 +113,9 @@ fn base32(bytes: &[u8], chars: usize) -> String {
     let mut out = String::new();
     let (mut acc, mut bits) = (0u32, 0u32);
     for &b in bytes {
+        if out.len() == chars {
+            return out;
+        }
         acc = (acc << 8) | u32::from(b);
         bits += 8;
         while bits >= 5 && out.len() < chars {
@@ -536,5 +539,7 @@ mod tests {
         // Go: base32.StdEncoding.EncodeToString([]byte("foobar")) == "MZXW6YTBOI======"
         assert_eq!(base32(b"foobar", 10), "MZXW6YTBOI");
         assert_eq!(base32(b"f", 2), "MY");
+        // A digest truncated as kube-proxy does: the bytes past the last character are not read.
+        assert_eq!(base32(&[0xff; 32], 8), "77777777");
     }
 }

@@ -123,6 +123,14 @@ impl KernelResult {
         if let Some((_, args)) = self.doctor_lines("args").into_iter().next() {
             features.insert(0, args);
         }
+        // How conntrack drops are classified: its hooks, or its statistics.
+        if let Some((_, p)) = probes
+            .iter()
+            .find(|(ok, p)| *ok && p.contains("(conntrack)"))
+        {
+            let path = p.split_whitespace().next().unwrap_or_default();
+            features.push(format!("conntrack events from `{path}`"));
+        }
         let failed: Vec<&str> = self
             .outcomes
             .iter()

@@ -50,6 +50,11 @@ pub const CHECKS: &[Check] = &[
         "full_table_counts_table_full_exactly",
     ),
     c(
+        "conntrack hooks = statistics",
+        "conntrack",
+        "hooks_and_statistics_count_the_same",
+    ),
+    c(
         "DNAT attribution",
         "conntrack",
         "dnat_drops_in_pod_netns_carry_the_vip",
@@ -118,7 +123,7 @@ ip link set lo up
     };
     for c in checks {
         s.push_str(&format!(
-            "echo 'VMTEST-BEGIN {t}'\ntimeout {TEST_TIMEOUT} /t/{b} --exact {t} --test-threads=1 2>&1\necho \"VMTEST-END {t} $?\"\n",
+            "echo 'VMTEST-BEGIN {t}'\ntimeout {TEST_TIMEOUT} /t/{b} --exact {t} --test-threads=1 --show-output 2>&1\necho \"VMTEST-END {t} $?\"\n",
             t = c.test,
             b = c.bin,
         ));
