@@ -414,7 +414,12 @@ pub(super) fn behind_flapping(moves: &[&Because]) -> Option<(String, &'static st
                 .node
                 .clone()
                 .unwrap_or_else(|| format!("netns {}", p.netns)),
-            (_, Some(m), _) => m.between.join(" and "),
+            (_, Some(m), _) => {
+                // Either direction: one pair.
+                let mut ends = m.between.clone();
+                ends.sort();
+                ends.join(" and ")
+            }
             (_, _, Some(l)) => l.node.clone().unwrap_or_else(|| l.mac.clone()),
             _ => String::new(),
         };
@@ -429,57 +434,67 @@ pub(super) fn behind_flapping(moves: &[&Because]) -> Option<(String, &'static st
             std::cmp::Reverse(*r),
         )
     })?;
-    let times: Vec<f64> = list
-        .iter()
-        .filter_map(|b| b.at.map(Time::as_secs_f64))
-        .collect();
-    let span = times.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-        - times.iter().copied().fold(f64::INFINITY, f64::min);
-    let span = if span.is_finite() { span } else { 0.0 };
-    // Process events count once per process; memberlist and link ones once per move.
+    let times = || list.iter().filter_map(|b| b.at.map(Time::as_secs_f64));
+    let span = times().fold(f64::NEG_INFINITY, f64::max) - times().fold(f64::INFINITY, f64::min);
+    let span = if span >= 120.0 {
+        format!("{:.0} minutes", span / 60.0)
+    } else {
+        format!("{:.0} s", span.max(0.0))
+    };
+    // A process counts once however many VIPs (moves) it took with it.
     let mut pids: Vec<u32> = list
         .iter()
         .filter_map(|b| Some(b.process.as_ref()?.pid))
         .collect();
+    pids.sort_unstable();
     pids.dedup();
-    let n = if pids.is_empty() {
-        list.len()
-    } else {
-        pids.len()
-    };
+    let times_in = format!("{} time(s) in {span}", pids.len());
+    let moves = list.len();
     let (what, hint) = match reason {
         Reason::AnnouncerOomKilled => (
-            format!("speaker on {place} was OOM-killed"),
+            format!("speaker on {place} was OOM-killed {times_in}"),
             "the speaker is OOM-killed: raise its memory limit (resources.limits.memory of the speaker DaemonSet) or find what makes it grow",
         ),
         Reason::AnnouncerSignalled => (
-            format!("speaker on {place} was signalled"),
+            format!("speaker on {place} was signalled {times_in}"),
             "the speaker is being stopped (SIGTERM/SIGKILL): look at who sends it (rollouts, evictions, failing liveness probes) and at the sender named in the evidence",
         ),
         Reason::AnnouncerExited => (
-            format!("speaker on {place} exited"),
+            format!("speaker on {place} exited {times_in}"),
             "the speaker keeps exiting: read its logs and exit codes (crash loop)",
         ),
         Reason::AnnouncerRestarted => (
-            format!("speaker on {place} started and took the VIP back"),
+            format!("speaker on {place} started and took the VIP back {times_in}"),
             "the speaker restarts and reclaims the VIP: find why it restarts; each restart moves the VIP twice",
         ),
         Reason::MemberlistDropped => (
-            format!("memberlist packets between {place} were dropped"),
+            memberlist_summary(&place, &list),
             "the speakers' memberlist traffic (UDP and TCP 7946 by default) is dropped: allow the memberlist port between the nodes in network policies and host firewalls",
         ),
         Reason::NodeLinkLost => (
-            format!("node {place} lost its link"),
+            format!("node {place} lost its link, behind {moves} move(s)"),
             "a node keeps leaving the LAN: check its NIC, cabling or virtual switch port, and node readiness",
         ),
         Reason::AnnouncerChanged | Reason::Unknown => return None,
     };
-    let span = if span >= 120.0 {
-        format!("{:.0} minutes", span / 60.0)
-    } else {
-        format!("{span:.0} s")
-    };
-    Some((format!("{what} {n} time(s) in {span}"), hint))
+    Some((what, hint))
+}
+
+/// "memberlist packets between n0 and n1 dropped (108, NETFILTER_DROP 108), behind 12 moves":
+/// the most any move's window held.
+fn memberlist_summary(place: &str, list: &[&Because]) -> String {
+    let most = list
+        .iter()
+        .filter_map(|b| b.memberlist.as_ref())
+        .max_by_key(|m| m.drops);
+    let (drops, reasons) = most.map_or((0, String::new()), |m| {
+        let r: Vec<String> = m.reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        (m.drops, r.join(", "))
+    });
+    format!(
+        "memberlist packets between {place} dropped ({drops}, {reasons}), behind {} move(s)",
+        list.len()
+    )
 }
 
 #[cfg(test)]

@@ -298,3 +298,39 @@ fn blind_only_when_the_status_lists_no_process_collector() {
     let off = status("exit", ProbeState::Disabled("forced off".into()));
     assert_eq!(reason(Some(off)), Reason::Unknown);
 }
+
+#[test]
+fn flapping_behind_dropped_memberlist_packets_names_the_pair_and_the_count() {
+    let mut a = Analyzer::new([VIP.to_owned()]);
+    a.add(&owner(0.0, None, (0, N0)));
+    for i in 0..60 {
+        let (src, dst) = if i % 2 == 0 { (11, 12) } else { (12, 11) };
+        a.add(&Record::SpeakerLink(SpeakerLinkRec {
+            time: Some(Time::from_secs_f64(T0 + 3.0 + f64::from(i) * 0.1)),
+            src: format!("10.200.0.{src}").parse().unwrap(),
+            dst: format!("10.200.0.{dst}").parse().unwrap(),
+            reason: "NETFILTER_DROP".into(),
+            ..SpeakerLinkRec::default()
+        }));
+    }
+    for (i, t) in [3.5, 4.2, 5.2, 6.3].into_iter().enumerate() {
+        let (old, new) = if i % 2 == 0 {
+            ((0, N0), (1, N1))
+        } else {
+            ((1, N1), (0, N0))
+        };
+        a.add(&owner(t, Some(old), new));
+    }
+    let d = a.diagnose();
+    let f = &d[0].findings[0];
+    assert_eq!(
+        f.statements[0],
+        "memberlist packets between 10.200.0.11 and 10.200.0.12 dropped (44, NETFILTER_DROP 44), behind 4 move(s)"
+    );
+    assert!(f.hint.contains("memberlist port"), "{}", f.hint);
+    let moves = a.moves(VIP);
+    assert!(moves
+        .iter()
+        .all(|m| m.3.reason == Reason::MemberlistDropped));
+    assert_eq!(moves[0].3.memberlist.as_ref().unwrap().drops, 16);
+}
