@@ -448,7 +448,10 @@ pub(super) fn behind_flapping(moves: &[&Because]) -> Option<(String, &'static st
         .collect();
     pids.sort_unstable();
     pids.dedup();
-    let times_in = format!("{} time(s) in {span}", pids.len());
+    let times_in = match pids.len() {
+        0 | 1 => "once".to_owned(),
+        n => format!("{n} times in {span}"),
+    };
     let moves = list.len();
     let (what, hint) = match reason {
         Reason::AnnouncerOomKilled => (

@@ -259,7 +259,7 @@ fn flapping_names_the_repeated_oom_kill_and_json_carries_each_because() {
     assert_eq!(reasons[1], Reason::AnnouncerRestarted);
     assert_eq!(
         f.statements[0],
-        "speaker on n1 was OOM-killed 3 time(s) in 2 minutes"
+        "speaker on n1 was OOM-killed 3 times in 2 minutes"
     );
     assert!(f.hint.contains("memory limit"), "{}", f.hint);
     let json = serde_json::to_string(&d[0]).unwrap();
