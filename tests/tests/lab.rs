@@ -29,6 +29,11 @@ fn run_once(scenario: Scenario, proxy_mode: Option<ProxyMode>) -> scenarios::Out
     let left = topology::leftovers(&prefix, &conntrack_max).unwrap();
     let outcome = outcome.unwrap();
     println!("{}", outcome.render());
+    // LAB_STREAM_DIR=DIR keeps each run's recording (`lbtrace watch --json`) for a look after.
+    if let Some(dir) = std::env::var_os("LAB_STREAM_DIR") {
+        let file = std::path::Path::new(&dir).join(format!("{}.ndjson", scenario.name()));
+        std::fs::write(&file, &outcome.stream).unwrap();
+    }
     assert!(left.is_empty(), "left behind: {left:?}");
     outcome
 }
@@ -77,6 +82,9 @@ scenario_tests! {
     policy_race: PolicyRace,
     late_start: LateStart,
     node_loss: NodeLoss,
+    speaker_oom: SpeakerOom,
+    memberlist_loss: MemberlistLoss,
+    speaker_restart: SpeakerRestart,
 }
 
 /// endpoint-churn runs kube-proxy's iptables mode; its names, endpoint records and diagnosis

@@ -37,7 +37,8 @@ pub enum LabCmd {
         #[arg(long)]
         kube_proxy: Option<String>,
     },
-    /// Remove every lab namespace (lbl…), stop `lab up`'s servers, restore changed sysctls.
+    /// Remove every lab namespace (lbl…), stop `lab up`'s servers and any lab speaker left
+    /// running, remove their memory cgroups, restore changed sysctls.
     Down,
     /// Serve the pods of the lab `lab up` made, until killed (started by `lab up`).
     #[command(hide = true)]
@@ -161,6 +162,9 @@ fn down() -> Result<()> {
             stop_holder(pid);
         }
         std::fs::remove_file(holder_pidfile())?;
+    }
+    for what in lab::speakers::clean_up(XTASK_PREFIX) {
+        step(&format!("lab down: {what}"));
     }
     let removed = topology::remove_namespaces(XTASK_PREFIX)?;
     if !removed.is_empty() {

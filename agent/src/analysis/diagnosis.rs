@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::because::Because;
 pub use super::stale::{ClientWindow, StaleArpEvidence};
-use super::{stale::stale_arp, OwnerChange, Sample, VipState};
+use super::{because, stale::stale_arp, OwnerChange, Sample, VipState};
 use crate::event::values::Time;
 
 /// What the diagnosis can name.
@@ -54,6 +55,9 @@ pub struct MtuEvidence {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MoveEvidence {
+    /// Why it moved ([`super::because`]); missing in diagnoses from before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub because: Option<Because>,
     pub from: Option<String>,
     pub garps: u64,
     pub time: Time,
@@ -243,7 +247,12 @@ fn backends(samples: &[&Sample]) -> Counts {
     count_by(samples, |s| s.dst.clone())
 }
 
-pub(super) fn diagnose_vip(vip: &str, st: &VipState, end: f64) -> Vec<Finding> {
+pub(super) fn diagnose_vip(
+    vip: &str,
+    st: &VipState,
+    end: f64,
+    ctx: &because::Context,
+) -> Vec<Finding> {
     let all: Vec<&Sample> = st.samples.iter().collect();
     let mut out: Vec<Finding> = [
         conntrack(&all),
@@ -262,7 +271,7 @@ pub(super) fn diagnose_vip(vip: &str, st: &VipState, end: f64) -> Vec<Finding> {
         .iter()
         .position(|f| matches!(f.cause, Cause::EndpointChurn | Cause::PolicyRace))
         .unwrap_or(out.len());
-    let failover = speaker_failover(st, &all, stale_conf);
+    let failover = speaker_failover(vip, st, &all, stale_conf, ctx);
     out.splice(at..at, stale.into_iter().chain(failover));
     out.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
     super::endpoints::annotate(&mut out, st);
@@ -319,7 +328,13 @@ fn mtu_mismatch(all: &[&Sample]) -> Option<Finding> {
     ))
 }
 
-fn speaker_failover(st: &VipState, all: &[&Sample], stale_conf: f64) -> Option<Finding> {
+fn speaker_failover(
+    vip: &str,
+    st: &VipState,
+    all: &[&Sample],
+    stale_conf: f64,
+    ctx: &because::Context,
+) -> Option<Finding> {
     let moves: Vec<&OwnerChange> = st.changes.iter().filter(|c| c.old_mac.is_some()).collect();
     // A VIP held by two hosts at once is a finding even when only one of them announced.
     let (first, last) = match (moves.first(), moves.last()) {
@@ -340,16 +355,37 @@ fn speaker_failover(st: &VipState, all: &[&Sample], stale_conf: f64) -> Option<F
     if stale_conf >= 0.9 && !flapping {
         conf = 0.5;
     }
+    let changes: Vec<MoveEvidence> = moves
+        .iter()
+        .map(|c| MoveEvidence {
+            because: vip
+                .parse()
+                .ok()
+                .map(|ip| because::explain(ip, c, &st.link_signs, ctx)),
+            from: c.old_mac.map(|m| m.to_string()),
+            garps: c.garps,
+            time: Time::from_secs_f64(c.t),
+            to: c.new_mac.to_string(),
+        })
+        .collect();
+    let becauses: Vec<&Because> = changes.iter().filter_map(|m| m.because.as_ref()).collect();
+    let behind = because::behind_flapping(&becauses);
+    let statements: Vec<String> = behind
+        .iter()
+        .map(|(s, _)| s.clone())
+        .chain(changes.iter().filter_map(|m| {
+            // Planned and unexplained moves are in the evidence; the sentences name failures.
+            let b = m.because.as_ref().filter(|b| b.reason.is_failure())?;
+            Some(format!(
+                "moved at {} to {}: {}",
+                m.time.clock_micros(),
+                m.to,
+                b.says
+            ))
+        }))
+        .collect();
     let evidence = Evidence::Failover(FailoverEvidence {
-        changes: moves
-            .iter()
-            .map(|c| MoveEvidence {
-                from: c.old_mac.map(|m| m.to_string()),
-                garps: c.garps,
-                time: Time::from_secs_f64(c.t),
-                to: c.new_mac.to_string(),
-            })
-            .collect(),
+        changes,
         drops_near_changes: near,
         flapping: st.flapping || moves.len() >= 3,
         macs: moves
@@ -364,20 +400,18 @@ fn speaker_failover(st: &VipState, all: &[&Sample], stale_conf: f64) -> Option<F
         ownership_changes: moves.len(),
         split_brain: st.split_brain,
     });
-    let hint = if st.split_brain {
+    let hint = if let Some((_, hint)) = behind {
+        hint
+    } else if st.split_brain {
         "two speakers announce the VIP at once (split brain): check the speakers' memberlist/leader election and that only one node holds the VIP"
     } else if flapping {
         "the VIP's leader keeps moving: check speaker health, node readiness flapping and memberlist timeouts"
     } else {
         "the VIP moved between nodes; loss right after a move is expected to be short when the new speaker sends gratuitous ARP"
     };
-    Some(Finding::new(
-        Cause::SpeakerFailover,
-        conf,
-        (first, last),
-        evidence,
-        hint,
-    ))
+    let mut f = Finding::new(Cause::SpeakerFailover, conf, (first, last), evidence, hint);
+    f.statements = statements;
+    Some(f)
 }
 
 fn endpoint_churn(all: &[&Sample]) -> Option<Finding> {

@@ -6,17 +6,21 @@
 //! [`COARSE_BUCKETS`]) and [`MAX_SAMPLES`] drop samples for the diagnosis (beyond that only the
 //! buckets count them). Bucket totals always equal the records they summarize.
 
+pub mod because;
+mod because_evidence;
 pub mod diagnosis;
 mod endpoints;
 pub mod from_metrics;
 pub mod merge;
 pub mod nodes;
+mod speakers;
 mod stale;
 pub mod timeline;
 mod vip_state;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use because::Because;
 pub use diagnosis::{Cause, Finding, VipDiagnosis};
 pub use timeline::{Bucket, Timeline, COARSE_BUCKETS, FINE_BUCKETS};
 
@@ -30,6 +34,8 @@ use crate::{
 };
 
 pub const MAX_VIPS: usize = 64;
+/// The neighbour state bit of an entry whose probes went unanswered.
+const NUD_FAILED: u8 = 0x20;
 pub const MAX_SAMPLES: usize = 20_000;
 pub use crate::pipeline::attribution::OTHER;
 use vip_state::{OwnerChange, Sample, VipState};
@@ -45,6 +51,8 @@ pub struct Analyzer {
     pub records: u64,
     /// Which node each namespace and MAC belongs to, when records say.
     pub nodes: nodes::NodeNames,
+    /// Speaker lifecycle and dropped memberlist packets: why VIPs moved.
+    speakers: speakers::Speakers,
 }
 
 impl Analyzer {
@@ -84,6 +92,9 @@ impl Analyzer {
         }
         self.records += 1;
         self.nodes.learn(r);
+        if self.speakers.add(r) {
+            return;
+        }
         let t = r.time().map(|t| t.as_secs_f64());
         if let Some(t) = t {
             self.first = Some(self.first.map_or(t, |f| f.min(t)));
@@ -109,9 +120,14 @@ impl Analyzer {
             Record::Drop(d) | Record::Conntrack(d) => st.add_drop(t, d, vip),
             Record::Arp(a) => st.add_arp(t, a),
             Record::VipOwner(o) => st.add_owner(t, o),
-            Record::Neigh(n) if n.old_mac != n.new_mac => {
-                st.timeline.bucket(t as u64).neigh_changes += 1;
-                st.neigh.push((t, n.new_mac));
+            Record::Neigh(n) => {
+                if n.new_state.0 & NUD_FAILED != 0 && !n.old_mac.is_zero() {
+                    st.link_signs.failed(t, n.old_mac);
+                }
+                if n.old_mac != n.new_mac {
+                    st.timeline.bucket(t as u64).neigh_changes += 1;
+                    st.neigh.push((t, n.new_mac));
+                }
             }
             Record::Finding(f) => match f.finding {
                 FindingKind::Flapping => st.flapping = true,
@@ -176,15 +192,32 @@ impl Analyzer {
             .unwrap_or_default()
     }
 
+    /// Why each ownership change of a VIP happened: (time, old MAC, new MAC, because).
+    pub fn moves(&self, vip: &str) -> Vec<(f64, Option<Mac>, Mac, Because)> {
+        let (Some(st), Ok(ip)) = (self.vips.get(vip), vip.parse()) else {
+            return Vec::new();
+        };
+        let ctx = self.speakers.context(&self.nodes);
+        st.changes
+            .iter()
+            .filter(|c| c.old_mac.is_some())
+            .map(|c| {
+                let b = because::explain(ip, c, &st.link_signs, &ctx);
+                (c.t, c.old_mac, c.new_mac, b)
+            })
+            .collect()
+    }
+
     /// One entry per VIP, findings most likely first.
     pub fn diagnose(&self) -> Vec<VipDiagnosis> {
+        let ctx = self.speakers.context(&self.nodes);
         self.vips()
             .into_iter()
             .map(|vip| {
                 let findings = self
                     .vips
                     .get(&vip)
-                    .map(|s| diagnosis::diagnose_vip(&vip, s, self.last.unwrap_or(0.0)))
+                    .map(|s| diagnosis::diagnose_vip(&vip, s, self.last.unwrap_or(0.0), &ctx))
                     .unwrap_or_default()
                     .into_iter()
                     .map(|f| self.nodes.name(f))

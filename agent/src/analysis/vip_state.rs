@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
 };
 
-use super::{Timeline, MAX_SAMPLES};
+use super::{because::LinkSigns, Timeline, MAX_SAMPLES};
 use crate::event::{
     record::{ArpRec, DropRec, EndpointRec, VipOwnerRec},
     values::{ConntrackEvent, Mac, Name},
@@ -66,6 +66,8 @@ pub(super) struct VipState {
     pub(super) services: BTreeSet<Name>,
     /// Endpoint changes of the VIP's Services (bounded).
     pub(super) endpoint_changes: Vec<(f64, Box<EndpointRec>)>,
+    /// Signs that a host that held the VIP left the LAN.
+    pub(super) link_signs: LinkSigns,
 }
 
 /// Hosts' MACs kept per VIP.
@@ -82,6 +84,13 @@ impl VipState {
         // Benign frees and local noise are no part of any per-VIP view.
         if !d.is_loss() {
             self.timeline.bucket(t as u64).not_loss += 1;
+            // A frame for another host: the bridge flooded it, so it no longer knows where
+            // that MAC is.
+            if &*d.reason == "OTHERHOST" {
+                if let Some(m) = d.dst_mac.filter(|m| !m.is_zero() && m.0[0] & 1 == 0) {
+                    self.link_signs.flooded(t, m);
+                }
+            }
             return;
         }
         let reason: Name = if d.reason.is_empty() {

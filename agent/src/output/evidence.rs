@@ -102,13 +102,14 @@ pub fn evidence_html(e: &Evidence, t0: f64) -> String {
                         mac(c.from.as_ref()),
                         mac(Some(&c.to)),
                         c.garps.to_string(),
+                        c.because.as_ref().map_or(String::new(), |b| esc(&b.says)),
                     ]
                 })
                 .collect();
             if !rows.is_empty() {
                 table(
                     &mut o,
-                    &["when", "from", "to", "gratuitous announcements"],
+                    &["when", "from", "to", "gratuitous announcements", "because"],
                     &rows,
                 );
             }

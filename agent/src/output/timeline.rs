@@ -90,9 +90,16 @@ fn marks(a: &Analyzer, vip: &str) -> Vec<(f64, String)> {
         Some(n) => format!("{m} ({n})"),
         None => m.to_string(),
     };
-    let moves = a.changes(vip).into_iter().map(|(t, from, to)| {
+    let moves = a.moves(vip).into_iter().map(|(t, from, to, because)| {
         let from = from.map_or("?".to_owned(), |m| on(m, &a.nodes));
-        (t, format!("VIP moved {from} -> {}", on(to, &a.nodes)))
+        (
+            t,
+            format!(
+                "VIP moved {from} -> {}; because: {}",
+                on(to, &a.nodes),
+                because.says
+            ),
+        )
     });
     let endpoints = a
         .endpoint_changes(vip)

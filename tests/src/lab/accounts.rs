@@ -20,6 +20,9 @@ pub enum Role {
     Hidden,
     /// Must lose nothing and show no drops.
     Control,
+    /// Moves between nodes that each serve it: the three accounts agree (on nothing lost, as a
+    /// rule), and the diagnosis names the move's cause.
+    Moved,
     /// Loses traffic where no host lbtrace sees can drop it (node loss: frames to a host gone
     /// from the LAN): client and kernel agree, lbtrace counts no loss (only the copies the
     /// bridge floods to bystanders, local noise), and its diagnosis still names the cause.
@@ -33,6 +36,7 @@ impl Role {
             Role::Hidden => "hidden",
             Role::Control => "control",
             Role::Unseen => "unseen",
+            Role::Moved => "moved",
         }
     }
 }
@@ -204,6 +208,10 @@ pub fn accounting_checks(vips: &[VipOutcome], lbtrace_lost: Option<u64>) -> Vec<
                     format!("{vip} (unseen): client lost {lost} > 0, kernel {k} = client, lbtrace {l} = 0 (lost on a host gone from the LAN)"),
                 ));
             }
+            Role::Moved => checks.push(Check::new(
+                lost == k && l == k,
+                format!("{vip} (moved): client lost {lost} = kernel {k} = lbtrace {l}"),
+            )),
             Role::Affected => {
                 checks.push(Check::new(
                     lost > 0,
@@ -249,7 +257,7 @@ pub fn finding_checks(
             .filter_map(|f| f["cause"].as_str())
             .collect();
         match (v.role, expected) {
-            (Role::Affected | Role::Unseen, Some(cause)) => {
+            (Role::Affected | Role::Unseen | Role::Moved, Some(cause)) => {
                 checks.push(Check::new(
                     causes.first() == Some(&cause),
                     format!("{}: diagnosis names {cause} first ({causes:?})", v.vip),

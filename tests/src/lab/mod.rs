@@ -11,8 +11,11 @@ mod inject;
 pub mod kubeproxy;
 pub mod kubeproxy_checks;
 pub mod run;
+mod scenario_texts;
 pub mod scenarios;
 pub mod speaker;
+pub mod speaker_scenarios;
+pub mod speakers;
 pub mod topology;
 mod verdict;
 

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 
 use super::{
-    accounts::{accounting_checks, vip_outcome, Check, VipOutcome},
+    accounts::{accounting_checks, vip_outcome, Check, Role, VipOutcome},
     cluster,
     generator::{self, Load},
     interrupted,
@@ -128,6 +128,7 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         },
     )?;
     let clock = Clock::start();
+    let t0_wall = super::speakers::now();
     if late {
         // The client resolves the VIPs with its first requests, before lbtrace runs.
         clock.at(LATE_WATCH)?;
@@ -178,6 +179,21 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
         &finished.stdout,
         old_owner,
     )?);
+    if lab.speakers.is_some() {
+        checks.extend(speaker_checks(scenario, &lab, &vips, &finished, t0_wall)?);
+    }
+    if let Some((reason, at)) = scenario.expected_because() {
+        let moved: Vec<IpAddr> = vips
+            .iter()
+            .filter(|v| matches!(v.role, Role::Affected | Role::Unseen))
+            .map(|v| v.vip)
+            .collect();
+        let diagnosis = super::verdict::diagnose_json(&finished.stdout, &moved)?;
+        let at = at.map(|a| t0_wall + a);
+        checks.extend(super::verdict::because_checks(
+            &moved, &diagnosis, reason, at,
+        ));
+    }
     let log = clock.log.into_inner().unwrap_or_default();
     checks.extend(super::kubeproxy_checks::checks(
         &lab,
@@ -198,6 +214,27 @@ pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     })
 }
 
+/// The speaker scenarios' ground truth and the reason of each move (`lbtrace diagnose`).
+fn speaker_checks(
+    scenario: Scenario,
+    lab: &Lab,
+    vips: &[VipOutcome],
+    finished: &crate::lbtrace::Finished,
+    since: f64,
+) -> Result<Vec<Check>> {
+    let mut checks = super::speaker_scenarios::truth_checks(scenario, lab, &finished.events)?;
+    let moved: Vec<IpAddr> = vips
+        .iter()
+        .filter(|v| v.role == Role::Moved)
+        .map(|v| v.vip)
+        .collect();
+    let diagnosis = super::verdict::diagnose_json(&finished.stdout, &moved)?;
+    checks.extend(super::speaker_scenarios::because_checks(
+        lab, &moved, &diagnosis, since,
+    )?);
+    Ok(checks)
+}
+
 impl Scenario {
     /// kube-proxy's mode on the lab's nodes: endpoint-churn runs iptables mode.
     pub fn proxy_mode(self) -> super::kubeproxy::ProxyMode {
@@ -207,13 +244,30 @@ impl Scenario {
         }
     }
 
+    /// The `because` every move of an affected VIP must carry in the scenarios that move it
+    /// the old way (the lab itself moves the address and sends the announcements), with when
+    /// (seconds from the traffic's start) the evidence must begin, within 1 s.
+    pub(super) fn expected_because(self) -> Option<(&'static str, Option<f64>)> {
+        match self {
+            Scenario::FailoverGarp
+            | Scenario::StaleArp
+            | Scenario::LeaderFlap
+            | Scenario::LateStart => Some(("announcer-changed", None)),
+            Scenario::NodeLoss => Some(("node-link-lost", Some(super::scenarios::NODE_LOSS))),
+            _ => None,
+        }
+    }
+
     /// The cause the diagnosis must name first for the affected VIPs.
     pub(super) fn expected_cause(self) -> Option<&'static str> {
         match self {
             Scenario::Healthy => None,
-            Scenario::FailoverGarp | Scenario::LeaderFlap | Scenario::NodeLoss => {
-                Some("speaker-failover")
-            }
+            Scenario::FailoverGarp
+            | Scenario::LeaderFlap
+            | Scenario::NodeLoss
+            | Scenario::SpeakerOom
+            | Scenario::MemberlistLoss
+            | Scenario::SpeakerRestart => Some("speaker-failover"),
             Scenario::StaleArp | Scenario::LateStart => Some("stale-arp"),
             Scenario::EndpointChurn => Some("endpoint-churn"),
             Scenario::ConntrackSnat | Scenario::ConntrackFull => Some("conntrack"),

@@ -46,18 +46,31 @@ fn send_frames(
     if count == 0 {
         return Ok(0);
     }
-    ns.run(|| -> Result<u32> {
-        let sock = RawLink::open(ifname)?;
-        let frame = frame(&sock);
-        for i in 0..count {
-            if i > 0 {
-                std::thread::sleep(SPACING);
-            }
-            sock.send(&frame)?;
+    ns.run(|| send_here(ifname, count, &frame))?
+        .with_context(|| format!("announcing on {ifname} in {}", ns.name))
+}
+
+/// Sends `count` gratuitous ARPs (IPv4) or unsolicited NAs (IPv6) for `ip` out of `ifname` of
+/// the caller's own namespace (the lab's speaker process). Returns frames sent.
+pub fn announce_here(ifname: &str, ip: std::net::IpAddr, count: u32) -> Result<u32> {
+    match ip {
+        std::net::IpAddr::V4(v) => send_here(ifname, count, |link| garp_frame(link.mac, v)),
+        std::net::IpAddr::V6(v) => send_here(ifname, count, |link| {
+            na_frame(link.mac, link.link_local.unwrap_or(v), v)
+        }),
+    }
+}
+
+fn send_here(ifname: &str, count: u32, frame: impl Fn(&RawLink) -> Vec<u8>) -> Result<u32> {
+    let sock = RawLink::open(ifname)?;
+    let frame = frame(&sock);
+    for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(SPACING);
         }
-        Ok(count)
-    })?
-    .with_context(|| format!("announcing on {ifname} in {}", ns.name))
+        sock.send(&frame)?;
+    }
+    Ok(count)
 }
 
 /// An `AF_PACKET` socket bound to nothing, sending whole Ethernet frames out of one interface.

@@ -208,6 +208,8 @@ impl Counter {
 }
 
 pub struct Lab {
+    /// The speaker processes, when a scenario runs them: stopped first.
+    pub speakers: Option<super::speakers::Speakers>,
     /// Dropped first: a socket left open would keep its pod's namespace alive.
     backends: Vec<Option<Backend>>,
     pub lan: Netns,
@@ -332,6 +334,7 @@ impl Lab {
             .filter_map(|s| Some((s.name.to_owned(), s.owner?)))
             .collect();
         let mut lab = Self {
+            speakers: None,
             backends: Vec::new(),
             lan,
             clients,
@@ -624,6 +627,7 @@ impl Lab {
     /// Leaves the lab in place for another process (`lab up`): servers stop here, namespaces
     /// stay.
     pub fn keep(mut self) {
+        self.speakers = None;
         self.backends.clear();
         let Self {
             lan,
@@ -763,6 +767,7 @@ pub fn restore_conntrack_max() -> Result<Option<String>> {
 /// limit (compared with `conntrack_max_before`), a backup file.
 pub fn leftovers(prefix: &str, conntrack_max_before: &str) -> Result<Vec<String>> {
     let mut left = namespaces(&format!("{prefix}-"))?;
+    left.extend(super::speakers::cgroups_left(&format!("{prefix}-")));
     let now = conntrack_max()?;
     if now != conntrack_max_before.trim() {
         left.push(format!(

@@ -56,6 +56,85 @@ pub(super) fn diagnosis_checks(
     Ok(checks)
 }
 
+/// `lbtrace diagnose --json --vip …` of a recording, per VIP.
+pub(super) fn diagnose_json(
+    stream: &str,
+    vips: &[std::net::IpAddr],
+) -> Result<BTreeMap<String, Value>> {
+    let file = std::env::temp_dir().join(format!("{}.ndjson", crate::unique("lbtdiag")));
+    std::fs::write(&file, stream)?;
+    let mut args = vec![
+        "diagnose".to_owned(),
+        file.display().to_string(),
+        "--json".to_owned(),
+    ];
+    for v in vips {
+        args.extend(["--vip".to_owned(), v.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::lbtrace::run(&args);
+    let _ = std::fs::remove_file(&file);
+    let out = out?;
+    ensure!(
+        out.status.success(),
+        "lbtrace diagnose failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|d| (d["vip"].as_str().unwrap_or("").to_owned(), d))
+        .collect())
+}
+
+/// Every move of `vips` in the diagnosis says `reason`, and (`at`, wall clock) its evidence
+/// began within 1 s of then.
+pub(super) fn because_checks(
+    vips: &[std::net::IpAddr],
+    diagnosis: &BTreeMap<String, Value>,
+    reason: &str,
+    at: Option<f64>,
+) -> Vec<Check> {
+    vips.iter()
+        .map(|vip| {
+            let moves: Vec<&Value> = diagnosis
+                .get(&vip.to_string())
+                .and_then(|d| d["findings"].as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["evidence"]["changes"].as_array())
+                .flatten()
+                .map(|c| &c["because"])
+                .collect();
+            let wrong: Vec<String> = moves
+                .iter()
+                .filter(|b| {
+                    let when = b["at"]
+                        .as_str()
+                        .and_then(super::accounts::parse_rfc3339)
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs_f64());
+                    b["reason"] != reason
+                        || at.is_some_and(|a| when.is_none_or(|w| (w - a).abs() > 1.0))
+                })
+                .map(|b| b["says"].as_str().unwrap_or("(no because)").to_owned())
+                .collect();
+            Check::new(
+                !moves.is_empty() && wrong.is_empty(),
+                format!(
+                    "{vip}: {} move(s), each because {reason}{} (not: {wrong:?})",
+                    moves.len(),
+                    if at.is_some() {
+                        ", within 1 s of the injection"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        })
+        .collect()
+}
+
 /// Every control VIP shows no drop in `lbtrace timeline` and no bar in its chart of `lbtrace
 /// report`, both from the recording. (A hidden VIP may: stale-arp's B has a few ICMP packets
 /// dropped by netfilter, not its service's traffic, counted as the lab's "other".)
