@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod backend;
 pub mod cluster;
 pub mod generator;
+mod host;
 mod inject;
 pub mod kubeproxy;
 pub mod kubeproxy_checks;
