@@ -11,6 +11,7 @@ mod host;
 mod inject;
 pub mod kubeproxy;
 pub mod kubeproxy_checks;
+mod rules;
 pub mod run;
 mod scenario_texts;
 pub mod scenarios;
