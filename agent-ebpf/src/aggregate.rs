@@ -154,23 +154,28 @@ fn by_packet<M: Mem>(skb: u64, key: &mut AggKey, meta: u32) -> bool {
 
 /// The drop's VIP, in the order userspace attributes: the packet's destination, its source,
 /// then (only when the packet carries none and the flow is translated) conntrack's original
-/// tuple or the NAT map's. Sets `parsed` when the whole record was read for that.
+/// tuple or the NAT map's. With `must_parse` (a packet filter needs the headers) the whole
+/// record is read first. Returns whether the record was read.
 #[inline(always)]
-fn attribute<M: Mem>(skb: u64, key: &mut AggKey, rec: &mut DropRecord, parsed: &mut bool) {
+pub fn attribute<M: Mem>(
+    skb: u64,
+    key: &mut AggKey,
+    rec: &mut DropRecord,
+    must_parse: bool,
+) -> bool {
     // SAFETY: an array slot that always exists; a plain u32.
     let meta = VIP_META.get(0).copied().unwrap_or(0);
-    if meta == 0 || by_packet::<M>(skb, key, meta) {
-        return;
-    }
-    if !crate::conntrack::translated::<M>(skb) {
-        return;
+    let found = meta != 0 && by_packet::<M>(skb, key, meta);
+    let via_tuple = !found && meta != 0 && crate::conntrack::translated::<M>(skb);
+    if !(must_parse || via_tuple) {
+        return false;
     }
     parse_into::<M>(skb, rec);
-    *parsed = true;
-    if rec.ct_flags & (CT_FLAG_ENTRY | CT_FLAG_NAT_JOIN) != 0 {
+    if via_tuple && rec.ct_flags & (CT_FLAG_ENTRY | CT_FLAG_NAT_JOIN) != 0 {
         let o = &rec.orig;
         take_tuple(key, o.family, &o.daddr, &o.saddr, meta);
     }
+    true
 }
 
 /// The current sampling window, about a second: 2^`window_shift` jiffies (inlined by the JIT:
@@ -208,25 +213,27 @@ fn sample(v: &mut AggValue) -> Outcome {
     }
 }
 
-/// Counts the drop under its key.
+/// The key of a drop, before attribution.
 #[inline(always)]
-#[expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "by value, the key and value are copied again on the 512-byte BPF stack"
-)]
-pub fn count<M: Mem>(d: &Drop, event: u8, rec: &mut DropRecord, parsed: &mut bool) -> Outcome {
-    let mut key = AggKey {
+pub fn key(d: &Drop, event: u8) -> AggKey {
+    AggKey {
         vip: [0; 4],
         family: 0,
         ct_event: event,
         _pad0: [0; 2],
         reason: d.reason,
         location: d.location,
-    };
-    attribute::<M>(d.skb, &mut key, rec, parsed);
-    // Election traffic is rare and every drop of it is evidence: never sampled out.
-    let always = key.family == 0 && memberlist::<M>(d.skb);
-    if let Some(v) = AGG.get_ptr_mut(&key) {
+    }
+}
+
+/// Counts the drop under its key; `always` (memberlist traffic) is sent whatever the limit.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the key and value are copied again on the 512-byte BPF stack"
+)]
+pub fn count(key: &AggKey, always: bool) -> Outcome {
+    if let Some(v) = AGG.get_ptr_mut(key) {
         // SAFETY: this CPU's slot; programs do not nest on one CPU.
         let v = unsafe { &mut *v };
         v.count += 1;
@@ -242,7 +249,7 @@ pub fn count<M: Mem>(d: &Drop, event: u8, rec: &mut DropRecord, parsed: &mut boo
         samples: 1,
         _pad0: 0,
     };
-    if AGG.insert(&key, &first, u64::from(BPF_NOEXIST)).is_ok() {
+    if AGG.insert(key, &first, u64::from(BPF_NOEXIST)).is_ok() {
         return if always {
             Outcome::Memberlist
         } else {
@@ -250,7 +257,7 @@ pub fn count<M: Mem>(d: &Drop, event: u8, rec: &mut DropRecord, parsed: &mut boo
         };
     }
     // Another CPU created the key (this CPU's slot starts at zero), or the map is full.
-    if let Some(v) = AGG.get_ptr_mut(&key) {
+    if let Some(v) = AGG.get_ptr_mut(key) {
         // SAFETY: as above.
         let v = unsafe { &mut *v };
         v.count += 1;

@@ -1,8 +1,8 @@
 //! kfree_skb handling shared by the tp_btf and classic tracepoint programs.
 //!
-//! Two paths: `watch`/`record` send every drop that passes the filters as a record; the agent
-//! (`FEATURE_AGGREGATE`) counts every drop in `AGG` with the least reading it can, and builds a
-//! record only for a sample.
+//! Two paths: with `FEATURE_AGGREGATE` (the agent; `watch` and its kin unless `--sample-limit
+//! 0`) every drop that passes the filters is counted in `AGG` with the least reading it can, and
+//! a record is built only for a sample; without it every such drop becomes a record.
 
 use agent_common::{
     DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
@@ -86,8 +86,9 @@ fn namespace_and_event<M: Mem>(d: &Drop, filters: u32) -> Option<u8> {
     Some(event)
 }
 
-/// The agent's path: count under (VIP, reason, location, conntrack event); a record only for a
-/// sample. Headers are read only when a VIP is configured.
+/// Aggregation (the agent, and `watch` unless `--sample-limit 0`): count under (VIP, reason,
+/// location, conntrack event); a record only for a sample. Headers are read only when a VIP is
+/// configured, or a packet filter (host, port, protocol) needs them before counting.
 #[inline(always)]
 fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     let Some(event) = namespace_and_event::<M>(d, filters) else {
@@ -99,9 +100,17 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
-    let mut parsed = false;
+    let filtered = filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) != 0;
+    let mut key = aggregate::key(d, event);
+    let parsed = aggregate::attribute::<M>(d.skb, &mut key, rec, filtered);
+    // Counted only when the packet passes the filters, as on the path of every drop.
+    if filtered && !packet_matches(rec, is_memberlist(&rec.pkt)) {
+        return;
+    }
+    // Election traffic is rare and every drop of it is evidence: never sampled out.
+    let always = key.family == 0 && aggregate::memberlist::<M>(d.skb);
     // `AGG` holds the exact counts per reason and event; the arrays only what it could not.
-    let flags = match aggregate::count::<M>(d, event, rec, &mut parsed) {
+    let flags = match aggregate::count(&key, always) {
         Outcome::Skip => {
             stat_inc(STAT_SAMPLED_OUT);
             return;

@@ -272,3 +272,79 @@ fn unknown_ip_protocol_btf() {
 fn unknown_ip_protocol_tracepoint() {
     unknown_protocol("tracepoint");
 }
+
+/// Above its sample limit `watch` shows a bounded number of records, each marked sampled,
+/// and still counts every drop: the summary's per-reason and per-VIP totals equal the nft
+/// counter, what was sent and the tracefs count, and a `totals` record says how many drops no
+/// record shows.
+#[test]
+fn watch_above_its_sample_limit_counts_every_drop_exactly() {
+    const LIMIT: u64 = 10;
+    const SENT: u32 = 3000;
+    let ns = Netns::new("sample").unwrap();
+    ns.nft("table ip lbt {\n counter dropped {}\n chain input { type filter hook input priority 0; udp dport 7777 counter name \"dropped\" drop; }\n}")
+        .unwrap();
+    let limit = LIMIT.to_string();
+    let args = ["--sample-limit", &limit, "--vip", "127.0.0.1"];
+    let (sent, w) = observe("btf", &ns, &args, || {
+        ns.run(|| {
+            let closed = traffic::udp_send("127.0.0.1:7".parse().unwrap(), SENT, 16)?;
+            Ok::<_, anyhow::Error>(
+                closed + traffic::udp_send("127.0.0.1:7777".parse().unwrap(), SENT, 16)?,
+            )
+        })
+        .unwrap()
+        .unwrap()
+    });
+    assert_eq!(sent, 2 * SENT);
+    let nft = ns.nft_counter("ip", "lbt", "dropped").unwrap();
+    assert_eq!(nft, u64::from(SENT), "nft counter against what was sent");
+    let l = &w.lbtrace;
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    // Per key and CPU, LIMIT records in each window of about a second the run touched.
+    let windows = l.summary["duration_s"].as_f64().unwrap().ceil() as u64 + 2;
+    for (reason, function, expected) in [
+        ("NO_SOCKET", "__udp4_lib_rcv", u64::from(SENT)),
+        ("NETFILTER_DROP", "nft_do_chain", nft),
+    ] {
+        assert_eq!(
+            count(&w.kernel, reason, function),
+            expected,
+            "tracefs {reason}"
+        );
+        assert_eq!(
+            l.counted(reason),
+            expected,
+            "summary {reason}: {}",
+            l.summary
+        );
+        assert_eq!(
+            l.summary["drops_by_vip"]["127.0.0.1"][reason], expected,
+            "per VIP {reason}: {}",
+            l.summary
+        );
+        let records = l.drops(reason).count() as u64;
+        assert!(
+            records >= 1 && records <= LIMIT * cpus * windows,
+            "{records} {reason} records for a limit of {LIMIT} per CPU and window"
+        );
+        assert!(
+            l.drops(reason).all(|e| e["sampled"] == true),
+            "{}",
+            l.stdout
+        );
+    }
+    let seen = l.summary["events_seen"].as_u64().unwrap();
+    let (delivered, lost, sampled_out) = (
+        l.summary["events_delivered"].as_u64().unwrap(),
+        l.summary["events_lost"].as_u64().unwrap(),
+        l.summary["events_sampled_out"].as_u64().unwrap(),
+    );
+    assert!(sampled_out > 0, "{}", l.summary);
+    assert_eq!(seen, delivered + lost + sampled_out, "{}", l.summary);
+    // The last totals record says what the summary says.
+    let totals = l.events.iter().rev().find(|e| e["kind"] == "totals");
+    let totals = totals.unwrap_or_else(|| panic!("no totals record: {}", l.stdout));
+    assert_eq!(totals["events_sampled_out"], sampled_out);
+    assert_eq!(totals["drops_by_reason"], l.summary["drops_by_reason"]);
+}

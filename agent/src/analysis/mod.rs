@@ -16,6 +16,7 @@ pub mod nodes;
 mod speakers;
 mod stale;
 pub mod timeline;
+mod totals;
 mod vip_state;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +54,8 @@ pub struct Analyzer {
     pub nodes: nodes::NodeNames,
     /// Speaker lifecycle and dropped memberlist packets: why VIPs moved.
     speakers: speakers::Speakers,
+    /// Drops counted per key of the kernel's totals (sampled records).
+    counted: totals::Counted,
 }
 
 impl Analyzer {
@@ -88,6 +91,7 @@ impl Analyzer {
                 return;
             }
             Record::Summary(_) => return,
+            Record::Totals(t) => return self.add_totals(t),
             _ => {}
         }
         self.records += 1;
@@ -117,7 +121,10 @@ impl Analyzer {
             st.add_service(service);
         }
         match r {
-            Record::Drop(d) | Record::Conntrack(d) => st.add_drop(t, d, vip),
+            Record::Drop(d) | Record::Conntrack(d) => {
+                st.add_drop(t, d, vip);
+                self.counted.sample(d, vip);
+            }
             Record::Arp(a) => st.add_arp(t, a),
             Record::VipOwner(o) => st.add_owner(t, o),
             Record::Neigh(n) => {

@@ -126,6 +126,27 @@ impl VipState {
         });
     }
 
+    /// Drops the kernel counted that no record showed (over the sample limit, or lost).
+    pub(super) fn add_counted(
+        &mut self,
+        t: f64,
+        reason: &Name,
+        event: Option<ConntrackEvent>,
+        loss: bool,
+        n: u64,
+    ) {
+        let b = self.timeline.bucket(t as u64);
+        if !loss {
+            b.not_loss += n;
+            return;
+        }
+        b.drops += n;
+        *b.drops_by_reason.entry(reason.to_string()).or_default() += n;
+        if let Some(e) = event {
+            *b.conntrack.entry(e.to_string()).or_default() += n;
+        }
+    }
+
     pub(super) fn add_arp(&mut self, t: f64, a: &ArpRec) {
         if let Some(ip) = a.sender_ip {
             if self.macs.len() < MAX_MACS && !a.sender_mac.is_zero() {

@@ -29,13 +29,11 @@ use lbtrace::{
     },
 };
 
-/// Keys of the kernel's drop counters: each VIP (and "none") with a few reasons and drop sites.
-fn agg_entries(max_vips: u32) -> u32 {
-    (max_vips + 1).saturating_mul(16).max(4096)
-}
-
 use super::{
-    common::{default_node, load_btf, load_kallsyms, log_probes, require_privileges, UsageError},
+    common::{
+        agg_entries, default_node, load_btf, load_kallsyms, log_probes, require_privileges,
+        UsageError,
+    },
     AgentArgs, LogFormat,
 };
 

@@ -27,10 +27,17 @@ use lbtrace::{
         speakers::Speakers,
         Pipeline, Selection, Sink, Stop,
     },
-    probes::{probe_name, release_freed_memory, KernelFilter, LoadOptions, Prepared, Tracer},
+    probes::{
+        probe_name, release_freed_memory, Aggregation, KernelFilter, LoadOptions, Prepared, Tracer,
+    },
 };
 
 use super::{ColorMode, WatchArgs};
+
+/// Keys of the kernel's drop counters: each VIP (and "none") with a few reasons and drop sites.
+pub(crate) fn agg_entries(max_vips: u32) -> u32 {
+    (max_vips + 1).saturating_mul(16).max(4096)
+}
 
 /// An error the user can fix (bad input, missing privileges): exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +194,11 @@ pub(crate) fn trace(
         arp: !args.no_arp,
         memberlist_port: args.memberlist_port,
         speaker_comms: args.speaker_comms.clone(),
+        // Counted in the kernel, samples through the ring; 0: every drop as a record.
+        aggregate: (args.sample_limit > 0).then(|| Aggregation {
+            sample_limit: args.sample_limit,
+            entries: agg_entries(agent_common::VIP_ENTRIES),
+        }),
         ..LoadOptions::new(args.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;

@@ -19,6 +19,12 @@ use lbtrace::{event::values::L4Proto, pipeline::attribution::parse_vip, probes::
 
 pub use common::UsageError;
 
+/// `watch`'s default sample limit: below 1,000 drops per second per key and CPU (most
+/// incidents, every test) every drop is shown; a flood costs at most that many records per
+/// key and CPU each second (a few thousand lines a second: more than anyone reads, and a
+/// few percent of a core to print), while the kernel counts the rest exactly.
+pub const DEFAULT_WATCH_SAMPLE_LIMIT: u32 = 1000;
+
 #[derive(Parser)]
 #[command(
     name = "lbtrace",
@@ -138,6 +144,11 @@ pub struct WatchArgs {
     /// Stop after printing this many events.
     #[arg(long, value_name = "N")]
     pub(crate) count: Option<u64>,
+    /// Drop records shown per (VIP, reason, drop site), CPU and second (about); the kernel
+    /// still counts every drop, and a TOTALS line (a `totals` record with --json) gives the
+    /// exact counts whenever some were not shown. 0 sends every drop through the ring buffer.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_WATCH_SAMPLE_LIMIT)]
+    pub(crate) sample_limit: u32,
     /// Do not record ARP, IPv6 neighbour discovery or neighbour-cache updates.
     #[arg(long)]
     pub(crate) no_arp: bool,

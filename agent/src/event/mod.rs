@@ -5,6 +5,7 @@ pub mod decode;
 pub mod decode_proc;
 pub mod record;
 pub mod speaker;
+pub mod totals;
 pub mod values;
 
 use std::{collections::HashMap, sync::Arc};

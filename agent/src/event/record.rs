@@ -65,6 +65,8 @@ pub enum Record {
     /// A dropped memberlist (leader-election) packet between speakers.
     SpeakerLink(SpeakerLinkRec),
     Summary(Box<crate::output::summary::Summary>),
+    /// The kernel's exact counts while drops are sampled (every second, and at the end).
+    Totals(Box<super::totals::TotalsRec>),
     /// A kind from another version of lbtrace: read, and passed over.
     #[serde(other)]
     Unknown,
@@ -83,7 +85,11 @@ impl Record {
             Self::Finding(f) => Some(f.vip),
             Self::Speaker(s) => s.vips.first().copied(),
             Self::SpeakerLink(_) => None,
-            Self::Header(_) | Self::Status(_) | Self::Summary(_) | Self::Unknown => None,
+            Self::Header(_)
+            | Self::Status(_)
+            | Self::Summary(_)
+            | Self::Totals(_)
+            | Self::Unknown => None,
         }
     }
 
@@ -109,6 +115,7 @@ impl Record {
             Self::Finding(f) => f.time,
             Self::Speaker(s) => s.time,
             Self::SpeakerLink(l) => l.time,
+            Self::Totals(t) => t.time,
             _ => None,
         }
     }
@@ -117,7 +124,7 @@ impl Record {
     pub fn is_event(&self) -> bool {
         !matches!(
             self,
-            Self::Header(_) | Self::Status(_) | Self::Summary(_) | Self::Unknown
+            Self::Header(_) | Self::Status(_) | Self::Summary(_) | Self::Totals(_) | Self::Unknown
         )
     }
 
@@ -133,6 +140,7 @@ impl Record {
             Self::Finding(f) => &mut f.node,
             Self::Speaker(s) => &mut s.node,
             Self::SpeakerLink(l) => &mut l.node,
+            Self::Totals(t) => &mut t.node,
             _ => return,
         };
         *slot = Some(node.clone());

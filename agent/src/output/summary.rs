@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     event::{
         record::FindingRec,
+        totals::VipTotal,
         values::{ConntrackEvent, Mac, Name, Time},
         Record,
     },
@@ -50,18 +51,37 @@ impl VipCounts {
         let (Record::Drop(d) | Record::Conntrack(d)) = r else {
             return;
         };
-        let Some(vip) = d.vip else {
+        // A sample is one of the kernel's exact counts, added by `add_totals`.
+        let (Some(vip), false) = (d.vip, d.sampled) else {
             return;
         };
-        if !d.is_loss() {
-            *self.not_loss.entry(vip).or_default() += 1;
+        self.count(vip, &d.reason, d.event, d.is_loss(), 1);
+    }
+
+    fn count(
+        &mut self,
+        vip: IpAddr,
+        reason: &Name,
+        event: Option<ConntrackEvent>,
+        loss: bool,
+        n: u64,
+    ) {
+        if !loss {
+            *self.not_loss.entry(vip).or_default() += n;
             return;
         }
-        let label = match d.event {
+        let label = match event {
             Some(e) => DropLabel::Conntrack(e),
-            None => DropLabel::Reason(d.reason.clone()),
+            None => DropLabel::Reason(reason.clone()),
         };
-        *self.loss.entry(vip).or_default().entry(label).or_default() += 1;
+        *self.loss.entry(vip).or_default().entry(label).or_default() += n;
+    }
+
+    /// The kernel's exact counts (aggregation), which the sampled records stand for.
+    pub fn add_totals(&mut self, totals: &[VipTotal]) {
+        for t in totals {
+            self.count(t.vip, &t.reason, t.event, t.class.is_loss(), t.count);
+        }
     }
 
     /// Per VIP, the drops that were not loss (benign, local noise).
@@ -158,9 +178,11 @@ impl Summary {
         p: &mut Pipeline<'_>,
         tracer: &Tracer,
         k: &KernelCounters,
+        totals: &[VipTotal],
         duration: Duration,
     ) -> Self {
-        let vip_counts = p.take_vip_counts();
+        let mut vip_counts = p.take_vip_counts();
+        vip_counts.add_totals(totals);
         let reasons = p.namer.reasons();
         let counts = p.counts;
         Self {

@@ -234,6 +234,7 @@ pub fn line(r: &Record, colour: bool) -> Option<String> {
         Record::Finding(f) => finding_line(f),
         Record::Speaker(s) => speaker_line(s),
         Record::SpeakerLink(l) => speaker_link_line(l),
+        Record::Totals(t) => t.line(),
         Record::Header(_) | Record::Status(_) | Record::Summary(_) | Record::Unknown => {
             return None
         }

@@ -8,6 +8,7 @@ mod selection;
 pub mod services;
 pub mod speakers;
 mod stop;
+mod totals;
 
 use std::{
     io,
@@ -125,6 +126,8 @@ pub struct Pipeline<'s> {
     /// Set by [`Pipeline::learn_holders`]: the namespace filter of the periodic re-scan.
     holders_scope: Option<Vec<u32>>,
     split_brains: holders::SplitBrains,
+    /// What the last totals record said.
+    said: totals::Said,
 }
 
 pub fn unix_now() -> u64 {
@@ -154,6 +157,7 @@ impl<'s> Pipeline<'s> {
             closed: false,
             holders_scope: None,
             split_brains: holders::SplitBrains::default(),
+            said: totals::Said::default(),
         }
     }
 
@@ -333,12 +337,16 @@ impl<'s> Pipeline<'s> {
         while let Some(item) = ring.next() {
             self.process(&item);
         }
+        self.flush();
+        self.last_drain.store(unix_now(), Ordering::Relaxed);
+    }
+
+    fn flush(&mut self) {
         for s in &mut self.sinks {
             if s.flush().is_err() && !s.wants_all() {
                 self.closed = true;
             }
         }
-        self.last_drain.store(unix_now(), Ordering::Relaxed);
     }
 
     /// Gives the kernel the current VIP set when it changed, and the speakers it must follow.
@@ -367,6 +375,9 @@ impl<'s> Pipeline<'s> {
                 Ok(n) => self.nat = Some((n, Instant::now())),
                 Err(e) => tracing::debug!("counting the NAT map: {e}"),
             }
+        }
+        if tracer.aggregating {
+            self.say_totals(&counters, &agg, false);
         }
         let h = Housekeeping {
             counters: &counters,
@@ -420,7 +431,14 @@ impl<'s> Pipeline<'s> {
         std::thread::sleep(Duration::from_millis(20));
         self.drain(&mut ring);
         let counters = tracer.counters()?;
-        let summary = Summary::build(&mut self, tracer, &counters, started.elapsed());
+        let agg = tracer.agg_counts()?;
+        if tracer.aggregating {
+            // Nothing runs any more: these totals and the records read are final.
+            self.say_totals(&counters, &agg, true);
+            self.flush();
+        }
+        let totals = self.vip_totals(&agg);
+        let summary = Summary::build(&mut self, tracer, &counters, &totals, started.elapsed());
         Ok((summary, self.closed))
     }
 
@@ -448,7 +466,8 @@ impl<'s> Pipeline<'s> {
         let first = tokio::time::Instant::now() + holders::RESCAN_INTERVAL;
         let mut rescan = tokio::time::interval_at(first, holders::RESCAN_INTERVAL);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let wants_housekeeping = self.sinks.iter().any(|s| s.wants_all());
+        // Sampling, the stream gets the kernel's totals every second too.
+        let wants_housekeeping = tracer.aggregating || self.sinks.iter().any(|s| s.wants_all());
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         // Only the agent reloads on SIGHUP; anything else keeps the default (a closed terminal
