@@ -132,7 +132,18 @@ fn tiny_ring_buffer_counts_every_loss() {
     let ns = Netns::new("fld").unwrap();
     let inode = ns.inode.to_string();
     let oracle = TraceInstance::kfree_skb().unwrap();
-    let w = Watch::start(&["--json", "--netns", &inode, "--ring-size", "4096"]).unwrap();
+    // Every drop through the ring (`--sample-limit 0`): the ring itself must overflow and
+    // the loss be counted, which sampling would otherwise prevent.
+    let args = [
+        "--json",
+        "--netns",
+        &inode,
+        "--ring-size",
+        "4096",
+        "--sample-limit",
+        "0",
+    ];
+    let w = Watch::start(&args).unwrap();
     // A stopped reader cannot keep up: the kernel must count what does not fit.
     w.pause();
     let sent = ns
