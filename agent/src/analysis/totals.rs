@@ -59,3 +59,56 @@ impl Analyzer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{class::Class, values::Time, Record};
+
+    fn at(s: u64) -> Option<Time> {
+        Some(Time::from_secs_f64(1_800_000_000.0 + s as f64))
+    }
+
+    fn sample(s: u64) -> Record {
+        Record::Drop(DropRec {
+            time: at(s),
+            reason: "NO_SOCKET".into(),
+            location: "__udp4_lib_rcv+0x1".into(),
+            vip: "10.200.0.100".parse().ok(),
+            sampled: true,
+            ..DropRec::default()
+        })
+    }
+
+    fn totals(s: u64, count: u64) -> Record {
+        Record::Totals(Box::new(TotalsRec {
+            time: at(s),
+            vips: vec![VipTotal {
+                vip: "10.200.0.100".parse().unwrap(),
+                reason: "NO_SOCKET".into(),
+                event: None,
+                class: Class::Loss,
+                count,
+            }],
+            ..TotalsRec::default()
+        }))
+    }
+
+    #[test]
+    fn sampled_buckets_are_topped_up_to_the_kernels_counts_never_past_them() {
+        let mut a = Analyzer::new([]);
+        for s in [0, 0, 1] {
+            a.add(&sample(s));
+        }
+        a.add(&totals(1, 1000));
+        // A sample the totals already counted, then the next totals absorb it.
+        a.add(&sample(1));
+        a.add(&totals(2, 1500));
+        let tl = a.timeline("10.200.0.100").unwrap();
+        assert_eq!(tl.total().drops, 1500);
+        assert_eq!(tl.total().drops_by_reason["NO_SOCKET"], 1500);
+        // Totals that did not move add nothing.
+        a.add(&totals(3, 1500));
+        assert_eq!(a.timeline("10.200.0.100").unwrap().total().drops, 1500);
+    }
+}
