@@ -8,6 +8,7 @@
 //! ([`passing`]) and 1,000 VIPs behind DNAT ([`scale`]).
 
 mod bpfstats;
+mod counts;
 mod figures;
 mod lab;
 mod measure;
