@@ -15,6 +15,8 @@ pub struct Counts {
     pub seen: Option<u64>,
     pub delivered: Option<u64>,
     pub lost: Option<u64>,
+    /// Drops counted exactly but not sent as records (lbtrace's sampling).
+    pub sampled_out: Option<u64>,
     /// Whether the counts cover only the bench's VIP (lbtrace) or the whole machine (bpftrace).
     pub scope: &'static str,
     /// The records the bench itself read from the tracer (`lbtrace watch` only).
@@ -45,6 +47,8 @@ pub(super) fn lbtrace_summary(stdout: &str) -> Result<Counts> {
         seen: v["events_seen"].as_u64(),
         delivered: v["events_delivered"].as_u64(),
         lost: v["events_lost"].as_u64(),
+        // Absent when nothing was sampled out.
+        sampled_out: Some(v["events_sampled_out"].as_u64().unwrap_or(0)),
         scope: "netns + VIP (in-kernel filter)",
         received: None,
     })
@@ -156,11 +160,15 @@ pub(super) fn metrics_counts(text: &str) -> Counts {
     let lost = samples(text, "lbtrace_events_lost_total")
         .map(|(_, n)| n)
         .sum();
+    let sampled_out = samples(text, "lbtrace_events_sampled_out_total")
+        .map(|(_, n)| n)
+        .sum();
     Counts {
         seen: Some(by_reason.values().sum()),
         by_reason,
         delivered: Some(delivered),
         lost: Some(lost),
+        sampled_out: Some(sampled_out),
         scope: "netns (in-kernel filter)",
         received: None,
     }

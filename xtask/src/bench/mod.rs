@@ -10,6 +10,7 @@
 mod bpfstats;
 mod counts;
 mod figures;
+mod floor;
 mod lab;
 mod measure;
 mod passing;
@@ -252,6 +253,7 @@ impl PhaseResult {
                 "events_seen": c.seen,
                 "events_delivered": c.delivered,
                 "events_lost": c.lost,
+                "events_sampled_out": c.sampled_out,
             })),
             "exact": self.exact(),
             "covers_expected": self.covers(),
@@ -519,8 +521,10 @@ pub fn bench(opts: Opts) -> Result<()> {
     }
     let mut passing = Vec::new();
     for round in 0..d.passing_rounds {
-        for kind in Kind::ALL.into_iter().filter(|k| available[k].is_ok()) {
-            match passing::run_passing(&lab, &ctx, kind, d.passing, round) {
+        // Each tracer, then the floor: the empty program on the tx hook alone.
+        let kinds = Kind::ALL.into_iter().filter(|k| available[k].is_ok());
+        for (kind, floor) in kinds.map(|k| (k, false)).chain([(Kind::None, true)]) {
+            match passing::run_passing(&lab, &ctx, (kind, floor), d.passing, round) {
                 Ok(p) => {
                     eprintln!("    {}", report::passing_line(&p));
                     passing.push(p);

@@ -15,12 +15,17 @@ use serde_json::{json, Value};
 
 use super::{bpfstats, measure, tracer::Running, Ctx, Kind, Lab, VIP};
 
+/// The floor rounds' name in the results.
+pub const FLOOR: &str = "empty-tp_btf-on-net_dev_xmit";
+
 /// The port the sink listens on in the node namespace.
 pub const PASS_PORT: u16 = 40500;
 
 /// One tracer, one round of passing traffic.
 pub struct Passing {
     pub tracer: Kind,
+    /// No tracer, only the empty program on the tx hook ([`super::floor`]).
+    pub floor: bool,
     pub round: usize,
     pub sent: u64,
     pub received: u64,
@@ -49,7 +54,7 @@ impl Passing {
 
     pub fn to_json(&self) -> Value {
         json!({
-            "tracer": self.tracer.name(),
+            "tracer": if self.floor { FLOOR } else { self.tracer.name() },
             "round": self.round,
             "sent": self.sent,
             "received": self.received,
@@ -118,11 +123,11 @@ fn drain(sock: &UdpSocket, stop: &AtomicBool) -> u64 {
 }
 
 /// Runs `duration` of passing traffic (one sender thread, as fast as it goes; the sink on the
-/// other CPU) with `kind` attached.
+/// other CPU) with `kind` attached, or (`floor`, no tracer) only the empty tx program.
 pub fn run_passing(
     lab: &Lab,
     ctx: &Ctx,
-    kind: Kind,
+    (kind, floor): (Kind, bool),
     duration: Duration,
     round: usize,
 ) -> Result<Passing> {
@@ -151,6 +156,7 @@ pub fn run_passing(
     };
     let pre = bpfstats::snapshot()?;
     let tracer = Running::start(kind, &ctx.bin, lab.scope(), None)?;
+    let empty = floor.then(super::floor::Floor::attach).transpose()?;
     let pid = tracer.pid();
     let ours = [Some(std::process::id()), pid].map(|p| p.unwrap_or(0));
     let (in0, err0) = (
@@ -176,10 +182,18 @@ pub fn run_passing(
         udp_stat(lab, "InDatagrams")?,
         udp_stat(lab, "RcvbufErrors")?,
     );
+    drop(empty);
     tracer.stop(&ctx.names)?;
-    let progs = super::tracer_costs(kind, pid, &pre, &s0, &s1);
+    let progs = if floor {
+        bpfstats::costs(&s0, &s1, |id, p| {
+            !pre.contains_key(&id) && p.name == super::floor::FLOOR_PROG
+        })
+    } else {
+        super::tracer_costs(kind, pid, &pre, &s0, &s1)
+    };
     Ok(Passing {
         tracer: kind,
+        floor,
         round,
         sent: sent.total(),
         received,

@@ -88,7 +88,7 @@ pub fn phase_line(p: &PhaseResult) -> String {
 pub fn passing_line(p: &Passing) -> String {
     let mut s = format!(
         "{:<14} passing    {:>10.0} packets/s  sent {} received {} (kernel: delivered {}, rcvbuf errors {}){}",
-        p.tracer.name(),
+        if p.floor { super::passing::FLOOR } else { p.tracer.name() },
         p.per_s(),
         p.sent,
         p.received,
@@ -170,26 +170,27 @@ fn spread_json(s: Option<Spread>) -> Value {
 
 /// Per tracer, the passing-traffic figures: packets/s, ns per packet and per run of each
 /// program, and the throughput lost against no tracer (as a range).
-fn passing_json(passing: &[Passing], k: Kind) -> Value {
-    let rounds: Vec<&Passing> = passing.iter().filter(|p| p.tracer == k).collect();
+/// `floor`: the rounds with only the empty tx program instead.
+fn passing_json(passing: &[Passing], k: Kind, floor: bool) -> Value {
+    let of = |k: Kind, floor: bool| {
+        passing
+            .iter()
+            .filter(move |p| p.tracer == k && p.floor == floor)
+    };
+    let rounds: Vec<&Passing> = of(k, floor).collect();
     if rounds.is_empty() {
         return Value::Null;
     }
-    let rate = |k: Kind| {
-        Spread::of(
-            &passing
-                .iter()
-                .filter(|p| p.tracer == k)
-                .map(Passing::per_s)
-                .collect::<Vec<_>>(),
-        )
-    };
-    let loss = rate(k).zip(rate(Kind::None)).map(|(t, n)| Spread {
-        min: (1.0 - t.max / n.min) * 100.0,
-        median: (1.0 - t.median / n.median) * 100.0,
-        max: (1.0 - t.min / n.max) * 100.0,
-        n: t.n.min(n.n),
-    });
+    let rate =
+        |k: Kind, floor: bool| Spread::of(&of(k, floor).map(Passing::per_s).collect::<Vec<_>>());
+    let loss = rate(k, floor)
+        .zip(rate(Kind::None, false))
+        .map(|(t, n)| Spread {
+            min: (1.0 - t.max / n.min) * 100.0,
+            median: (1.0 - t.median / n.median) * 100.0,
+            max: (1.0 - t.min / n.max) * 100.0,
+            n: t.n.min(n.n),
+        });
     let mut progs: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for p in &rounds {
         for c in &p.progs {
@@ -215,7 +216,7 @@ fn passing_json(passing: &[Passing], k: Kind) -> Value {
     json!({
         "rounds": rounds.len(),
         "clean": rounds.iter().all(|p| p.clean()),
-        "packets_per_s": spread_json(rate(k)),
+        "packets_per_s": spread_json(rate(k, floor)),
         "throughput_loss_pct": spread_json(loss),
         "programs": programs,
     })
@@ -322,7 +323,7 @@ pub fn results(
                 "rss_peak_mb": peak(|d| d.rss_peak).map(|b| b as f64 / MIB),
                 "maps_mb": peak(|d| d.maps_bytes).map(|b| b as f64 / MIB),
                 "programs_ns_per_run_saturation": programs,
-                "passing": passing_json(passing, k),
+                "passing": passing_json(passing, k, false),
                 "saturation_rounds": sat_rounds,
             }),
         );
@@ -331,6 +332,14 @@ pub fn results(
     let ratio = overhead(primary)
         .zip(overhead(Kind::Bpftrace))
         .and_then(|(l, b)| l.ratio(b));
+    let ratios: Vec<Value> = [Kind::Agent, Kind::Watch]
+        .map(|k| {
+            let r = overhead(k)
+                .zip(overhead(Kind::Bpftrace))
+                .and_then(|(l, b)| l.ratio(b));
+            json!({"tracer": k.name(), "spread": spread_json(r)})
+        })
+        .into();
     let latency = one(phases, Kind::Watch, Load::Low);
     let lat =
         |q| latency.and_then(|l| percentile_with_missed(&l.latencies_ms, l.markers_missed, q));
@@ -352,6 +361,7 @@ pub fn results(
         "saturation_rounds_quiet": quiet,
         "overhead_ratio_vs_bpftrace": ratio.map(|r| r.median),
         "overhead_ratio_spread": spread_json(ratio),
+        "overhead_ratios": ratios,
         "overhead_ns_per_drop": ov_all,
         "overhead_ns_per_drop_200k": ov_200k,
         "saturation_drops_per_s": sat,
@@ -375,6 +385,7 @@ pub fn results(
         "tracers": tracers,
         "phases": phases.iter().map(PhaseResult::to_json).collect::<Vec<_>>(),
         "passing": passing.iter().map(Passing::to_json).collect::<Vec<_>>(),
+        "passing_floor": passing_json(passing, Kind::None, true),
         "scale": scale,
     });
     out["targets"] = super::targets::targets(&out, primary, phases, passing, &used);

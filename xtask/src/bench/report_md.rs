@@ -83,12 +83,19 @@ fn summary_md(r: &Value) -> String {
             "\n**Warning:** other processes used up to {bg:.0}% of the CPUs during a run. Their time is subtracted from the busy time, but they also took CPU from the generator and the tracers: rates, and the figures at saturation, are lower and noisier than on a quiet machine."
         );
     }
+    let ratios: Vec<String> = r["overhead_ratios"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            let t = x["tracer"].as_str().unwrap_or("?");
+            format!("{t} **{}**", spread_md(&x["spread"], 2))
+        })
+        .collect();
     let _ = writeln!(
         s,
-        "\nOverhead ratio {} / bpftrace: **{}** (range {}; primary tracer for the targets: {}).\n",
-        r["primary_tracer"].as_str().unwrap_or("?"),
-        num(&r["overhead_ratio_vs_bpftrace"], 2),
-        spread_md(&r["overhead_ratio_spread"], 2),
+        "\nPer-drop overhead over bpftrace's: {} (the daemon's targets are {}'s).\n",
+        ratios.join(", "),
         r["primary_tracer"].as_str().unwrap_or("?"),
     );
     let _ = writeln!(s, "A target is **met** only when its whole measured range (min–max over rounds) holds it, **missed** only when none of it does; otherwise it is *within noise*.\n");
@@ -133,46 +140,47 @@ fn programs_md(r: &Value) -> String {
     let mut s = String::from(
         "\n### Per BPF program (kernel run_time_ns / run_cnt, bpf_stats_enabled)\n\n| tracer | program | ns/run, dropping (sat.) | ns/run, passing | ns per passing packet |\n|---|---|--:|--:|--:|\n",
     );
-    for k in Kind::ALL {
-        let t = &r["tracers"][k.name()];
-        let drop = t["programs_ns_per_run_saturation"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        let pass = t["passing"]["programs"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
+    // Each tracer, then the empty program on the tx hook (the floor of any program there).
+    let floor = super::passing::FLOOR;
+    let rows = Kind::ALL
+        .iter()
+        .map(|k| {
+            let t = &r["tracers"][k.name()];
+            (
+                k.name(),
+                &t["programs_ns_per_run_saturation"],
+                &t["passing"],
+            )
+        })
+        .chain([(floor, &Value::Null, &r["passing_floor"])]);
+    for (tracer, drop, pass) in rows {
+        let drop = drop.as_object().cloned().unwrap_or_default();
+        let pass = pass["programs"].as_object().cloned().unwrap_or_default();
         let names: std::collections::BTreeSet<&String> = drop.keys().chain(pass.keys()).collect();
         for n in names {
+            let field = |f: &str| pass.get(n).map_or(Value::Null, |p| p[f].clone());
             let _ = writeln!(
                 s,
-                "| {} | {n} | {} | {} | {} |",
-                k.name(),
+                "| {tracer} | {n} | {} | {} | {} |",
                 spread_md(drop.get(n).unwrap_or(&Value::Null), 0),
-                spread_md(
-                    &pass.get(n).map_or(Value::Null, |p| p["ns_per_run"].clone()),
-                    0
-                ),
-                spread_md(
-                    &pass
-                        .get(n)
-                        .map_or(Value::Null, |p| p["ns_per_packet"].clone()),
-                    1
-                ),
+                spread_md(&field("ns_per_run"), 0),
+                spread_md(&field("ns_per_packet"), 1),
             );
         }
     }
     s.push_str("\n### Passing traffic (UDP delivered to a drained socket, one sender thread)\n\n| tracer | packets/s | throughput loss vs none, % | every packet delivered |\n|---|--:|--:|---|\n");
-    for k in Kind::ALL {
-        let p = &r["tracers"][k.name()]["passing"];
+    let rows = Kind::ALL
+        .iter()
+        .map(|k| (k.name(), &r["tracers"][k.name()]["passing"]))
+        .chain([(floor, &r["passing_floor"])]);
+    for (tracer, p) in rows {
         if p.is_null() {
             continue;
         }
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} |",
-            k.name(),
+            tracer,
             spread_md(&p["packets_per_s"], 0),
             spread_md(&p["throughput_loss_pct"], 1),
             p["clean"]

@@ -14,7 +14,8 @@ use super::{
 };
 
 /// The 200k drops/s run of `lbtrace watch`, whose records the bench reads: every record it
-/// received, against the generator and the kernel's counters, and lbtrace's own loss count.
+/// received, against the generator and the kernel's counters, and lbtrace's own loss and
+/// sampled-out counts.
 pub fn sustained(phases: &[PhaseResult]) -> Value {
     let Some(h) = one(phases, Kind::Watch, Load::High) else {
         return Value::Null;
@@ -34,11 +35,13 @@ pub fn sustained(phases: &[PhaseResult]) -> Value {
         "seen": c.and_then(|c| c.seen),
         "delivered": c.and_then(|c| c.delivered),
         "lost": c.and_then(|c| c.lost),
+        "sampled_out": c.and_then(|c| c.sampled_out),
         "exact": h.exact(),
     })
 }
 
-/// Zero loss at 200k/s: judged only at that rate, from what the bench received.
+/// Zero loss at 200k/s: judged only at that rate, from what the bench received and what
+/// lbtrace says it sampled out.
 pub fn sustained_verdict(s: &Value) -> Verdict {
     let Some(achieved) = s["achieved_per_s"].as_f64() else {
         return Verdict::NotMeasured("no 200k run of lbtrace watch".into());
@@ -49,7 +52,11 @@ pub fn sustained_verdict(s: &Value) -> Verdict {
         ));
     }
     let sent = s["sent"].as_u64();
-    let all_received = s["received"].as_u64().is_some() && s["received"].as_u64() == sent;
+    // Every drop is a record the bench read, or one lbtrace counted and said it sampled out.
+    let accounted = s["received"]
+        .as_u64()
+        .map(|r| r + s["sampled_out"].as_u64().unwrap_or(0));
+    let all_received = accounted.is_some() && accounted == sent;
     let ok = all_received
         && s["kernel_counted"].as_u64() == sent
         && s["kernel_agrees"] == true
@@ -106,7 +113,10 @@ fn kfree_ratio(used: &BTreeMap<Kind, Vec<&PhaseResult>>, primary: Kind) -> Optio
 
 /// The primary tracer's programs named `prefix*` on passing traffic, in ns per packet.
 fn passing_target(passing: &[Passing], primary: Kind, prefix: &str, what: &str) -> Value {
-    let rounds: Vec<&Passing> = passing.iter().filter(|p| p.tracer == primary).collect();
+    let rounds: Vec<&Passing> = passing
+        .iter()
+        .filter(|p| p.tracer == primary && !p.floor)
+        .collect();
     let v: Vec<f64> = rounds
         .iter()
         .map(|p| {
@@ -118,11 +128,15 @@ fn passing_target(passing: &[Passing], primary: Kind, prefix: &str, what: &str) 
         })
         .collect();
     let clean = rounds.iter().all(|p| p.clean());
-    let note = if clean {
-        "per delivered packet, kernel run_time_ns; passing traffic"
+    let mut note = if clean {
+        "per delivered packet, kernel run_time_ns; passing traffic".to_owned()
     } else {
-        "SOME ROUNDS WERE NOT CLEAN (datagrams not all delivered)"
+        "SOME ROUNDS WERE NOT CLEAN (datagrams not all delivered)".to_owned()
     };
+    if prefix == "net_dev_xmit_" {
+        note.push_str(&floor_note(passing));
+    }
+    let note = note.as_str();
     let name = format!("{what} program ns per passing packet");
     let attached = rounds
         .iter()
@@ -140,6 +154,22 @@ fn passing_target(passing: &[Passing], primary: Kind, prefix: &str, what: &str) 
     target(&name, Spread::of(&v), 40.0, " ns", note)
 }
 
+/// The empty tp_btf program on the same hook, side by side: the kernel's own per-program cost.
+fn floor_note(passing: &[Passing]) -> String {
+    let v: Vec<f64> = passing
+        .iter()
+        .filter(|p| p.floor)
+        .flat_map(|p| p.progs.iter().map(|c| p.ns_per_packet(c)))
+        .collect();
+    match Spread::of(&v) {
+        Some(s) => format!(
+            "; ns per passing packet of an empty program on this hook: {:.1} ({:.1}–{:.1}, {} rounds)",
+            s.median, s.min, s.max, s.n
+        ),
+        None => "; the empty program on this hook was not measured".to_owned(),
+    }
+}
+
 pub fn targets(
     r: &Value,
     primary: Kind,
@@ -148,20 +178,7 @@ pub fn targets(
     used: &BTreeMap<Kind, Vec<&PhaseResult>>,
 ) -> Value {
     let single = |k: &str| r[k].as_f64().and_then(|x| Spread::of(&[x]));
-    let ov = |k: Kind| Spread::from_json(&r["tracers"][k.name()]["overhead_ns_per_drop_spread"]);
-    let ratio = ov(primary)
-        .zip(ov(Kind::Bpftrace))
-        .and_then(|(l, b)| l.ratio(b));
-    let ratio_t = match (ratio, ov(Kind::Bpftrace)) {
-        (Some(_), _) => target("per-drop overhead vs the bpftrace one-liner (ratio)", ratio, 1.0, "", &overhead_note(r, primary)),
-        (None, b) => target_with(
-            "per-drop overhead vs the bpftrace one-liner (ratio)",
-            None,
-            "≤ 1",
-            &if b.is_some() { Verdict::WithinNoise } else { Verdict::NotMeasured("needs lbtrace and bpftrace".into()) },
-            &format!("{}; bpftrace's overhead is not above zero over its whole range, so no ratio is resolved", overhead_note(r, primary)),
-        ),
-    };
+    let ratio_rows = [(Kind::Agent, 0.5), (Kind::Watch, 1.0)].map(|(k, l)| ratio_target(r, k, l));
     let s = &r["sustained_200k"];
     let sus = sustained_verdict(s);
     let sat = used.get(&primary).cloned().unwrap_or_default();
@@ -192,8 +209,8 @@ pub fn targets(
         &v,
         &format!("{} rounds, events lost in total: {sat_lost}", sat.len()),
     );
-    let mut rows = vec![
-        ratio_t,
+    let mut rows = ratio_rows.to_vec();
+    rows.extend([
         target_with(
             "kfree_skb program ns/run vs bpftrace's program (ratio)",
             kfree_ratio(used, primary),
@@ -243,7 +260,7 @@ pub fn targets(
             "kernel memlock of the maps the daemon holds, defaults: the NAT map (131072 flows, 2.6 s at 50k new connections/s) is most of it",
         ),
         lat_t,
-    ];
+    ]);
     rows.extend(scale_targets(&r["scale"]));
     Value::Array(rows)
 }
@@ -354,6 +371,31 @@ pub fn scale_targets(s: &Value) -> Vec<Value> {
     ]
 }
 
+/// `kind`'s per-drop overhead at saturation over the bpftrace one-liner's, against `limit`.
+fn ratio_target(r: &Value, kind: Kind, limit: f64) -> Value {
+    let ov = |k: Kind| Spread::from_json(&r["tracers"][k.name()]["overhead_ns_per_drop_spread"]);
+    let name = format!(
+        "per-drop overhead, {} vs the bpftrace one-liner (ratio)",
+        kind.name()
+    );
+    let ratio = ov(kind)
+        .zip(ov(Kind::Bpftrace))
+        .and_then(|(l, b)| l.ratio(b));
+    if ratio.is_some() {
+        return target(&name, ratio, limit, "", &overhead_note(r, kind));
+    }
+    let why = if ov(kind).is_some() && ov(Kind::Bpftrace).is_some() {
+        Verdict::WithinNoise
+    } else {
+        Verdict::NotMeasured(format!("needs {} and bpftrace", kind.name()))
+    };
+    let note = format!(
+        "{}; bpftrace's overhead is not above zero over its whole range, so no ratio is resolved",
+        overhead_note(r, kind)
+    );
+    target_with(&name, None, &format!("≤ {limit}"), &why, &note)
+}
+
 /// Each tracer's overhead with its spread.
 fn overhead_note(r: &Value, primary: Kind) -> String {
     let shown = |k: Kind| {
@@ -401,5 +443,11 @@ mod tests {
         let mut no_received = s(200_000.0, 0);
         no_received["received"] = Value::Null;
         assert_eq!(sustained_verdict(&no_received), Verdict::Missed);
+        // Sampling: what the bench did not receive, lbtrace counted and said it sampled out.
+        let mut sampled = s(200_000.0, 2_000);
+        sampled["sampled_out"] = json!(1_198_000);
+        assert_eq!(sustained_verdict(&sampled), Verdict::Met);
+        sampled["sampled_out"] = json!(1_197_999);
+        assert_eq!(sustained_verdict(&sampled), Verdict::Missed);
     }
 }

@@ -252,7 +252,13 @@ impl Running {
         scope: Scope,
         markers: Option<(u16, Sender<MarkerSeen>)>,
     ) -> Result<Self> {
-        Self::start_args(kind, bin, kind.args(scope), markers)
+        let mut args = kind.args(scope);
+        if markers.is_some() {
+            // Markers share their sampling key (VIP, NO_SOCKET, drop site) with the flood:
+            // the latency run sends every drop as a record.
+            args.extend(["--sample-limit".to_owned(), "0".to_owned()]);
+        }
+        Self::start_args(kind, bin, args, markers)
     }
 
     /// [`Running::start`] with its own command line (`ADDR` stands for the metrics address).
@@ -416,7 +422,8 @@ fn settled_metrics(addr: SocketAddr) -> Result<String> {
     loop {
         let text = http_get(addr, "/metrics")?;
         let c = metrics_counts(&text);
-        let complete = c.seen == Some(c.delivered.unwrap_or(0) + c.lost.unwrap_or(0));
+        let accounted = c.delivered.unwrap_or(0) + c.lost.unwrap_or(0);
+        let complete = c.seen == Some(accounted + c.sampled_out.unwrap_or(0));
         if (complete && last_seen == c.seen) || Instant::now() > end {
             return Ok(text);
         }
