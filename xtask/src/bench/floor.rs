@@ -1,5 +1,6 @@
 //! The floor of a per-packet hook: an empty tp_btf program (`r0 = 0; exit`) on
-//! `net_dev_xmit`, the hook type and tracepoint lbtrace's tx program uses. Under bpf_stats its
+//! `net_dev_start_xmit`, the hook type and tracepoint lbtrace's tx program
+//! (`net_dev_xmit_btf`) uses. Under bpf_stats its
 //! ns per passing packet is what the kernel charges any program there (the dispatch and the
 //! statistics themselves), against which lbtrace's own work is read.
 
@@ -13,7 +14,7 @@ use anyhow::{bail, Context, Result};
 /// The program's name, as `bpftool prog show` lists it.
 pub const FLOOR_PROG: &str = "lbt_floor_xmit";
 /// The tracepoint's BTF type, which a tp_btf program names as its attach target.
-const TARGET: &str = "btf_trace_net_dev_xmit";
+const TARGET: &str = "btf_trace_net_dev_start_xmit";
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
@@ -126,7 +127,7 @@ impl Floor {
             (&raw const open).cast(),
             size_of::<RawTpOpen>(),
         )
-        .context("attaching the empty tp_btf program to net_dev_xmit")?;
+        .context("attaching the empty tp_btf program to net_dev_start_xmit")?;
         Ok(Self {
             _link: link,
             _prog: prog,

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::{bpfstats, measure, tracer::Running, Ctx, Kind, Lab, VIP};
 
 /// The floor rounds' name in the results.
-pub const FLOOR: &str = "empty-tp_btf-on-net_dev_xmit";
+pub const FLOOR: &str = "empty-tp_btf-on-net_dev_start_xmit";
 
 /// The port the sink listens on in the node namespace.
 pub const PASS_PORT: u16 = 40500;
