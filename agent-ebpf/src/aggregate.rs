@@ -20,7 +20,7 @@ use crate::{
     drop::{parse_into, Drop},
     kernel::{read, Mem},
     maps::{stat_inc, AGG, VIPS4, VIPS6, VIP_META},
-    packet::{ETH_IPV4, ETH_IPV6, HEADER_UNSET},
+    packet::{host_listed, ETH_IPV4, ETH_IPV6, HEADER_UNSET},
 };
 
 /// Bits of `VIP_META[0]`.
@@ -148,6 +148,43 @@ fn by_packet<M: Mem>(skb: u64, key: &mut AggKey, meta: u32) -> bool {
             return false;
         };
         return take6(key, &dst) || take6(key, &src);
+    }
+    false
+}
+
+/// The host filter from the packet's own addresses, read as `by_packet` reads them: `true`
+/// when one is listed. A packet whose addresses are not listed may still match through its
+/// flow's original tuple (behind NAT): the caller then reads the whole record.
+#[inline(always)]
+pub fn hosts_listed<M: Mem>(skb: u64) -> bool {
+    let (Ok(proto), Ok(head), Ok(nh)) = (
+        M::read::<u16>(skb, conf!(skb_protocol)),
+        M::read::<u64>(skb, conf!(skb_head)),
+        M::read::<u16>(skb, conf!(skb_network_header)),
+    ) else {
+        return false;
+    };
+    if nh == HEADER_UNSET {
+        return false;
+    }
+    let l3 = head + u64::from(nh);
+    if proto == ETH_IPV4 {
+        let Ok(a) = read::<[u8; 8]>(l3, 12) else {
+            return false;
+        };
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&a[4..]);
+        if host_listed(&addr, FAMILY_IPV4) {
+            return true;
+        }
+        addr[..4].copy_from_slice(&a[..4]);
+        return host_listed(&addr, FAMILY_IPV4);
+    }
+    if proto == ETH_IPV6 {
+        let (Ok(dst), Ok(src)) = (read::<[u8; 16]>(l3, 24), read::<[u8; 16]>(l3, 8)) else {
+            return false;
+        };
+        return host_listed(&dst, FAMILY_IPV6) || host_listed(&src, FAMILY_IPV6);
     }
     false
 }

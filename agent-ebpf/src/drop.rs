@@ -100,7 +100,21 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
-    let filtered = filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) != 0;
+    // A host (or --vip) filter alone is settled by the packet's own addresses when one is
+    // listed: only otherwise (behind NAT, or another filter) is the whole record read first.
+    let filtered = match filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) {
+        0 => false,
+        FILTER_HOST => {
+            if aggregate::hosts_listed::<M>(d.skb) {
+                false
+            } else if crate::conntrack::translated::<M>(d.skb) {
+                true
+            } else {
+                return;
+            }
+        }
+        _ => true,
+    };
     let mut key = aggregate::key(d, event);
     let parsed = aggregate::attribute::<M>(d.skb, &mut key, rec, filtered);
     // Counted only when the packet passes the filters, as on the path of every drop.
