@@ -200,7 +200,8 @@ const METHOD: &str = "\
   (from `sendmmsg`'s return values) and checked against the node's `Udp NoPorts` and the nft
   counter. At a fixed rate each thread runs a token bucket, sleeping between batches.
 - **Each tracer is started afresh for each load** and stopped with SIGINT: no tracer;
-  `lbtrace watch --json --vip VIP`, its stdout read by a bench thread that keeps only the last
+  `lbtrace watch --json --vip VIP` (its default sampling: the kernel counts every drop, at most
+  1,000 records per key, CPU and second go through the ring), its stdout read by a bench thread that keeps only the last
   64 KiB for the summary but counts every drop record it reads (that thread's CPU time is subtracted, so it costs what /dev/null would, except the
   pipe copy inside lbtrace's write); `lbtrace agent` with metrics when it exists; the bpftrace
   one-liner (machine-wide, no filter).
@@ -227,8 +228,9 @@ const METHOD: &str = "\
 - **Seen / delivered / lost** come from lbtrace's own summary (kernel counters, records read,
   reserve failures); **exact** = its per-reason counts equal the generator's. **Received** =
   the drop records the bench itself read from `lbtrace watch`'s stdout, every one: zero loss at
-  200k/s means received = sent = the kernel's count (Udp NoPorts + the nft counter), at the
-  offered rate (at a lower achieved rate it is *not measurable*). CPU targets likewise.
+  200k/s means received + sampled out (lbtrace's count of drops it counted but did not send) =
+  sent = the kernel's count (Udp NoPorts + the nft counter), lost 0, exact, at the offered rate
+  (at a lower achieved rate it is *not measurable*). CPU targets likewise.
 - **bpftrace's counts** are named by the kernel's own table (tracefs `skb/kfree_skb` format,
   `__print_symbolic`), not lbtrace's.
 - **Per program**: `kernel.bpf_stats_enabled` is set to 1 for the bench and restored after
@@ -239,7 +241,10 @@ const METHOD: &str = "\
   socket bound in the node namespace (64 MiB receive buffer, drained with `recvmmsg` by a bench
   thread); clean = the sink and the kernel (Udp InDatagrams, RcvbufErrors) say every datagram
   was delivered. ns per passing packet = a program's run time / packets delivered; throughput
-  loss = 1 − packets/s with the tracer / packets/s with none.
+  loss = 1 − packets/s with the tracer / packets/s with none. Each round also runs the flow
+  with no tracer but an empty tp_btf program (`r0 = 0; exit`, loaded by the bench) on
+  `net_dev_start_xmit`, the tx program's hook: its ns per passing packet is the kernel's own
+  cost of any program there under bpf_stats, the floor beneath the tx target.
 - **Scale**: namespaces client → node → pod; the node DNATs UDP to each of 1,000 VIPs of a /22
   (port 80) to its own closed port of the pod, so every datagram is a NO_SOCKET drop in the
   pod's namespace, which lbtrace can attribute only through its NAT map. Each client socket
@@ -251,7 +256,8 @@ const METHOD: &str = "\
   (connect to last byte) after the load; evictions in the kernel = new connections − the
   entries the agent's NAT map holds after the load (`bpftool map dump`), against
   `lbtrace_nat_evictions_total` at the same moment.
-- **Latency**: during the 10k run, marker datagrams to a third closed port, one every 20–60 ms
+- **Latency**: during the 10k run (`lbtrace watch --sample-limit 0`: the markers share their
+  sampling key with the flood, so every drop is sent), marker datagrams to a third closed port, one every 20–60 ms
   (pseudo-random, so they do not lock onto the reader's 50 ms tick), each from its own socket;
   the time from `send_to` to the moment the bench reads the line with that source port on
   lbtrace's stdout.
