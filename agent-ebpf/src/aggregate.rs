@@ -120,89 +120,91 @@ fn take_tuple(key: &mut AggKey, family: u8, daddr: &[u8; 16], saddr: &[u8; 16], 
     }
 }
 
-/// Attributes by the packet's own destination, then source, read in one small block at the
-/// network header. Returns whether a VIP was found.
-#[inline(always)]
-fn by_packet<M: Mem>(skb: u64, key: &mut AggKey, meta: u32) -> bool {
-    let (Ok(proto), Ok(head), Ok(nh)) = (
-        M::read::<u16>(skb, conf!(skb_protocol)),
-        M::read::<u64>(skb, conf!(skb_head)),
-        M::read::<u16>(skb, conf!(skb_network_header)),
-    ) else {
-        return false;
-    };
-    if nh == HEADER_UNSET {
-        return false;
-    }
-    let l3 = head + u64::from(nh);
-    if proto == ETH_IPV4 && meta & META_IPV4 != 0 {
-        // saddr and daddr: the 8 bytes at offset 12 of the IPv4 header.
-        let Ok(a) = read::<[u8; 8]>(l3, 12) else {
-            return false;
-        };
-        return take4(key, [a[4], a[5], a[6], a[7]]) || take4(key, [a[0], a[1], a[2], a[3]]);
-    }
-    if proto == ETH_IPV6 && meta & META_IPV6 != 0 {
-        // daddr, then saddr: 16 bytes each at offsets 24 and 8 of the IPv6 header.
-        let (Ok(dst), Ok(src)) = (read::<[u8; 16]>(l3, 24), read::<[u8; 16]>(l3, 8)) else {
-            return false;
-        };
-        return take6(key, &dst) || take6(key, &src);
-    }
-    false
+/// A packet's own addresses, as the host filter keys them (IPv4 in the first four bytes).
+pub struct Addrs {
+    family: u8,
+    dst: [u8; 16],
+    src: [u8; 16],
 }
 
-/// The host filter from the packet's own addresses, read as `by_packet` reads them: `true`
-/// when one is listed. A packet whose addresses are not listed may still match through its
-/// flow's original tuple (behind NAT): the caller then reads the whole record.
+/// Reads the packet's addresses in one small block at the network header (IPv4 and IPv6).
 #[inline(always)]
-pub fn hosts_listed<M: Mem>(skb: u64) -> bool {
+pub fn packet_addrs<M: Mem>(skb: u64) -> Option<Addrs> {
     let (Ok(proto), Ok(head), Ok(nh)) = (
         M::read::<u16>(skb, conf!(skb_protocol)),
         M::read::<u64>(skb, conf!(skb_head)),
         M::read::<u16>(skb, conf!(skb_network_header)),
     ) else {
-        return false;
+        return None;
     };
     if nh == HEADER_UNSET {
-        return false;
+        return None;
     }
     let l3 = head + u64::from(nh);
+    let mut out = Addrs {
+        family: 0,
+        dst: [0; 16],
+        src: [0; 16],
+    };
     if proto == ETH_IPV4 {
-        let Ok(a) = read::<[u8; 8]>(l3, 12) else {
-            return false;
-        };
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&a[4..]);
-        if host_listed(&addr, FAMILY_IPV4) {
-            return true;
-        }
-        addr[..4].copy_from_slice(&a[..4]);
-        return host_listed(&addr, FAMILY_IPV4);
+        // saddr and daddr: the 8 bytes at offset 12 of the IPv4 header.
+        let a = read::<[u8; 8]>(l3, 12).ok()?;
+        out.family = FAMILY_IPV4;
+        out.src[..4].copy_from_slice(&a[..4]);
+        out.dst[..4].copy_from_slice(&a[4..]);
+        return Some(out);
     }
     if proto == ETH_IPV6 {
-        let (Ok(dst), Ok(src)) = (read::<[u8; 16]>(l3, 24), read::<[u8; 16]>(l3, 8)) else {
-            return false;
-        };
-        return host_listed(&dst, FAMILY_IPV6) || host_listed(&src, FAMILY_IPV6);
+        // saddr then daddr: the 32 bytes at offset 8 of the IPv6 header.
+        let a = read::<[u8; 32]>(l3, 8).ok()?;
+        out.family = FAMILY_IPV6;
+        out.src.copy_from_slice(&a[..16]);
+        out.dst.copy_from_slice(&a[16..]);
+        return Some(out);
+    }
+    None
+}
+
+/// The host filter from the packet's own addresses: `true` when one is listed. A packet whose
+/// addresses are not may still match through its flow's original tuple (behind NAT): the
+/// caller then reads the whole record.
+#[inline(always)]
+pub fn hosts_listed(a: &Addrs) -> bool {
+    host_listed(&a.dst, a.family) || host_listed(&a.src, a.family)
+}
+
+/// Attributes by the packet's own destination, then source. Returns whether a VIP was found.
+#[inline(always)]
+fn by_packet(a: &Addrs, key: &mut AggKey, meta: u32) -> bool {
+    if a.family == FAMILY_IPV4 && meta & META_IPV4 != 0 {
+        let (d, s) = (&a.dst, &a.src);
+        return take4(key, [d[0], d[1], d[2], d[3]]) || take4(key, [s[0], s[1], s[2], s[3]]);
+    }
+    if a.family == FAMILY_IPV6 && meta & META_IPV6 != 0 {
+        return take6(key, &a.dst) || take6(key, &a.src);
     }
     false
 }
 
-/// The drop's VIP, in the order userspace attributes: the packet's destination, its source,
-/// then (only when the packet carries none and the flow is translated) conntrack's original
-/// tuple or the NAT map's. With `must_parse` (a packet filter needs the headers) the whole
-/// record is read first. Returns whether the record was read.
+/// Which families the VIP tries hold (0: none, attribution reads nothing).
+#[inline(always)]
+pub fn vip_meta() -> u32 {
+    VIP_META.get(0).copied().unwrap_or(0)
+}
+
+/// The drop's VIP, in the order userspace attributes: the packet's destination, its source
+/// (`addrs`, read by the caller), then (only when the packet carries none and the flow is
+/// translated) conntrack's original tuple or the NAT map's. With `must_parse` (a packet filter
+/// needs the headers) the whole record is read first. Returns whether the record was read.
 #[inline(always)]
 pub fn attribute<M: Mem>(
     skb: u64,
+    (addrs, meta): (Option<&Addrs>, u32),
     key: &mut AggKey,
     rec: &mut DropRecord,
     must_parse: bool,
 ) -> bool {
-    // SAFETY: an array slot that always exists; a plain u32.
-    let meta = VIP_META.get(0).copied().unwrap_or(0);
-    let found = meta != 0 && by_packet::<M>(skb, key, meta);
+    let found = meta != 0 && addrs.is_some_and(|a| by_packet(a, key, meta));
     let via_tuple = !found && meta != 0 && crate::conntrack::translated::<M>(skb);
     if !(must_parse || via_tuple) {
         return false;

@@ -100,12 +100,20 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
     let rec = unsafe { &mut *rec };
-    // A host (or --vip) filter alone is settled by the packet's own addresses when one is
-    // listed: only otherwise (behind NAT, or another filter) is the whole record read first.
+    // The packet's addresses, read once for the VIP and a host (or --vip) filter. That filter
+    // alone is settled by them when one is listed: only otherwise (behind NAT, or another
+    // filter) is the whole record read first.
+    let meta = aggregate::vip_meta();
+    let host_only = filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) == FILTER_HOST;
+    let addrs = if meta != 0 || host_only {
+        aggregate::packet_addrs::<M>(d.skb)
+    } else {
+        None
+    };
     let filtered = match filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) {
         0 => false,
         FILTER_HOST => {
-            if aggregate::hosts_listed::<M>(d.skb) {
+            if addrs.as_ref().is_some_and(aggregate::hosts_listed) {
                 false
             } else if crate::conntrack::translated::<M>(d.skb) {
                 true
@@ -116,7 +124,7 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
         _ => true,
     };
     let mut key = aggregate::key(d, event);
-    let parsed = aggregate::attribute::<M>(d.skb, &mut key, rec, filtered);
+    let parsed = aggregate::attribute::<M>(d.skb, (addrs.as_ref(), meta), &mut key, rec, filtered);
     // Counted only when the packet passes the filters, as on the path of every drop.
     if filtered && !packet_matches(rec, is_memberlist(&rec.pkt)) {
         return;
