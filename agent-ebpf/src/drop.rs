@@ -113,7 +113,10 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     let filtered = match filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) {
         0 => false,
         FILTER_HOST => {
-            if addrs.as_ref().is_some_and(aggregate::hosts_listed) {
+            // Memberlist traffic passes it too: it is evidence for every VIP.
+            if addrs.as_ref().is_some_and(aggregate::hosts_listed)
+                || aggregate::memberlist::<M>(d.skb)
+            {
                 false
             } else if crate::conntrack::translated::<M>(d.skb) {
                 true
