@@ -118,7 +118,7 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
                 || aggregate::memberlist::<M>(d.skb)
             {
                 false
-            } else if crate::conntrack::translated::<M>(d.skb) {
+            } else if conntrack::translated::<M>(d.skb) {
                 true
             } else {
                 return;

@@ -3,6 +3,8 @@
 pub mod class;
 pub mod decode;
 pub mod decode_proc;
+mod endpoint;
+mod header;
 pub mod record;
 pub mod speaker;
 pub mod totals;

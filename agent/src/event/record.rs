@@ -6,14 +6,13 @@
 //! defaults and unknown kinds read as [`Record::Unknown`]. A line whose fields have the wrong
 //! type does not read at all and is counted by the reader.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-};
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
 use super::class::{classify_packet, Class};
+pub use super::endpoint::{EndpointChange, EndpointRec};
+pub use super::header::{Header, ProbeState, ProbeStatus, Status};
 pub use super::speaker::{OomFigures, SpeakerEvent, SpeakerLinkRec, SpeakerRec};
 use super::values::{
     ArpOp, ConntrackEvent, Direction, Family, L4Proto, Mac, Name, NudState, TcpFlags, Time,
@@ -145,129 +144,6 @@ impl Record {
         };
         *slot = Some(node.clone());
     }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Header {
-    pub format: String,
-    pub version: u64,
-    pub lbtrace: String,
-    pub kernel: String,
-    pub hostname: String,
-    pub started: Option<Time>,
-    pub vips: Vec<IpAddr>,
-    /// Reason code → name, as the recording kernel's BTF had them.
-    #[serde(with = "super::values::number_keys")]
-    pub drop_reasons: BTreeMap<u32, Name>,
-}
-
-impl Header {
-    pub fn supported(&self) -> bool {
-        self.format == FORMAT && self.version == FORMAT_VERSION
-    }
-}
-
-/// Outcome of one attach attempt.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(into = "ProbeStatusJson", from = "ProbeStatusJson")]
-pub struct ProbeStatus {
-    pub collector: Name,
-    pub probe: Name,
-    pub state: ProbeState,
-}
-
-/// What became of a probe.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProbeState {
-    Attached,
-    /// Tried, and the kernel (or its BTF, or tracefs) refused it.
-    Failed(String),
-    /// A preferred probe of the same collector is attached.
-    NotNeeded,
-    /// `--probe-mode` excludes its kind of hook.
-    NotTried(String),
-    /// Forced off for a test.
-    Disabled(String),
-}
-
-impl ProbeState {
-    pub fn attached(&self) -> bool {
-        matches!(self, Self::Attached)
-    }
-
-    /// Attached, or tried and failed (forced off counts as failed): what `doctor` reports.
-    pub fn tried(&self) -> bool {
-        matches!(self, Self::Attached | Self::Failed(_) | Self::Disabled(_))
-    }
-
-    /// Why the probe is not attached, as one line.
-    pub fn why(&self) -> Option<String> {
-        match self {
-            Self::Attached => None,
-            Self::Failed(e) => Some(e.clone()),
-            Self::NotNeeded => Some(NOT_NEEDED.to_owned()),
-            Self::NotTried(mode) => Some(format!("{NOT_TRIED} {mode}")),
-            Self::Disabled(by) => Some(format!("{DISABLED} {by}")),
-        }
-    }
-}
-
-const NOT_NEEDED: &str = "not needed: a preferred probe is attached";
-const NOT_TRIED: &str = "not tried: --probe-mode";
-const DISABLED: &str = "disabled by";
-
-/// The contract's form of a probe status: `attached` and `error`.
-#[derive(Serialize, Deserialize)]
-struct ProbeStatusJson {
-    collector: Name,
-    probe: Name,
-    attached: bool,
-    error: Option<String>,
-}
-
-impl From<ProbeStatus> for ProbeStatusJson {
-    fn from(s: ProbeStatus) -> Self {
-        Self {
-            collector: s.collector,
-            probe: s.probe,
-            attached: s.state.attached(),
-            error: s.state.why(),
-        }
-    }
-}
-
-impl From<ProbeStatusJson> for ProbeStatus {
-    fn from(j: ProbeStatusJson) -> Self {
-        let state = match (j.attached, j.error) {
-            (true, _) => ProbeState::Attached,
-            (false, None) => ProbeState::Failed(String::new()),
-            (false, Some(e)) => {
-                if e == NOT_NEEDED {
-                    ProbeState::NotNeeded
-                } else if let Some(mode) = e.strip_prefix(NOT_TRIED) {
-                    ProbeState::NotTried(mode.trim().to_owned())
-                } else if let Some(by) = e.strip_prefix(DISABLED) {
-                    ProbeState::Disabled(by.trim().to_owned())
-                } else {
-                    ProbeState::Failed(e)
-                }
-            }
-        };
-        Self {
-            collector: j.collector,
-            probe: j.probe,
-            state,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Status {
-    /// The drop probe in use.
-    pub probe: Name,
-    pub probes: Vec<ProbeStatus>,
 }
 
 /// One direction of a conntrack entry (or a pre-NAT flow).
@@ -599,58 +475,6 @@ pub struct VipDiscoveredRec {
     pub ifname: Option<Name>,
     #[serde(default)]
     pub note: String,
-}
-
-/// What changed about a Service's endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EndpointChange {
-    /// `endpoint` joined the Service's endpoints (in any node's rules).
-    Added,
-    /// `endpoint` left them (no node's rules have it any more).
-    Removed,
-    /// The Service went into `state` on the node `netns`.
-    Entered,
-    /// The Service came out of `state` on the node `netns`.
-    Left,
-    /// The Service was in `state` on the node `netns` when lbtrace started (not a change).
-    Present,
-}
-
-impl EndpointChange {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Added => "added",
-            Self::Removed => "removed",
-            Self::Entered => "entered",
-            Self::Left => "left",
-            Self::Present => "present",
-        }
-    }
-}
-
-/// A change of a Service's endpoints, as kube-proxy's rules on the node show it: the moment the
-/// data path changed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EndpointRec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<Name>,
-    #[serde(default)]
-    pub time: Option<Time>,
-    pub service: Name,
-    pub change: EndpointChange,
-    /// The endpoint added or removed.
-    #[serde(default)]
-    pub endpoint: Option<SocketAddr>,
-    /// `no-endpoints` or `no-local-endpoints` (entered, left, present).
-    #[serde(default)]
-    pub state: Option<crate::kernel::kubeproxy::NoEndpoints>,
-    /// The namespace of the node whose rules changed (entered, left, present).
-    #[serde(default)]
-    pub netns: Option<u32>,
-    /// The Service's LoadBalancer (or external) IPs in the rules.
-    #[serde(default)]
-    pub vips: Vec<IpAddr>,
 }
 
 /// What ownership tracking finds on its own.
