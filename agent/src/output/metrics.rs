@@ -14,6 +14,8 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
+mod render;
+
 use super::{metrics_cluster::ClusterSeries, metrics_speakers::SpeakerSeries};
 use crate::{
     event::{
@@ -423,115 +425,6 @@ impl Metrics {
             e.sample("lbtrace_conntrack_entries_max", &[], max);
         }
     }
-
-    fn render_nat(&self, e: &mut Expo) {
-        e.family(
-            "lbtrace_nat_learned_total",
-            "counter",
-            "DNAT translations learned (one per new translated connection).",
-        );
-        e.sample("lbtrace_nat_learned_total", &[], self.kernel.nat_learned);
-        e.family(
-            "lbtrace_nat_joined_total",
-            "counter",
-            "Drops attributed to a VIP through a learned translation.",
-        );
-        e.sample("lbtrace_nat_joined_total", &[], self.kernel.nat_joined);
-        let Some(n) = self.nat else {
-            return;
-        };
-        e.family(
-            "lbtrace_nat_entries",
-            "gauge",
-            "Translations the NAT map holds (counted every 30 s), of lbtrace_nat_capacity.",
-        );
-        e.sample("lbtrace_nat_entries", &[], n.entries);
-        e.family(
-            "lbtrace_nat_capacity",
-            "gauge",
-            "Size of the NAT map (--nat-entries).",
-        );
-        e.sample("lbtrace_nat_capacity", &[], n.capacity);
-        e.family(
-            "lbtrace_nat_evictions_total",
-            "counter",
-            "Translations learned but no longer held at the last count (every 30 s; evicted by newer ones): drops of those flows behind DNAT go unattributed. Raise --nat-entries when it grows.",
-        );
-        e.sample("lbtrace_nat_evictions_total", &[], n.evicted());
-    }
-
-    fn render_health(&self, e: &mut Expo) {
-        e.family(
-            "lbtrace_events_total",
-            "counter",
-            "Records delivered from the kernel, by kind.",
-        );
-        for (kind, n) in &self.events {
-            e.sample("lbtrace_events_total", &[("kind", kind)], n);
-        }
-        e.family(
-            "lbtrace_events_lost_total",
-            "counter",
-            "Records that did not fit in the ring buffer, per CPU.",
-        );
-        for (cpu, n) in self.kernel.lost_per_cpu.iter().enumerate() {
-            e.sample("lbtrace_events_lost_total", &[("cpu", &cpu.to_string())], n);
-        }
-        self.render_nat(e);
-        e.family(
-            "lbtrace_events_sampled_out_total",
-            "counter",
-            "Drops counted exactly in the kernel but not sent as records (over the sample limit).",
-        );
-        e.sample(
-            "lbtrace_events_sampled_out_total",
-            &[],
-            self.kernel.sampled_out,
-        );
-        e.family(
-            "lbtrace_aggregation_full_total",
-            "counter",
-            "Drops whose key did not fit the kernel's counters (sent and counted as records).",
-        );
-        e.sample("lbtrace_aggregation_full_total", &[], self.kernel.agg_full);
-        e.family(
-            "lbtrace_probe_attached",
-            "gauge",
-            "1 when the probe is attached.",
-        );
-        for p in &self.probes {
-            let labels = [("probe", &*p.probe), ("collector", &*p.collector)];
-            e.sample(
-                "lbtrace_probe_attached",
-                &labels,
-                u8::from(p.state.attached()),
-            );
-        }
-        if let Some(n) = self.kube_skipped {
-            e.family(
-                "lbtrace_kube_proxy_rules_skipped",
-                "gauge",
-                "Rules in kube-proxy's tables of a shape lbtrace does not know (skipped).",
-            );
-            e.sample("lbtrace_kube_proxy_rules_skipped", &[], n);
-        }
-        e.family(
-            "lbtrace_label_overflow_total",
-            "counter",
-            "Events counted under vip=\"other\" or mac=\"other\" because of the label bounds.",
-        );
-        e.sample(
-            "lbtrace_label_overflow_total",
-            &[],
-            self.overflow + self.kernel_overflow,
-        );
-        e.family(
-            "lbtrace_bpf_maps_bytes",
-            "gauge",
-            "Bytes of the BPF maps lbtrace created.",
-        );
-        e.sample("lbtrace_bpf_maps_bytes", &[], self.maps_bytes);
-    }
 }
 
 /// The text exposition being written: every sample gets the node label last.
@@ -601,66 +494,4 @@ impl Sink for MetricsSink {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vip_labels_are_bounded() {
-        let mut m = Metrics::new("n".into(), Vec::new(), 0);
-        for i in 0..(MAX_VIP_LABELS + 5) {
-            let ip: IpAddr = format!("10.200.{}.{}", i / 200, i % 200 + 1)
-                .parse()
-                .unwrap();
-            m.vip_label(Some(ip));
-        }
-        assert_eq!(m.vip_labels.len(), MAX_VIP_LABELS);
-        assert_eq!(m.overflow, 5);
-        assert_eq!(m.vip_label(None).to_string(), "none");
-        let text = m.render();
-        assert!(text.contains("lbtrace_label_overflow_total{node=\"n\"} 5"));
-        assert!(text.contains("# TYPE lbtrace_drops_total counter"));
-    }
-
-    #[test]
-    fn drops_carry_the_vips_service() {
-        use crate::{
-            event::{record::DropRec, values::Time},
-            kernel::kubeproxy::{Frontend, FrontendKind, Mode, NodeRules, Snapshot},
-        };
-        let vip: IpAddr = "10.200.0.100".parse().unwrap();
-        let mut rules = NodeRules::default();
-        rules.modes.insert(Mode::Nftables);
-        rules.skipped = 2;
-        let f = Frontend {
-            ip: vip,
-            proto: 6,
-            port: 80,
-        };
-        rules
-            .frontends
-            .insert(f, ("lab/a:http".into(), FrontendKind::External));
-        let mut c = Catalog::default();
-        c.update(Snapshot {
-            at: Time::now(),
-            nodes: [(1, rules)].into(),
-        });
-        let mut m = Metrics::new("n".into(), Vec::new(), 0);
-        m.record(&Record::Drop(DropRec {
-            vip: Some(vip),
-            reason: "NO_SOCKET".into(),
-            ..Default::default()
-        }));
-        m.kube_proxy(&c);
-        let text = m.render();
-        assert!(
-            text.contains(r#"lbtrace_drops_total{vip="10.200.0.100",reason="NO_SOCKET",service="lab/a",node="n"} 1"#),
-            "{text}"
-        );
-        assert!(text.contains(r#"lbtrace_kube_proxy_rules_skipped{node="n"} 2"#));
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
-}
+mod tests;
