@@ -188,13 +188,8 @@ impl Summary {
         Self {
             duration_s: (duration.as_secs_f64() * 1000.0).round() / 1000.0,
             probe: probe_name(tracer.active).into(),
-            drops_by_reason: k
-                .by_reason
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .map(|(r, n)| (reasons.name(*r), *n))
-                .collect(),
-            events_seen: k.matched + k.arp + k.neigh + k.proc,
+            drops_by_reason: k.drops_by_reason(reasons),
+            events_seen: k.events_seen(),
             events_delivered: counts.delivered,
             events_lost: k.lost(),
             events_sampled_out: k.sampled_out,

@@ -54,13 +54,8 @@ impl Pipeline<'_> {
         TotalsRec {
             time: Some(Time::now()),
             node: self.node.clone(),
-            drops_by_reason: k
-                .by_reason
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .map(|(r, n)| (reasons.name(*r), *n))
-                .collect(),
-            events_seen: k.matched + k.arp + k.neigh,
+            drops_by_reason: k.drops_by_reason(reasons),
+            events_seen: k.events_seen(),
             events_delivered: self.counts.delivered,
             events_lost: k.lost(),
             events_sampled_out: k.sampled_out,
@@ -72,7 +67,7 @@ impl Pipeline<'_> {
     /// since the last ones (`last`: at the end, whatever moved).
     pub(super) fn say_totals(&mut self, k: &KernelCounters, agg: &[AggCount], last: bool) {
         let now = Said {
-            seen: k.matched + k.arp + k.neigh,
+            seen: k.events_seen(),
             sampled_out: k.sampled_out,
             lost: k.lost(),
         };

@@ -10,6 +10,7 @@ use agent_common::{
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 
 use super::{map_err, ProbeError, Tracer};
+use crate::kernel::btf::DropReasons;
 
 /// Counters kept by the kernel independently of the ring buffer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,6 +40,21 @@ pub struct KernelCounters {
 impl KernelCounters {
     pub fn lost(&self) -> u64 {
         self.lost_per_cpu.iter().sum()
+    }
+
+    /// Every event the kernel let through the filters, records or not: the left side of
+    /// `seen = delivered + lost + sampled out`.
+    pub fn events_seen(&self) -> u64 {
+        self.matched + self.arp + self.neigh + self.proc
+    }
+
+    /// Drops per reason name, the reasons with none left out.
+    pub fn drops_by_reason(&self, reasons: &DropReasons) -> BTreeMap<String, u64> {
+        self.by_reason
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| (reasons.name(*r), *n))
+            .collect()
     }
 }
 
