@@ -426,12 +426,17 @@ pub struct AggKey {
     pub family: u8,
     /// [`CtEvent`] or 0.
     pub ct_event: u8,
-    pub _pad0: [u8; 2],
+    /// `AGG_FLAG_*`.
+    pub flags: u8,
+    pub _pad0: u8,
     pub reason: u32,
     /// Kernel text address of the drop: with the reason, it tells loss from a benign free.
     pub location: u64,
 }
 const _: () = assert!(size_of::<AggKey>() == 32);
+/// Bit of [`AggKey::flags`]: the packet's destination is multicast, which with some reasons
+/// tells a benign drop from loss (as a record's `dst` does).
+pub const AGG_FLAG_MULTICAST: u8 = 1 << 0;
 
 /// Per-CPU value of `AGG`.
 #[repr(C)]

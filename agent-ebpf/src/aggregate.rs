@@ -6,8 +6,8 @@
 //! packet itself carries no VIP.
 
 use agent_common::{
-    AggKey, AggValue, DropRecord, Vip4Key, Vip6Key, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, FAMILY_IPV4,
-    FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL,
+    AggKey, AggValue, DropRecord, Vip4Key, Vip6Key, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY,
+    CT_FLAG_NAT_JOIN, FAMILY_IPV4, FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -173,6 +173,16 @@ pub fn hosts_listed(a: &Addrs) -> bool {
     host_listed(&a.dst, a.family) || host_listed(&a.src, a.family)
 }
 
+/// Whether the packet's destination is multicast (224.0.0.0/4, ff00::/8).
+#[inline(always)]
+fn multicast(a: &Addrs) -> bool {
+    match a.family {
+        FAMILY_IPV4 => a.dst[0] & 0xf0 == 0xe0,
+        FAMILY_IPV6 => a.dst[0] == 0xff,
+        _ => false,
+    }
+}
+
 /// Attributes by the packet's own destination, then source. Returns whether a VIP was found.
 #[inline(always)]
 fn by_packet(a: &Addrs, key: &mut AggKey, meta: u32) -> bool {
@@ -204,6 +214,9 @@ pub fn attribute<M: Mem>(
     rec: &mut DropRecord,
     must_parse: bool,
 ) -> bool {
+    if addrs.is_some_and(multicast) {
+        key.flags |= AGG_FLAG_MULTICAST;
+    }
     let found = meta != 0 && addrs.is_some_and(|a| by_packet(a, key, meta));
     let via_tuple = !found && meta != 0 && crate::conntrack::translated::<M>(skb);
     if !(must_parse || via_tuple) {
@@ -259,7 +272,8 @@ pub fn key(d: &Drop, event: u8) -> AggKey {
         vip: [0; 4],
         family: 0,
         ct_event: event,
-        _pad0: [0; 2],
+        flags: 0,
+        _pad0: 0,
         reason: d.reason,
         location: d.location,
     }

@@ -19,7 +19,7 @@ mod render;
 use super::{metrics_cluster::ClusterSeries, metrics_speakers::SpeakerSeries};
 use crate::{
     event::{
-        class::classify,
+        class::classify_packet,
         record::ProbeStatus,
         values::{ConntrackEvent, Mac, Name},
         Namer, Record,
@@ -195,7 +195,7 @@ impl Metrics {
             let name: Name = name.as_str().into();
             // Benign frees and local noise stay out of lbtrace_drops_total, as for records.
             let function = namer.function(a.location).unwrap_or_default();
-            if !classify(&name, function).is_loss() {
+            if !classify_packet(&name, function, a.multicast).is_loss() {
                 continue;
             }
             *self.kernel_drops.entry((label, name)).or_default() += a.count;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::Pipeline;
 use crate::{
     event::{
-        class::classify,
+        class::classify_packet,
         totals::{TotalsRec, VipTotal},
         values::{ConntrackEvent, Time},
         Record,
@@ -33,7 +33,8 @@ impl Pipeline<'_> {
                 continue;
             };
             let reason = self.namer.reason(a.reason);
-            let class = classify(&reason, self.namer.function(a.location).unwrap_or_default());
+            let function = self.namer.function(a.location).unwrap_or_default();
+            let class = classify_packet(&reason, function, a.multicast);
             let event = a.event.map(ConntrackEvent);
             *sums.entry((vip, reason, event, class)).or_default() += a.count;
         }

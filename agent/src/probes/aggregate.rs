@@ -3,7 +3,9 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use agent_common::{AggKey, AggValue, CtEvent, MAP_AGG, MAP_VIPS4, MAP_VIPS6, MAP_VIP_META};
+use agent_common::{
+    AggKey, AggValue, CtEvent, AGG_FLAG_MULTICAST, MAP_AGG, MAP_VIPS4, MAP_VIPS6, MAP_VIP_META,
+};
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuHashMap},
     Ebpf,
@@ -30,6 +32,8 @@ pub struct AggCount {
     pub location: u64,
     /// The conntrack event (unknown values kept), when conntrack caused the drop.
     pub event: Option<Result<CtEvent, u8>>,
+    /// The packets' destination was multicast (a benign drop for some reasons).
+    pub multicast: bool,
     pub count: u64,
 }
 
@@ -140,6 +144,7 @@ impl Tracer {
                 reason: key.reason,
                 location: key.location,
                 event: (key.ct_event != 0).then(|| CtEvent::try_from(key.ct_event)),
+                multicast: key.flags & AGG_FLAG_MULTICAST != 0,
                 count: per_cpu.iter().map(|v| v.count).sum(),
             });
         }
