@@ -173,14 +173,19 @@ pub fn hosts_listed(a: &Addrs) -> bool {
     host_listed(&a.dst, a.family) || host_listed(&a.src, a.family)
 }
 
-/// Whether the packet's destination is multicast (224.0.0.0/4, ff00::/8).
+/// `AGG_FLAG_MULTICAST` when the destination's first byte is multicast's: arithmetic, not a
+/// branch, so the verifier does not follow two states from here on.
 #[inline(always)]
-fn multicast(a: &Addrs) -> bool {
-    match a.family {
-        FAMILY_IPV4 => a.dst[0] & 0xf0 == 0xe0,
-        FAMILY_IPV6 => a.dst[0] == 0xff,
-        _ => false,
-    }
+fn mcast4(first: u8) -> u8 {
+    // 224.0.0.0/4: the top nibble is 0xe. (n ^ 0xe) + 15 reaches 16 unless it is zero.
+    let n = u32::from(first >> 4) ^ 0xe;
+    (1 ^ ((n + 15) >> 4)) as u8 & AGG_FLAG_MULTICAST
+}
+
+#[inline(always)]
+fn mcast6(first: u8) -> u8 {
+    // ff00::/8: only 0xff + 1 reaches 256.
+    ((u32::from(first) + 1) >> 8) as u8 & AGG_FLAG_MULTICAST
 }
 
 /// Attributes by the packet's own destination, then source. Returns whether a VIP was found.
@@ -188,9 +193,11 @@ fn multicast(a: &Addrs) -> bool {
 fn by_packet(a: &Addrs, key: &mut AggKey, meta: u32) -> bool {
     if a.family == FAMILY_IPV4 && meta & META_IPV4 != 0 {
         let (d, s) = (&a.dst, &a.src);
+        key.flags |= mcast4(d[0]);
         return take4(key, [d[0], d[1], d[2], d[3]]) || take4(key, [s[0], s[1], s[2], s[3]]);
     }
     if a.family == FAMILY_IPV6 && meta & META_IPV6 != 0 {
+        key.flags |= mcast6(a.dst[0]);
         return take6(key, &a.dst) || take6(key, &a.src);
     }
     false
@@ -214,9 +221,6 @@ pub fn attribute<M: Mem>(
     rec: &mut DropRecord,
     must_parse: bool,
 ) -> bool {
-    if addrs.is_some_and(multicast) {
-        key.flags |= AGG_FLAG_MULTICAST;
-    }
     let found = meta != 0 && addrs.is_some_and(|a| by_packet(a, key, meta));
     let via_tuple = !found && meta != 0 && crate::conntrack::translated::<M>(skb);
     if !(must_parse || via_tuple) {
