@@ -171,10 +171,6 @@ fn load_tracer(btf: KernelBtf, reasons: &DropReasons, opts: LoadOptions) -> anyh
     release_freed_memory();
     match prepared.load() {
         Err(e) if opts.aggregate.is_some() => {
-            tracing::warn!(
-                "counting drops in the kernel failed to load here ({e}); every drop goes \
-                 through the ring buffer instead (as --sample-limit 0)"
-            );
             let opts = LoadOptions {
                 aggregate: None,
                 ..opts
@@ -183,7 +179,15 @@ fn load_tracer(btf: KernelBtf, reasons: &DropReasons, opts: LoadOptions) -> anyh
             let prepared = Prepared::new(&btf, reasons, &opts)?;
             drop(btf);
             release_freed_memory();
-            Ok(prepared.load()?)
+            // When the retry fails too, the first error is the one to report, alone.
+            let Ok(tracer) = prepared.load() else {
+                return Err(e.into());
+            };
+            tracing::warn!(
+                "counting drops in the kernel failed to load here ({e}); every drop goes \
+                 through the ring buffer instead (as --sample-limit 0)"
+            );
+            Ok(tracer)
         }
         loaded => Ok(loaded?),
     }
