@@ -139,10 +139,10 @@ impl Floor {
 mod tests {
     use super::*;
 
-    /// Needs root: `cargo test -p xtask floor -- --ignored`.
+    /// Loads a BPF program: without root it fails, loudly (CI runs as root).
     #[test]
-    #[ignore = "loads a BPF program: needs root"]
     fn the_empty_program_attaches_and_runs() {
+        crate::util::require_root("the floor test loads a BPF program").unwrap();
         let _stats = crate::bench::bpfstats::StatsEnabled::on().unwrap();
         let f = Floor::attach().unwrap();
         // Any transmitted packet runs it: loopback in a namespace of the test's own.
