@@ -27,8 +27,19 @@ pub struct Boot {
 /// Boots `vmlinuz` with `initrd`, 2 vCPUs, no network card, pointers printed unhashed; the guest's console goes to `log`
 /// (and lines starting with VMTEST to stderr, as progress). Kills it after `timeout`.
 pub fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<Boot> {
+    // thread=single: under multi-threaded TCG a vCPU can run a stale int3 after the other one
+    // has finished patching a static key (every probe attach does), and the guest oopses
+    // ("Oops: int3" in ttwu_do_activate on 6.12-rt, intermittently).
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-smp", "2", "-m", "2048", "-no-reboot"])
+        .args([
+            "-accel",
+            "tcg,thread=single",
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+            "-no-reboot",
+        ])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .args(["-nic", "none"])
         .arg("-kernel")
