@@ -46,10 +46,11 @@ pub fn memberlist<M: Mem>(skb: u64) -> bool {
     if conf!(features) & FEATURE_MEMBERLIST == 0 {
         return false;
     }
-    let (Ok(head), Ok(th)) = (
-        M::read::<u64>(skb, conf!(skb_head)),
-        M::read::<u16>(skb, conf!(skb_transport_header)),
-    ) else {
+    // One read after the other: see `handle_drop` on 6.1's verifier and merged checks.
+    let Ok(head) = M::read::<u64>(skb, conf!(skb_head)) else {
+        return false;
+    };
+    let Ok(th) = M::read::<u16>(skb, conf!(skb_transport_header)) else {
         return false;
     };
     if th == HEADER_UNSET {

@@ -36,6 +36,12 @@ pub struct Drop {
 
 #[inline(always)]
 pub fn handle_drop<M: Mem>(d: Drop) {
+    // The kernel never frees a null skb. Leaving here lets the compiler drop every later null
+    // check of it: else it merges two such checks, and 6.1's verifier, which learns nothing
+    // from comparing a BTF pointer with zero, follows the impossible mix ("R3 !read_ok").
+    if d.skb == 0 {
+        return;
+    }
     let filters = conf!(filter_flags);
     if filters & FILTER_REASON != 0 && REASON_FILTER.get_ptr(d.reason).is_none() {
         // Still moves the conntrack baseline, as every NETFILTER_DROP must.

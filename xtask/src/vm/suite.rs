@@ -70,6 +70,11 @@ pub const CHECKS: &[Check] = &[
         "tcp_syn_to_closed_port_tracepoint",
     ),
     c("tracepoint mode", "drops", "nftables_drop_rule_tracepoint"),
+    c(
+        "in-kernel counting",
+        "drops",
+        "watch_above_its_sample_limit_counts_every_drop_exactly",
+    ),
 ];
 
 /// The self-test: with the kernel's BTF edited so that `net_device.ifindex` resolves to
