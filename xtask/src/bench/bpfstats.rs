@@ -71,6 +71,11 @@ impl StatsEnabled {
         fs::write(SYSCTL, "1").with_context(|| format!("enabling {SYSCTL}"))?;
         Ok(Self { old })
     }
+
+    /// Turns the statistics on or off until the next call (the old value still comes back).
+    pub fn set(&self, on: bool) -> Result<()> {
+        fs::write(SYSCTL, if on { "1" } else { "0" }).with_context(|| format!("writing {SYSCTL}"))
+    }
 }
 
 impl Drop for StatsEnabled {

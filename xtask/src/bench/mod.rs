@@ -71,6 +71,8 @@ struct Durations {
     rounds: usize,
     /// At most this many more rounds for tracers with fewer than `rounds` quiet ones.
     extra_rounds: usize,
+    /// Saturation rounds per tracer with `bpf_stats_enabled` on, for the per-program costs.
+    cost_rounds: usize,
     low: Duration,
     high: Duration,
     /// Passing traffic (see [`passing`]): how long, how many rounds per tracer.
@@ -87,6 +89,7 @@ impl Durations {
                 saturation: Duration::from_millis(2500),
                 rounds: 3,
                 extra_rounds: 3,
+                cost_rounds: 2,
                 low: Duration::from_secs(4),
                 high: Duration::from_secs(6),
                 passing: Duration::from_secs(2),
@@ -98,6 +101,7 @@ impl Durations {
                 saturation: Duration::from_secs(10),
                 rounds: 5,
                 extra_rounds: 5,
+                cost_rounds: 3,
                 low: Duration::from_secs(30),
                 high: Duration::from_secs(60),
                 passing: Duration::from_secs(5),
@@ -111,7 +115,12 @@ impl Durations {
 /// Which load a phase ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Load {
+    /// As fast as the generator goes, with `bpf_stats_enabled` off: the overhead a user pays.
     Saturation,
+    /// The same with `bpf_stats_enabled` on: what each program costs. The statistics are not
+    /// free (two clock reads per run, some 50 ns here), and a tracer with two programs on the
+    /// drop path would pay them twice in the overhead.
+    Cost,
     Low,
     High,
 }
@@ -120,6 +129,7 @@ impl Load {
     fn name(self) -> &'static str {
         match self {
             Self::Saturation => "saturation",
+            Self::Cost => "prog-cost",
             Self::Low => "10k",
             Self::High => "200k",
         }
@@ -127,7 +137,7 @@ impl Load {
 
     fn rate(self) -> Option<u64> {
         match self {
-            Self::Saturation => None,
+            Self::Saturation | Self::Cost => None,
             Self::Low => Some(LOW_RATE),
             Self::High => Some(HIGH_RATE),
         }
@@ -488,7 +498,8 @@ pub fn bench(opts: Opts) -> Result<()> {
         );
     }
     let mut phases: Vec<PhaseResult> = Vec::new();
-    let _stats = bpfstats::StatsEnabled::on()?;
+    let stats = bpfstats::StatsEnabled::on()?;
+    stats.set(false)?;
     // Saturation rounds alternate between tracers; a tracer with fewer than `rounds` quiet ones
     // (see PhaseResult::quiet) gets extra ones, up to a limit. The figures then use the same
     // number of quiet rounds for every tracer (report::rounds_used).
@@ -512,6 +523,16 @@ pub fn bench(opts: Opts) -> Result<()> {
             run_logged(&lab, &ctx, kind, load, &mut phases, &mut available);
         }
     }
+    stats.set(true)?;
+    for round in 0..d.cost_rounds {
+        for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::None) {
+            if available[&kind].is_ok() {
+                let load = (Load::Cost, d.saturation, round);
+                run_logged(&lab, &ctx, kind, load, &mut phases, &mut available);
+            }
+        }
+    }
+    stats.set(false)?;
     for load in [(Load::Low, d.low, 0), (Load::High, d.high, 0)] {
         for kind in Kind::ALL {
             if available[&kind].is_ok() {
@@ -519,6 +540,7 @@ pub fn bench(opts: Opts) -> Result<()> {
             }
         }
     }
+    stats.set(true)?;
     let mut passing = Vec::new();
     for round in 0..d.passing_rounds {
         // Each tracer, then the floor: the empty program on the tx hook alone.
@@ -581,6 +603,7 @@ fn d_json(d: &Durations, quick: bool) -> Value {
         "saturation_s": d.saturation.as_secs_f64(),
         "saturation_rounds": d.rounds,
         "saturation_extra_rounds_max": d.extra_rounds,
+        "cost_rounds": d.cost_rounds,
         "quiet_below_background_pct": QUIET_PCT,
         "load_10k_s": d.low.as_secs_f64(),
         "load_200k_s": d.high.as_secs_f64(),

@@ -293,7 +293,8 @@ pub fn results(
                 ov_200k.insert(k.name().into(), json!(ov200));
             }
         }
-        let programs: Map<String, Value> = program_spreads(&rounds)
+        let cost: Vec<&PhaseResult> = phases_of(phases, k, Load::Cost).collect();
+        let programs: Map<String, Value> = program_spreads(&cost)
             .into_iter()
             .map(|(n, s)| (n, s.to_json()))
             .collect();
