@@ -8,6 +8,7 @@
 use agent_common::{
     AggKey, AggValue, DropRecord, Vip4Key, Vip6Key, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY,
     CT_FLAG_NAT_JOIN, FAMILY_IPV4, FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL,
+    VIP_META_IPV4 as META_IPV4, VIP_META_IPV6 as META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -19,13 +20,9 @@ use crate::{
     conf,
     drop::{parse_into, Drop},
     kernel::{read, Mem},
-    maps::{stat_inc, AGG, VIPS4, VIPS6, VIP_META},
+    maps::{stat_inc, AGG, VIPS4, VIPS6, VIP_ADDRS4, VIP_ADDRS6, VIP_META},
     packet::{host_listed, ETH_IPV4, ETH_IPV6, HEADER_UNSET},
 };
-
-/// Bits of `VIP_META[0]`.
-const META_IPV4: u32 = 1 << 0;
-const META_IPV6: u32 = 1 << 1;
 
 /// What becomes of a drop once counted.
 pub enum Outcome {
@@ -63,8 +60,15 @@ pub fn memberlist<M: Mem>(skb: u64) -> bool {
     u16::from_be_bytes([p[0], p[1]]) == port || u16::from_be_bytes([p[2], p[3]]) == port
 }
 
+/// A single VIP (hash lookup), else, when pools are set, inside one (trie walk).
 #[inline(always)]
-fn vip4(addr: [u8; 4]) -> bool {
+fn vip4(addr: [u8; 4], meta: u32) -> bool {
+    if VIP_ADDRS4.get_ptr(addr).is_some() {
+        return true;
+    }
+    if meta & VIP_META_POOL4 == 0 {
+        return false;
+    }
     let key = Vip4Key {
         prefix_len: 32,
         addr,
@@ -75,10 +79,16 @@ fn vip4(addr: [u8; 4]) -> bool {
 }
 
 #[inline(always)]
-fn vip6(addr: [u8; 16]) -> bool {
+fn vip6(addr: &[u8; 16], meta: u32) -> bool {
+    if VIP_ADDRS6.get_ptr(addr).is_some() {
+        return true;
+    }
+    if meta & VIP_META_POOL6 == 0 {
+        return false;
+    }
     let key = Vip6Key {
         prefix_len: 128,
-        addr,
+        addr: *addr,
     };
     // SAFETY: as in `vip4`.
     let key = unsafe { &*(&raw const key).cast::<Key<[u8; 16]>>() };
@@ -86,8 +96,8 @@ fn vip6(addr: [u8; 16]) -> bool {
 }
 
 #[inline(always)]
-fn take4(key: &mut AggKey, addr: [u8; 4]) -> bool {
-    if !vip4(addr) {
+fn take4(key: &mut AggKey, addr: [u8; 4], meta: u32) -> bool {
+    if !vip4(addr, meta) {
         return false;
     }
     key.vip = [u32::from_ne_bytes(addr), 0, 0, 0];
@@ -96,8 +106,8 @@ fn take4(key: &mut AggKey, addr: [u8; 4]) -> bool {
 }
 
 #[inline(always)]
-fn take6(key: &mut AggKey, addr: &[u8; 16]) -> bool {
-    if !vip6(*addr) {
+fn take6(key: &mut AggKey, addr: &[u8; 16], meta: u32) -> bool {
+    if !vip6(addr, meta) {
         return false;
     }
     // SAFETY: [u8; 16] and [u32; 4] have the same size; any bit pattern is valid.
@@ -111,11 +121,11 @@ fn take6(key: &mut AggKey, addr: &[u8; 16]) -> bool {
 fn take_tuple(key: &mut AggKey, family: u8, daddr: &[u8; 16], saddr: &[u8; 16], meta: u32) {
     match family {
         FAMILY_IPV4 if meta & META_IPV4 != 0 => {
-            let _ = take4(key, [daddr[0], daddr[1], daddr[2], daddr[3]])
-                || take4(key, [saddr[0], saddr[1], saddr[2], saddr[3]]);
+            let _ = take4(key, [daddr[0], daddr[1], daddr[2], daddr[3]], meta)
+                || take4(key, [saddr[0], saddr[1], saddr[2], saddr[3]], meta);
         }
         FAMILY_IPV6 if meta & META_IPV6 != 0 => {
-            let _ = take6(key, daddr) || take6(key, saddr);
+            let _ = take6(key, daddr, meta) || take6(key, saddr, meta);
         }
         _ => {}
     }
@@ -195,11 +205,12 @@ fn by_packet(a: &Addrs, key: &mut AggKey, meta: u32) -> bool {
     if a.family == FAMILY_IPV4 && meta & META_IPV4 != 0 {
         let (d, s) = (&a.dst, &a.src);
         key.flags |= mcast4(d[0]);
-        return take4(key, [d[0], d[1], d[2], d[3]]) || take4(key, [s[0], s[1], s[2], s[3]]);
+        return take4(key, [d[0], d[1], d[2], d[3]], meta)
+            || take4(key, [s[0], s[1], s[2], s[3]], meta);
     }
     if a.family == FAMILY_IPV6 && meta & META_IPV6 != 0 {
         key.flags |= mcast6(a.dst[0]);
-        return take6(key, &a.dst) || take6(key, &a.src);
+        return take6(key, &a.dst, meta) || take6(key, &a.src, meta);
     }
     false
 }

@@ -85,12 +85,18 @@ pub static NAT: LruHashMap<Tuple, NatOrigin> = LruHashMap::with_max_entries(NAT_
 pub static AGG: PerCpuHashMap<AggKey, AggValue> =
     PerCpuHashMap::with_max_entries(AGG_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// The VIPs and pools drops are attributed to in the kernel, per family; kept current by the
-/// agent. Keys are `agent_common::Vip4Key`/`Vip6Key`.
+/// The pools drops are attributed to in the kernel, per family; kept current by the agent.
+/// Keys are `agent_common::Vip4Key`/`Vip6Key`.
 #[map]
 pub static VIPS4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
 #[map]
 pub static VIPS6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
+
+/// The single VIPs, by address (network byte order); kept current by the agent.
+#[map]
+pub static VIP_ADDRS4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(VIP_ENTRIES, 0);
+#[map]
+pub static VIP_ADDRS6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(VIP_ENTRIES, 0);
 
 /// Which families `VIPS` holds (`VIP_META` in agent_common): no trie walk for the others.
 #[map]

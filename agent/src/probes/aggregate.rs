@@ -4,10 +4,11 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use agent_common::{
-    AggKey, AggValue, CtEvent, AGG_FLAG_MULTICAST, MAP_AGG, MAP_VIPS4, MAP_VIPS6, MAP_VIP_META,
+    AggKey, AggValue, CtEvent, AGG_FLAG_MULTICAST, MAP_AGG, MAP_VIPS4, MAP_VIPS6, MAP_VIP_ADDRS4,
+    MAP_VIP_ADDRS6, MAP_VIP_META, VIP_META_IPV4, VIP_META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
 };
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuHashMap},
     Ebpf,
 };
 use ipnet::IpNet;
@@ -73,6 +74,30 @@ fn update_trie<const N: usize>(
     Ok(())
 }
 
+/// Adds then removes single VIPs in the hash map `name`.
+fn update_addrs<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    add: &[(u8, [u8; N])],
+    remove: &[(u8, [u8; N])],
+) -> Result<(), ProbeError> {
+    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    let mut addrs: HashMap<&mut MapData, [u8; N], u8> =
+        HashMap::try_from(map).map_err(map_err(name))?;
+    for (_, addr) in add {
+        addrs.insert(*addr, 1, 0).map_err(map_err(name))?;
+    }
+    for (_, addr) in remove {
+        let _ = addrs.remove(addr);
+    }
+    Ok(())
+}
+
+/// Whether `n` is a single address (its own hash map) rather than a pool (the trie).
+fn single(n: &IpNet) -> bool {
+    n.prefix_len() == n.max_prefix_len()
+}
+
 /// The prefixes of `nets`, split by family.
 #[expect(
     clippy::type_complexity,
@@ -99,20 +124,29 @@ pub fn prefixes(vips: &VipSet) -> BTreeSet<IpNet> {
 }
 
 impl Tracer {
-    /// Makes the kernel's VIP trie hold exactly `vips`: adds before it removes, so a VIP kept
-    /// across a reload never goes unattributed.
+    /// Makes the kernel's VIP maps hold exactly `vips` (single addresses in the hash maps, pools
+    /// in the tries): adds before it removes, so a VIP kept across a reload never goes
+    /// unattributed.
     pub fn set_vips(&mut self, vips: &VipSet) -> Result<(), ProbeError> {
         if !self.aggregating {
             return Ok(());
         }
         let want = prefixes(vips);
-        let (add4, add6) = split(want.difference(&self.vips_in_kernel));
-        let (del4, del6) = split(self.vips_in_kernel.difference(&want));
-        update_trie(&mut self.ebpf, MAP_VIPS4, &add4, &del4)?;
-        update_trie(&mut self.ebpf, MAP_VIPS6, &add6, &del6)?;
-        let meta = want.iter().fold(0u32, |m, n| match n {
-            IpNet::V4(_) => m | 1,
-            IpNet::V6(_) => m | 2,
+        let added = || want.difference(&self.vips_in_kernel);
+        let removed = || self.vips_in_kernel.difference(&want);
+        let (add4, add6) = split(added().filter(|n| single(n)));
+        let (del4, del6) = split(removed().filter(|n| single(n)));
+        let (padd4, padd6) = split(added().filter(|n| !single(n)));
+        let (pdel4, pdel6) = split(removed().filter(|n| !single(n)));
+        update_addrs(&mut self.ebpf, MAP_VIP_ADDRS4, &add4, &del4)?;
+        update_addrs(&mut self.ebpf, MAP_VIP_ADDRS6, &add6, &del6)?;
+        update_trie(&mut self.ebpf, MAP_VIPS4, &padd4, &pdel4)?;
+        update_trie(&mut self.ebpf, MAP_VIPS6, &padd6, &pdel6)?;
+        let meta = want.iter().fold(0u32, |m, n| match (n, single(n)) {
+            (IpNet::V4(_), true) => m | VIP_META_IPV4,
+            (IpNet::V4(_), false) => m | VIP_META_IPV4 | VIP_META_POOL4,
+            (IpNet::V6(_), true) => m | VIP_META_IPV6,
+            (IpNet::V6(_), false) => m | VIP_META_IPV6 | VIP_META_POOL6,
         });
         let map = self
             .ebpf

@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use agent_common::{
     CtVerdict, ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_ARP, FEATURE_CT_STATS,
     FEATURE_NAT_CAPTURE, GLOBAL_CONFIG, MAP_AGG, MAP_CT_VERDICT, MAP_EVENTS, MAP_HOST_FILTER,
-    MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER, MAP_VIPS4, MAP_VIPS6,
+    MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER, MAP_VIPS4, MAP_VIPS6, MAP_VIP_ADDRS4,
+    MAP_VIP_ADDRS6,
 };
 pub use aggregate::{AggCount, Aggregation};
 use aya::{
@@ -390,6 +391,8 @@ impl Prepared {
             .map_max_entries(MAP_EVENTS, opts.ring_bytes)
             .map_max_entries(MAP_VIPS4, opts.vip_entries.max(1))
             .map_max_entries(MAP_VIPS6, opts.vip_entries.max(1))
+            .map_max_entries(MAP_VIP_ADDRS4, opts.vip_entries.max(1))
+            .map_max_entries(MAP_VIP_ADDRS6, opts.vip_entries.max(1))
             .map_max_entries(MAP_NAT, opts.nat_entries.max(1))
             .map_max_entries(MAP_AGG, opts.aggregate.map_or(1, |a| a.entries.max(1)))
             .load(EBPF_OBJECT)?;
