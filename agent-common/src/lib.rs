@@ -397,24 +397,6 @@ pub struct HostKey {
 }
 const _: () = assert!(size_of::<HostKey>() == 20);
 
-/// Key of the VIP tries (`VIPS4`, `VIPS6`): a prefix length, then the address in network byte
-/// order, as `BPF_MAP_TYPE_LPM_TRIE` wants it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Vip4Key {
-    pub prefix_len: u32,
-    pub addr: [u8; 4],
-}
-const _: () = assert!(size_of::<Vip4Key>() == 8);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Vip6Key {
-    pub prefix_len: u32,
-    pub addr: [u8; 16],
-}
-const _: () = assert!(size_of::<Vip6Key>() == 20);
-
 /// Key of `AGG`: what the metrics expose of a drop.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -519,8 +501,6 @@ mod pod {
     unsafe impl aya::Pod for super::CtStatKey {}
     unsafe impl aya::Pod for super::CtStatValue {}
     unsafe impl aya::Pod for super::CtVerdict {}
-    unsafe impl aya::Pod for super::Vip4Key {}
-    unsafe impl aya::Pod for super::Vip6Key {}
     unsafe impl aya::Pod for super::AggKey {}
     unsafe impl aya::Pod for super::AggValue {}
 }

@@ -6,14 +6,14 @@
 //! packet itself carries no VIP.
 
 use agent_common::{
-    AggKey, AggValue, DropRecord, Vip4Key, Vip6Key, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY,
-    CT_FLAG_NAT_JOIN, FAMILY_IPV4, FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL,
-    VIP_META_IPV4 as META_IPV4, VIP_META_IPV6 as META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
+    AggKey, AggValue, DropRecord, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, FAMILY_IPV4,
+    FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL, VIP_META_IPV4 as META_IPV4,
+    VIP_META_IPV6 as META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
+    maps::{lpm_trie::Key, HashMap, LpmTrie},
 };
 
 use crate::{
@@ -60,39 +60,29 @@ pub fn memberlist<M: Mem>(skb: u64) -> bool {
     u16::from_be_bytes([p[0], p[1]]) == port || u16::from_be_bytes([p[2], p[3]]) == port
 }
 
-/// A single VIP (hash lookup), else, when pools are set, inside one (trie walk).
+/// Whether `addr` is a VIP: a single one (hash lookup), else, when pools are set, inside one
+/// (trie walk).
 #[inline(always)]
-fn vip4(addr: [u8; 4], meta: u32) -> bool {
-    if VIP_ADDRS4.get_ptr(addr).is_some() {
+fn is_vip<const N: usize>(
+    addrs: &HashMap<[u8; N], u8>,
+    pools: &LpmTrie<[u8; N], u8>,
+    addr: &[u8; N],
+    has_pools: bool,
+) -> bool {
+    if addrs.get_ptr(addr).is_some() {
         return true;
     }
-    if meta & VIP_META_POOL4 == 0 {
-        return false;
-    }
-    let key = Vip4Key {
-        prefix_len: 32,
-        addr,
-    };
-    // SAFETY: Vip4Key has the layout of the trie's packed key (u32 then four bytes).
-    let key = unsafe { &*(&raw const key).cast::<Key<[u8; 4]>>() };
-    VIPS4.get(key).is_some()
+    has_pools && pools.get(Key::new((N * 8) as u32, *addr)).is_some()
+}
+
+#[inline(always)]
+fn vip4(addr: [u8; 4], meta: u32) -> bool {
+    is_vip(&VIP_ADDRS4, &VIPS4, &addr, meta & VIP_META_POOL4 != 0)
 }
 
 #[inline(always)]
 fn vip6(addr: &[u8; 16], meta: u32) -> bool {
-    if VIP_ADDRS6.get_ptr(addr).is_some() {
-        return true;
-    }
-    if meta & VIP_META_POOL6 == 0 {
-        return false;
-    }
-    let key = Vip6Key {
-        prefix_len: 128,
-        addr: *addr,
-    };
-    // SAFETY: as in `vip4`.
-    let key = unsafe { &*(&raw const key).cast::<Key<[u8; 16]>>() };
-    VIPS6.get(key).is_some()
+    is_vip(&VIP_ADDRS6, &VIPS6, addr, meta & VIP_META_POOL6 != 0)
 }
 
 #[inline(always)]

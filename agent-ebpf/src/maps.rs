@@ -86,7 +86,7 @@ pub static AGG: PerCpuHashMap<AggKey, AggValue> =
     PerCpuHashMap::with_max_entries(AGG_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// The pools drops are attributed to in the kernel, per family; kept current by the agent.
-/// Keys are `agent_common::Vip4Key`/`Vip6Key`.
+/// Keys are a prefix length, then the address in network byte order.
 #[map]
 pub static VIPS4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
 #[map]

@@ -54,46 +54,47 @@ fn addr_of(key: &AggKey) -> Option<IpAddr> {
     }
 }
 
-/// Adds and removes `net`s of one family in its trie.
-fn update_trie<const N: usize>(
+/// Adds, then removes, one family's VIPs: single addresses in the hash map `maps.0`, pools in
+/// the trie `maps.1`. Every add comes first, so a VIP that moves between the two (an address
+/// that becomes part of a pool) is never missing.
+fn update_family<const N: usize>(
     ebpf: &mut Ebpf,
-    name: &'static str,
+    (addrs_map, trie_map): (&'static str, &'static str),
     add: &[(u8, [u8; N])],
     remove: &[(u8, [u8; N])],
 ) -> Result<(), ProbeError> {
-    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
-    let mut trie: LpmTrie<&mut MapData, [u8; N], u8> =
-        LpmTrie::try_from(map).map_err(map_err(name))?;
-    for (len, addr) in add {
-        trie.insert(&Key::new(u32::from(*len), *addr), 1, 0)
-            .map_err(map_err(name))?;
-    }
-    for (len, addr) in remove {
-        let _ = trie.remove(&Key::new(u32::from(*len), *addr));
+    let single = |len: u8| usize::from(len) == N * 8;
+    for (adding, nets) in [(true, add), (false, remove)] {
+        let map = ebpf
+            .map_mut(addrs_map)
+            .ok_or(ProbeError::MissingMap(addrs_map))?;
+        let mut addrs: HashMap<&mut MapData, [u8; N], u8> =
+            HashMap::try_from(map).map_err(map_err(addrs_map))?;
+        for (_, addr) in nets.iter().filter(|(len, _)| single(*len)) {
+            if adding {
+                addrs.insert(*addr, 1, 0).map_err(map_err(addrs_map))?;
+            } else {
+                let _ = addrs.remove(addr);
+            }
+        }
+        let map = ebpf
+            .map_mut(trie_map)
+            .ok_or(ProbeError::MissingMap(trie_map))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; N], u8> =
+            LpmTrie::try_from(map).map_err(map_err(trie_map))?;
+        for (len, addr) in nets.iter().filter(|(len, _)| !single(*len)) {
+            let key = Key::new(u32::from(*len), *addr);
+            if adding {
+                trie.insert(&key, 1, 0).map_err(map_err(trie_map))?;
+            } else {
+                let _ = trie.remove(&key);
+            }
+        }
     }
     Ok(())
 }
 
-/// Adds then removes single VIPs in the hash map `name`.
-fn update_addrs<const N: usize>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    add: &[(u8, [u8; N])],
-    remove: &[(u8, [u8; N])],
-) -> Result<(), ProbeError> {
-    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
-    let mut addrs: HashMap<&mut MapData, [u8; N], u8> =
-        HashMap::try_from(map).map_err(map_err(name))?;
-    for (_, addr) in add {
-        addrs.insert(*addr, 1, 0).map_err(map_err(name))?;
-    }
-    for (_, addr) in remove {
-        let _ = addrs.remove(addr);
-    }
-    Ok(())
-}
-
-/// Whether `n` is a single address (its own hash map) rather than a pool (the trie).
+/// Whether `n` is a single address rather than a pool.
 fn single(n: &IpNet) -> bool {
     n.prefix_len() == n.max_prefix_len()
 }
@@ -132,16 +133,10 @@ impl Tracer {
             return Ok(());
         }
         let want = prefixes(vips);
-        let added = || want.difference(&self.vips_in_kernel);
-        let removed = || self.vips_in_kernel.difference(&want);
-        let (add4, add6) = split(added().filter(|n| single(n)));
-        let (del4, del6) = split(removed().filter(|n| single(n)));
-        let (padd4, padd6) = split(added().filter(|n| !single(n)));
-        let (pdel4, pdel6) = split(removed().filter(|n| !single(n)));
-        update_addrs(&mut self.ebpf, MAP_VIP_ADDRS4, &add4, &del4)?;
-        update_addrs(&mut self.ebpf, MAP_VIP_ADDRS6, &add6, &del6)?;
-        update_trie(&mut self.ebpf, MAP_VIPS4, &padd4, &pdel4)?;
-        update_trie(&mut self.ebpf, MAP_VIPS6, &padd6, &pdel6)?;
+        let (add4, add6) = split(want.difference(&self.vips_in_kernel));
+        let (del4, del6) = split(self.vips_in_kernel.difference(&want));
+        update_family(&mut self.ebpf, (MAP_VIP_ADDRS4, MAP_VIPS4), &add4, &del4)?;
+        update_family(&mut self.ebpf, (MAP_VIP_ADDRS6, MAP_VIPS6), &add6, &del6)?;
         let meta = want.iter().fold(0u32, |m, n| match (n, single(n)) {
             (IpNet::V4(_), true) => m | VIP_META_IPV4,
             (IpNet::V4(_), false) => m | VIP_META_IPV4 | VIP_META_POOL4,
