@@ -1,4 +1,4 @@
-//! `cargo xtask fuzz --time S`: the fuzz targets of agent/tests/fuzz.rs for about S seconds in
+//! `cargo xtask fuzz --time S`: the fuzz targets of agent/tests/fuzz/ for about S seconds in
 //! all, instead of the fixed number of cases `cargo xtask test` (and CI) runs.
 
 use std::process::Command;
@@ -33,7 +33,7 @@ pub fn fuzz(secs: u64) -> Result<()> {
         .lines()
         .filter(|l| l.ends_with(": test"))
         .count() as u64;
-    ensure!(n > 0, "no fuzz_* target in agent/tests/fuzz.rs");
+    ensure!(n > 0, "no fuzz_* target in agent/tests/fuzz/");
     let each = (secs * THREADS / n).max(1);
     util::step(&format!(
         "fuzz: {n} targets, {each} s each, {THREADS} at a time (failing cases are kept in agent/tests/fuzz-regressions/)"
