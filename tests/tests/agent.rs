@@ -527,6 +527,26 @@ fn past_the_sample_limit_the_metrics_still_equal_nft_and_tracefs() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The runs the kernel skipped, as the kernel itself counts them (bpftool's view).
+    let missed = a.metric("lbtrace_program_missed_runs_total{program=\"kfree_skb_btf\"");
+    assert_eq!(missed, Some(recursion_misses("kfree_skb_btf")));
     let (status, _, stderr) = a.stop().unwrap();
     assert!(status.success(), "{stderr}");
+}
+
+/// `recursion_misses` of the loaded programs named `name`, from `bpftool prog show` (absent
+/// when zero).
+fn recursion_misses(name: &str) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("bpftool runs");
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    progs
+        .as_array()
+        .expect("a list of programs")
+        .iter()
+        .filter(|p| p["name"] == name)
+        .map(|p| p["recursion_misses"].as_u64().unwrap_or(0))
+        .sum()
 }

@@ -140,6 +140,10 @@ pub struct Summary {
     #[serde(skip_serializing_if = "is_zero")]
     pub events_sampled_out: u64,
     pub lost_by_cpu: BTreeMap<String, u64>,
+    /// Per program, runs the kernel skipped because it was already running on that CPU:
+    /// events no program saw, so in no count above. Absent when there were none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub missed_by_program: BTreeMap<String, u64>,
     pub events_printed: u64,
     pub decode_errors: u64,
     /// Conntrack-caused drops per event, from the kernel's exact counters.
@@ -199,6 +203,12 @@ impl Summary {
                 .enumerate()
                 .filter(|(_, n)| **n > 0)
                 .map(|(c, n)| (c.to_string(), *n))
+                .collect(),
+            missed_by_program: k
+                .missed
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(p, n)| (p.clone(), *n))
                 .collect(),
             events_printed: counts.printed,
             decode_errors: counts.decode_errors,

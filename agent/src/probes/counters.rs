@@ -35,11 +35,19 @@ pub struct KernelCounters {
     pub sampled_out: u64,
     /// Aggregation: drops whose key did not fit the kernel's map (sent as records instead).
     pub agg_full: u64,
+    /// Per loaded program, the runs the kernel skipped because it was already running on
+    /// that CPU: events no program saw.
+    pub missed: BTreeMap<String, u64>,
 }
 
 impl KernelCounters {
     pub fn lost(&self) -> u64 {
         self.lost_per_cpu.iter().sum()
+    }
+
+    /// Runs the kernel skipped, all programs together.
+    pub fn missed_total(&self) -> u64 {
+        self.missed.values().sum()
     }
 
     /// Every event the kernel let through the filters, records or not: the left side of
@@ -152,6 +160,7 @@ impl Tracer {
             }
         }
         out.matched = out.by_reason.values().sum();
+        out.missed = self.recursion_misses();
         Ok(out)
     }
 }

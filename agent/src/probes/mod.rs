@@ -8,6 +8,7 @@ mod aggregate;
 mod collectors;
 mod counters;
 mod filters;
+mod misses;
 pub mod offsets;
 mod speakers;
 

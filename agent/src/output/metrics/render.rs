@@ -74,6 +74,19 @@ impl Metrics {
         );
         e.sample("lbtrace_aggregation_full_total", &[], self.kernel.agg_full);
         e.family(
+            "lbtrace_program_missed_runs_total",
+            "counter",
+            "Runs the kernel skipped because the program was already running on that CPU \
+             (recursion_misses): events no program saw.",
+        );
+        for (program, n) in &self.kernel.missed {
+            e.sample(
+                "lbtrace_program_missed_runs_total",
+                &[("program", program)],
+                n,
+            );
+        }
+        e.family(
             "lbtrace_probe_attached",
             "gauge",
             "1 when the probe is attached.",

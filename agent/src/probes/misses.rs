@@ -1,0 +1,61 @@
+//! Runs the kernel skipped. A program already running on a CPU is not run again there: a drop
+//! in process context interrupted by a softirq's drop is one such case. The kernel counts each
+//! in the program's `recursion_misses`. Each is an event no program saw, so it is reported,
+//! never silent.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use aya_obj::generated::{bpf_cmd, bpf_prog_info};
+
+use super::Tracer;
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct InfoByFd {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// Room for `bpf_prog_info`, 8-byte aligned.
+const INFO_WORDS: usize = size_of::<bpf_prog_info>().div_ceil(8);
+
+/// The program's `recursion_misses`, from the kernel's own info about it.
+fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut info = [0u64; INFO_WORDS];
+    let attr = InfoByFd {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).ok()?,
+        info_len: u32::try_from(size_of::<bpf_prog_info>()).ok()?,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the attribute names a buffer of `info_len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw const attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let at = std::mem::offset_of!(bpf_prog_info, recursion_misses);
+    info.get(at / 8).copied()
+}
+
+impl Tracer {
+    /// For every loaded program, the runs the kernel skipped (0 included).
+    pub fn recursion_misses(&self) -> BTreeMap<String, u64> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let fd = p.fd().ok()?;
+                Some((name.to_owned(), recursion_misses(fd.as_fd())?))
+            })
+            .collect()
+    }
+}
