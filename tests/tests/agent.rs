@@ -537,11 +537,11 @@ fn past_the_sample_limit_the_metrics_still_equal_nft_and_tracefs() {
 /// `recursion_misses` of the loaded programs named `name`, from `bpftool prog show` (absent
 /// when zero).
 fn recursion_misses(name: &str) -> u64 {
-    let out = std::process::Command::new("bpftool")
+    let out = Command::new("bpftool")
         .args(["prog", "show", "-j"])
         .output()
         .expect("bpftool runs");
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
     progs
         .as_array()
         .expect("a list of programs")
