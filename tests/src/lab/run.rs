@@ -81,8 +81,16 @@ pub struct Outcome {
     pub cluster: Option<Arc<cluster::Finished>>,
 }
 
+/// How long the kernel is left alone before a scenario starts. Started straight after other
+/// root tests (the conntrack ones above all), conntrack-full's exact counts came out one drop
+/// per VIP short of the kernel's (lbtrace's in-kernel counters too, no program run skipped):
+/// in 7 of 17 runs, and in 0 of 8 after a pause of 3 s or more. The cause is not found; see
+/// the README's "Known limits".
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// Builds the scenario's lab, runs it with lbtrace watching and tears everything down.
 pub fn run(scenario: Scenario, opts: &Options) -> Result<Outcome> {
+    std::thread::sleep(SETTLE);
     let duration = opts.duration.unwrap_or(scenario.default_duration());
     let targets = scenario.targets();
     let mode = opts.proxy_mode.unwrap_or(scenario.proxy_mode());
