@@ -52,13 +52,11 @@ pub fn phase_line(p: &PhaseResult) -> String {
             }
         );
     }
+    // With bpf_stats off (every phase but prog-cost) no program has a run time to show.
     for c in &p.progs {
-        let _ = write!(
-            s,
-            "  {} {:.0} ns/run",
-            c.name,
-            c.ns_per_run().unwrap_or(f64::NAN)
-        );
+        if let Some(ns) = c.ns_per_run() {
+            let _ = write!(s, "  {} {ns:.0} ns/run", c.name);
+        }
     }
     if !p.foreign.is_empty() {
         let _ = write!(s, "  OTHER TRACERS: {}", p.foreign.join("; "));

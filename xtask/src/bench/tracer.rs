@@ -415,19 +415,26 @@ fn wait_ready(addr: SocketAddr, timeout: Duration) -> bool {
 }
 
 /// The agent refreshes its kernel counters once a second: scrape until they account for every
-/// record delivered or lost and stop moving (3 s at most).
+/// record delivered or lost and have not moved for longer than a refresh (4 s at most). Two
+/// equal scrapes inside one second prove nothing: both can show the refresh before the last
+/// drops, and once every key is past its sample limit no record moves the other side either.
 fn settled_metrics(addr: SocketAddr) -> Result<String> {
-    let end = Instant::now() + Duration::from_secs(3);
-    let mut last_seen = None;
+    const STILL: Duration = Duration::from_millis(1500);
+    let end = Instant::now() + Duration::from_secs(4);
+    let mut last: Option<(Option<u64>, Instant)> = None;
     loop {
         let text = http_get(addr, "/metrics")?;
         let c = metrics_counts(&text);
         let accounted = c.delivered.unwrap_or(0) + c.lost.unwrap_or(0);
         let complete = c.seen == Some(accounted + c.sampled_out.unwrap_or(0));
-        if (complete && last_seen == c.seen) || Instant::now() > end {
+        let since = match last {
+            Some((seen, at)) if seen == c.seen => at,
+            _ => Instant::now(),
+        };
+        if (complete && since.elapsed() >= STILL) || Instant::now() > end {
             return Ok(text);
         }
-        last_seen = c.seen;
+        last = Some((c.seen, since));
         std::thread::sleep(Duration::from_millis(250));
     }
 }
