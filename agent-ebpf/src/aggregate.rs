@@ -7,8 +7,8 @@
 
 use agent_common::{
     AggKey, AggValue, DropRecord, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, FAMILY_IPV4,
-    FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL, VIP_META_IPV4 as META_IPV4,
-    VIP_META_IPV6 as META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
+    FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL, VIP_META_IPV4, VIP_META_IPV6, VIP_META_POOL4,
+    VIP_META_POOL6,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -110,11 +110,11 @@ fn take6(key: &mut AggKey, addr: &[u8; 16], meta: u32) -> bool {
 #[inline(always)]
 fn take_tuple(key: &mut AggKey, family: u8, daddr: &[u8; 16], saddr: &[u8; 16], meta: u32) {
     match family {
-        FAMILY_IPV4 if meta & META_IPV4 != 0 => {
+        FAMILY_IPV4 if meta & VIP_META_IPV4 != 0 => {
             let _ = take4(key, [daddr[0], daddr[1], daddr[2], daddr[3]], meta)
                 || take4(key, [saddr[0], saddr[1], saddr[2], saddr[3]], meta);
         }
-        FAMILY_IPV6 if meta & META_IPV6 != 0 => {
+        FAMILY_IPV6 if meta & VIP_META_IPV6 != 0 => {
             let _ = take6(key, daddr, meta) || take6(key, saddr, meta);
         }
         _ => {}
@@ -192,13 +192,13 @@ fn mcast6(first: u8) -> u8 {
 /// Attributes by the packet's own destination, then source. Returns whether a VIP was found.
 #[inline(always)]
 fn by_packet(a: &Addrs, key: &mut AggKey, meta: u32) -> bool {
-    if a.family == FAMILY_IPV4 && meta & META_IPV4 != 0 {
+    if a.family == FAMILY_IPV4 && meta & VIP_META_IPV4 != 0 {
         let (d, s) = (&a.dst, &a.src);
         key.flags |= mcast4(d[0]);
         return take4(key, [d[0], d[1], d[2], d[3]], meta)
             || take4(key, [s[0], s[1], s[2], s[3]], meta);
     }
-    if a.family == FAMILY_IPV6 && meta & META_IPV6 != 0 {
+    if a.family == FAMILY_IPV6 && meta & VIP_META_IPV6 != 0 {
         key.flags |= mcast6(a.dst[0]);
         return take6(key, &a.dst, meta) || take6(key, &a.src, meta);
     }

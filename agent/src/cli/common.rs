@@ -161,38 +161,6 @@ pub(crate) fn colour(args: &WatchArgs) -> bool {
     }
 }
 
-/// Loads the programs. Where this kernel's verifier refuses the drop program that counts in the
-/// kernel (Debian 12's 6.1: "R3 !read_ok"), every drop goes through the ring instead, as with
-/// `--sample-limit 0`, and the warning says so.
-fn load_tracer(btf: KernelBtf, reasons: &DropReasons, opts: LoadOptions) -> anyhow::Result<Tracer> {
-    let prepared = Prepared::new(&btf, reasons, &opts)?;
-    // The parsed BTF is tens of MB: freed before the loader parses its own.
-    drop(btf);
-    release_freed_memory();
-    match prepared.load() {
-        Err(e) if opts.aggregate.is_some() => {
-            let opts = LoadOptions {
-                aggregate: None,
-                ..opts
-            };
-            let btf = load_btf()?;
-            let prepared = Prepared::new(&btf, reasons, &opts)?;
-            drop(btf);
-            release_freed_memory();
-            // When the retry fails too, the first error is the one to report, alone.
-            let Ok(tracer) = prepared.load() else {
-                return Err(e.into());
-            };
-            tracing::warn!(
-                "counting drops in the kernel failed to load here ({e}); every drop goes \
-                 through the ring buffer instead (as --sample-limit 0)"
-            );
-            Ok(tracer)
-        }
-        loaded => Ok(loaded?),
-    }
-}
-
 /// Loads the programs with `args`' filters and runs the pipeline into `sinks` until the watch
 /// ends. With `recording`, the sinks first get the header and status records. Returns the
 /// summary and whether a stream's reader went away.
@@ -233,7 +201,11 @@ pub(crate) fn trace(
         }),
         ..LoadOptions::new(args.probe_mode, filter)
     };
-    let mut tracer = load_tracer(btf, &reasons, opts)?;
+    let prepared = Prepared::new(&btf, &reasons, &opts)?;
+    // The parsed BTF is tens of MB: freed before the loader parses its own.
+    drop(btf);
+    release_freed_memory();
+    let mut tracer = prepared.load()?;
     log_probes(&tracer);
     let namer = Namer::new(reasons, load_kallsyms(), Clock::now());
     let vips = VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect());

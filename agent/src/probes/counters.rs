@@ -45,11 +45,6 @@ impl KernelCounters {
         self.lost_per_cpu.iter().sum()
     }
 
-    /// Runs the kernel skipped, all programs together.
-    pub fn missed_total(&self) -> u64 {
-        self.missed.values().sum()
-    }
-
     /// Every event the kernel let through the filters, records or not: the left side of
     /// `seen = delivered + lost + sampled out`.
     pub fn events_seen(&self) -> u64 {
