@@ -23,8 +23,8 @@ struct InfoByFd {
 /// Room for `bpf_prog_info`, 8-byte aligned.
 const INFO_WORDS: usize = size_of::<bpf_prog_info>().div_ceil(8);
 
-/// The program's `recursion_misses`, from the kernel's own info about it.
-fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
+/// The kernel's own info about a program.
+fn prog_info(fd: BorrowedFd<'_>) -> Option<bpf_prog_info> {
     let mut info = [0u64; INFO_WORDS];
     let attr = InfoByFd {
         bpf_fd: u32::try_from(fd.as_raw_fd()).ok()?,
@@ -43,8 +43,8 @@ fn recursion_misses(fd: BorrowedFd<'_>) -> Option<u64> {
     if rc != 0 {
         return None;
     }
-    let at = std::mem::offset_of!(bpf_prog_info, recursion_misses);
-    info.get(at / 8).copied()
+    // SAFETY: the buffer holds a whole `bpf_prog_info`, which is plain integers.
+    Some(unsafe { info.as_ptr().cast::<bpf_prog_info>().read_unaligned() })
 }
 
 impl Tracer {
@@ -54,7 +54,19 @@ impl Tracer {
             .programs()
             .filter_map(|(name, p)| {
                 let fd = p.fd().ok()?;
-                Some((name.to_owned(), recursion_misses(fd.as_fd())?))
+                Some((name.to_owned(), prog_info(fd.as_fd())?.recursion_misses))
+            })
+            .collect()
+    }
+
+    /// For every loaded program, the instructions the verifier walked to accept it: how close
+    /// it came to the kernel's limit of 1,000,000, logged at debug level after loading.
+    pub fn verified_insns(&self) -> BTreeMap<String, u32> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let fd = p.fd().ok()?;
+                Some((name.to_owned(), prog_info(fd.as_fd())?.verified_insns))
             })
             .collect()
     }

@@ -416,7 +416,7 @@ impl Prepared {
         let (statuses, active) = attach_all(&mut ebpf, aya_btf.as_ref(), &opts, &offered)?;
         drop(aya_btf);
         release_freed_memory();
-        Ok(Tracer {
+        let tracer = Tracer {
             ebpf,
             statuses,
             active: active["drops"],
@@ -433,7 +433,11 @@ impl Prepared {
             },
             aggregating: opts.aggregate.is_some(),
             vips_in_kernel: BTreeSet::new(),
-        })
+        };
+        for (name, insns) in tracer.verified_insns() {
+            tracing::debug!("{name}: the verifier walked {insns} instructions (limit 1000000)");
+        }
+        Ok(tracer)
     }
 }
 
