@@ -434,6 +434,24 @@ pub struct AggValue {
 }
 const _: () = assert!(size_of::<AggValue>() == 24);
 
+/// A slot of `AGG_FAST`, the per-CPU direct-mapped cache in front of `AGG`: a CPU claims a
+/// free slot for the first key it meets there and keeps counting that key in it, so the hot
+/// keys cost an array index and a compare instead of a hash. A slot is never given to another
+/// key, so a key's exact count is its slots' plus `AGG`'s, and it only ever grows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggSlot {
+    /// Non-zero once claimed: the program writes it after `key` and `value`, and a reader, which
+    /// copies the slot in address order, reads it first.
+    pub used: u32,
+    pub _pad0: u32,
+    pub key: AggKey,
+    pub value: AggValue,
+}
+const _: () = assert!(size_of::<AggSlot>() == 64);
+/// Slots of `AGG_FAST` per CPU (a power of two: the index is a mask of the key's hash).
+pub const AGG_FAST_SLOTS: u32 = 64;
+
 /// Map names, shared so the agent and the programs cannot disagree.
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_DROP_COUNTS: &str = "DROP_COUNTS";
@@ -450,6 +468,8 @@ pub const MAP_CT_LAST: &str = "CT_LAST";
 pub const MAP_CT_VERDICT: &str = "CT_VERDICT";
 pub const MAP_NAT: &str = "NAT";
 pub const MAP_AGG: &str = "AGG";
+/// Per-CPU [`AggSlot`]s in front of `AGG`.
+pub const MAP_AGG_FAST: &str = "AGG_FAST";
 /// Pools (prefixes shorter than an address), in LPM tries.
 pub const MAP_VIPS4: &str = "VIPS4";
 pub const MAP_VIPS6: &str = "VIPS6";
@@ -503,4 +523,5 @@ mod pod {
     unsafe impl aya::Pod for super::CtVerdict {}
     unsafe impl aya::Pod for super::AggKey {}
     unsafe impl aya::Pod for super::AggValue {}
+    unsafe impl aya::Pod for super::AggSlot {}
 }

@@ -6,9 +6,9 @@
 //! packet itself carries no VIP.
 
 use agent_common::{
-    AggKey, AggValue, DropRecord, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY, CT_FLAG_NAT_JOIN, FAMILY_IPV4,
-    FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL, VIP_META_IPV4, VIP_META_IPV6, VIP_META_POOL4,
-    VIP_META_POOL6,
+    AggKey, AggSlot, AggValue, DropRecord, AGG_FAST_SLOTS, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY,
+    CT_FLAG_NAT_JOIN, FAMILY_IPV4, FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL, VIP_META_IPV4,
+    VIP_META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -20,20 +20,35 @@ use crate::{
     conf,
     drop::{parse_into, Drop},
     kernel::{read, Mem},
-    maps::{stat_inc, AGG, VIPS4, VIPS6, VIP_ADDRS4, VIP_ADDRS6, VIP_META},
+    maps::{stat_inc, AGG, AGG_FAST, VIPS4, VIPS6, VIP_ADDRS4, VIP_ADDRS6, VIP_META},
     packet::{host_listed, ETH_IPV4, ETH_IPV6, HEADER_UNSET},
 };
 
-/// What becomes of a drop once counted.
+/// What becomes of a drop once counted (numbered from 1: a subprogram returns 0 for none).
+#[repr(u32)]
+#[derive(Clone, Copy)]
 pub enum Outcome {
-    /// Counted in `AGG`; send it as a sample.
-    Sample,
-    /// Counted in `AGG`; memberlist traffic: send it whatever the sample limit.
-    Memberlist,
-    /// Counted in `AGG`; over this key's sample limit.
-    Skip,
+    /// Counted; send it as a sample.
+    Sample = 1,
+    /// Counted; memberlist traffic: send it whatever the sample limit.
+    Memberlist = 2,
+    /// Counted; over this key's sample limit.
+    Skip = 3,
     /// `AGG` is full: send it unaggregated, so userspace still counts it.
-    Unaggregated,
+    Unaggregated = 4,
+}
+
+impl Outcome {
+    /// The outcome a subprogram returned as its number.
+    #[inline(always)]
+    fn from_code(code: u32) -> Self {
+        match code {
+            1 => Self::Sample,
+            2 => Self::Memberlist,
+            3 => Self::Skip,
+            _ => Self::Unaggregated,
+        }
+    }
 }
 
 /// Whether a drop without a VIP is memberlist traffic (a port of it is the memberlist port):
@@ -285,47 +300,101 @@ pub fn key(d: &Drop, event: u8) -> AggKey {
     }
 }
 
-/// Counts the drop under its key; `always` (memberlist traffic) is sent whatever the limit.
+/// The `AGG_FAST` slot of a key: call sites lie bytes apart, so the location's low bits, with
+/// the reason, event and VIP's outer words, spread the keys a CPU meets.
+#[inline(always)]
+fn slot_of(key: &AggKey) -> u32 {
+    let l = key.location;
+    let h = (l ^ (l >> 7) ^ (l >> 13)) as u32
+        ^ key.reason
+        ^ (u32::from(key.ct_event) << 3)
+        ^ key.vip[0]
+        ^ key.vip[3];
+    (h ^ (h >> 16)) & (AGG_FAST_SLOTS - 1)
+}
+
+/// Whether two keys are equal, as four words (the padding is always zero).
+#[inline(always)]
+fn same(a: &AggKey, b: &AggKey) -> bool {
+    // SAFETY: AggKey is 32 bytes of plain integers, 8-aligned.
+    let (a, b) = unsafe {
+        (
+            &*(a as *const AggKey).cast::<[u64; 4]>(),
+            &*(b as *const AggKey).cast::<[u64; 4]>(),
+        )
+    };
+    // One branch, not four: each would double the states the verifier walks after it.
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+}
+
+/// This CPU's `AGG_FAST` slot for the key, claimed if free; `None` when another key has it.
+#[inline(always)]
+fn fast_value(key: &AggKey) -> Option<&'static mut AggValue> {
+    let slot = AGG_FAST.get_ptr_mut(slot_of(key))?;
+    // SAFETY: this CPU's slot; programs do not nest on one CPU.
+    let slot: &mut AggSlot = unsafe { &mut *slot };
+    // SAFETY: plain fields of our own slot. Volatile: `used` is written after the rest, and the
+    // reader copies the slot in address order, so it never sees a claimed slot half written.
+    unsafe {
+        if core::ptr::read_volatile(&raw const slot.used) == 0 {
+            core::ptr::write_volatile(&raw mut slot.key, *key);
+            core::ptr::write_volatile(&raw mut slot.value, AggValue::default());
+            core::ptr::write_volatile(&raw mut slot.used, 1);
+        }
+    }
+    same(&slot.key, key).then_some(&mut slot.value)
+}
+
+/// Counts the drop in `v`: memberlist traffic is sent whatever the limit, the rest sampled.
+#[inline(always)]
+fn tally(v: &mut AggValue, always: bool) -> Outcome {
+    v.count += 1;
+    if always {
+        Outcome::Memberlist
+    } else {
+        sample(v)
+    }
+}
+
+/// Counts in the fast slot when it is the key's: the outcome, or 0 when the slot is another
+/// key's. A function of its own: the verifier walks it once per call, not once per path
+/// after it, which keeps `kfree_skb` well inside the verifier's limit.
+#[inline(never)]
+fn count_fast(key: &AggKey, always: bool) -> u32 {
+    fast_value(key).map_or(0, |v| tally(v, always) as u32)
+}
+
+/// The key's value in `AGG` on this CPU, created (zero) when missing; `None` when `AGG` is full.
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the key and value are copied again on the 512-byte BPF stack"
 )]
-pub fn count(key: &AggKey, always: bool) -> Outcome {
+fn hashed_value(key: &AggKey) -> Option<&'static mut AggValue> {
     if let Some(v) = AGG.get_ptr_mut(key) {
         // SAFETY: this CPU's slot; programs do not nest on one CPU.
-        let v = unsafe { &mut *v };
-        v.count += 1;
-        return if always {
-            Outcome::Memberlist
-        } else {
-            sample(v)
-        };
+        return Some(unsafe { &mut *v });
     }
-    let first = AggValue {
-        count: 1,
-        window: window(),
-        samples: 1,
-        _pad0: 0,
-    };
-    if AGG.insert(key, &first, u64::from(BPF_NOEXIST)).is_ok() {
-        return if always {
-            Outcome::Memberlist
-        } else {
-            Outcome::Sample
-        };
+    // Fails when another CPU created the key meanwhile (this CPU's part is zero then too), or
+    // when the map is full: the lookup after it tells.
+    let _ = AGG.insert(key, &AggValue::default(), u64::from(BPF_NOEXIST));
+    // SAFETY: as above.
+    AGG.get_ptr_mut(key).map(|v| unsafe { &mut *v })
+}
+
+/// Counts the drop under its key, in this CPU's fast slot or else in `AGG`; `always`
+/// (memberlist traffic) is sent whatever the limit.
+#[inline(always)]
+pub fn count(key: &AggKey, always: bool) -> Outcome {
+    match count_fast(key, always) {
+        0 => {}
+        code => return Outcome::from_code(code),
     }
-    // Another CPU created the key (this CPU's slot starts at zero), or the map is full.
-    if let Some(v) = AGG.get_ptr_mut(key) {
-        // SAFETY: as above.
-        let v = unsafe { &mut *v };
-        v.count += 1;
-        return if always {
-            Outcome::Memberlist
-        } else {
-            sample(v)
-        };
+    match hashed_value(key) {
+        Some(v) => tally(v, always),
+        None => {
+            stat_inc(STAT_AGG_FULL);
+            Outcome::Unaggregated
+        }
     }
-    stat_inc(STAT_AGG_FULL);
-    Outcome::Unaggregated
 }

@@ -85,6 +85,11 @@ pub static NAT: LruHashMap<Tuple, NatOrigin> = LruHashMap::with_max_entries(NAT_
 pub static AGG: PerCpuHashMap<AggKey, AggValue> =
     PerCpuHashMap::with_max_entries(AGG_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// Per-CPU direct-mapped cache in front of `AGG` (see `AggSlot`).
+#[map]
+pub static AGG_FAST: PerCpuArray<agent_common::AggSlot> =
+    PerCpuArray::with_max_entries(agent_common::AGG_FAST_SLOTS, 0);
+
 /// The pools drops are attributed to in the kernel, per family; kept current by the agent.
 /// Keys are a prefix length, then the address in network byte order.
 #[map]

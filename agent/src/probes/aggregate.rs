@@ -1,14 +1,18 @@
 //! Aggregation mode: the VIP set the kernel attributes drops to, and the exact per-key counts
 //! it keeps (read at housekeeping, never per event).
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    net::IpAddr,
+};
 
 use agent_common::{
-    AggKey, AggValue, CtEvent, AGG_FLAG_MULTICAST, MAP_AGG, MAP_VIPS4, MAP_VIPS6, MAP_VIP_ADDRS4,
-    MAP_VIP_ADDRS6, MAP_VIP_META, VIP_META_IPV4, VIP_META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
+    AggKey, AggSlot, AggValue, CtEvent, AGG_FLAG_MULTICAST, MAP_AGG, MAP_AGG_FAST, MAP_VIPS4,
+    MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6, MAP_VIP_META, VIP_META_IPV4, VIP_META_IPV6,
+    VIP_META_POOL4, VIP_META_POOL6,
 };
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
 use ipnet::IpNet;
@@ -154,31 +158,57 @@ impl Tracer {
         Ok(())
     }
 
-    /// Exact totals per aggregation key (empty unless aggregating).
+    /// Exact totals per aggregation key (empty unless aggregating): `AGG`'s per-CPU counts plus
+    /// those of the `AGG_FAST` slots the CPUs claimed for the key.
     pub fn agg_counts(&self) -> Result<Vec<AggCount>, ProbeError> {
         if !self.aggregating {
             return Ok(Vec::new());
         }
-        let map = self
-            .ebpf
-            .map(MAP_AGG)
-            .ok_or(ProbeError::MissingMap(MAP_AGG))?;
+        let map = |name| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));
         let agg: PerCpuHashMap<&MapData, AggKey, AggValue> =
-            PerCpuHashMap::try_from(map).map_err(map_err(MAP_AGG))?;
-        let mut out = Vec::new();
+            PerCpuHashMap::try_from(map(MAP_AGG)?).map_err(map_err(MAP_AGG))?;
+        let fast: PerCpuArray<&MapData, AggSlot> =
+            PerCpuArray::try_from(map(MAP_AGG_FAST)?).map_err(map_err(MAP_AGG_FAST))?;
+        let mut counts = Vec::new();
         for item in agg.iter() {
             let (key, per_cpu) = item.map_err(map_err(MAP_AGG))?;
-            out.push(AggCount {
-                vip: addr_of(&key),
-                reason: key.reason,
-                location: key.location,
-                event: (key.ct_event != 0).then(|| CtEvent::try_from(key.ct_event)),
-                multicast: key.flags & AGG_FLAG_MULTICAST != 0,
-                count: per_cpu.iter().map(|v| v.count).sum(),
-            });
+            counts.extend(per_cpu.iter().map(|v| (key, v.count)));
         }
-        Ok(out)
+        for index in 0..fast.len() {
+            let per_cpu = fast.get(&index, 0).map_err(map_err(MAP_AGG_FAST))?;
+            counts.extend(claimed(per_cpu.iter()));
+        }
+        Ok(merge(counts))
     }
+}
+
+/// The (key, count) of each claimed slot.
+fn claimed<'a, I>(slots: I) -> impl Iterator<Item = (AggKey, u64)> + use<'a, I>
+where
+    I: Iterator<Item = &'a AggSlot>,
+{
+    slots
+        .filter(|s| s.used != 0)
+        .map(|s| (s.key, s.value.count))
+}
+
+/// One total per key, from per-CPU counts found in either map.
+fn merge(counts: impl IntoIterator<Item = (AggKey, u64)>) -> Vec<AggCount> {
+    let mut totals: StdHashMap<AggKey, u64> = StdHashMap::new();
+    for (key, count) in counts {
+        *totals.entry(key).or_default() += count;
+    }
+    totals
+        .into_iter()
+        .map(|(key, count)| AggCount {
+            vip: addr_of(&key),
+            reason: key.reason,
+            location: key.location,
+            event: (key.ct_event != 0).then(|| CtEvent::try_from(key.ct_event)),
+            multicast: key.flags & AGG_FLAG_MULTICAST != 0,
+            count,
+        })
+        .collect()
 }
 
 /// The kernel's tick rate: the resolution of the coarse clocks is one jiffy.
@@ -206,5 +236,43 @@ pub(super) fn window_shift(hz: u32) -> u32 {
         below.max(1)
     } else {
         below + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(reason: u32) -> AggKey {
+        AggKey {
+            reason,
+            location: 0xffff_ffff_8100_0000,
+            ..AggKey::default()
+        }
+    }
+
+    fn slot(used: u32, reason: u32, count: u64) -> AggSlot {
+        AggSlot {
+            used,
+            key: key(reason),
+            value: AggValue {
+                count,
+                ..AggValue::default()
+            },
+            ..AggSlot::default()
+        }
+    }
+
+    #[test]
+    fn a_key_counts_its_slots_and_its_hash_entries_once_each() {
+        // CPU 0 counts reason 2 in a slot, CPU 1 in AGG; a free slot adds nothing.
+        let slots = [slot(1, 2, 5), slot(0, 2, 99), slot(1, 3, 1)];
+        let hashed = [(key(2), 7), (key(2), 0)];
+        let mut got: Vec<(u32, u64)> = merge(hashed.into_iter().chain(claimed(slots.iter())))
+            .into_iter()
+            .map(|c| (c.reason, c.count))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [(2, 12), (3, 1)]);
     }
 }
