@@ -25,6 +25,9 @@ pub const FEATURE_AGGREGATE: u32 = 1 << 3;
 /// Drops to or from [`ProbeConfig::memberlist_port`] (speakers' election traffic) are always
 /// sent as records, flagged `DROP_FLAG_MEMBERLIST`.
 pub const FEATURE_MEMBERLIST: u32 = 1 << 4;
+/// Count in `AGG_FAST` before `AGG`. Off with packet filters (host, port, protocol): that
+/// program is the verifier's longest walk, and the cache would take it near the limit.
+pub const FEATURE_AGG_FAST: u32 = 1 << 5;
 
 /// Value that marks a struct offset the running kernel's BTF did not provide.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;

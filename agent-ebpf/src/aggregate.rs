@@ -7,8 +7,8 @@
 
 use agent_common::{
     AggKey, AggSlot, AggValue, DropRecord, AGG_FAST_SLOTS, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY,
-    CT_FLAG_NAT_JOIN, FAMILY_IPV4, FAMILY_IPV6, FEATURE_MEMBERLIST, STAT_AGG_FULL, VIP_META_IPV4,
-    VIP_META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
+    CT_FLAG_NAT_JOIN, FAMILY_IPV4, FAMILY_IPV6, FEATURE_AGG_FAST, FEATURE_MEMBERLIST,
+    STAT_AGG_FULL, VIP_META_IPV4, VIP_META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -364,37 +364,54 @@ fn count_fast(key: &AggKey, always: bool) -> u32 {
     fast_value(key).map_or(0, |v| tally(v, always) as u32)
 }
 
-/// The key's value in `AGG` on this CPU, created (zero) when missing; `None` when `AGG` is full.
+/// Counts the drop under its key, in this CPU's fast slot or else in `AGG`; `always`
+/// (memberlist traffic) is sent whatever the limit.
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the key and value are copied again on the 512-byte BPF stack"
 )]
-fn hashed_value(key: &AggKey) -> Option<&'static mut AggValue> {
-    if let Some(v) = AGG.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot; programs do not nest on one CPU.
-        return Some(unsafe { &mut *v });
-    }
-    // Fails when another CPU created the key meanwhile (this CPU's part is zero then too), or
-    // when the map is full: the lookup after it tells.
-    let _ = AGG.insert(key, &AggValue::default(), u64::from(BPF_NOEXIST));
-    // SAFETY: as above.
-    AGG.get_ptr_mut(key).map(|v| unsafe { &mut *v })
-}
-
-/// Counts the drop under its key, in this CPU's fast slot or else in `AGG`; `always`
-/// (memberlist traffic) is sent whatever the limit.
-#[inline(always)]
 pub fn count(key: &AggKey, always: bool) -> Outcome {
-    match count_fast(key, always) {
-        0 => {}
-        code => return Outcome::from_code(code),
-    }
-    match hashed_value(key) {
-        Some(v) => tally(v, always),
-        None => {
-            stat_inc(STAT_AGG_FULL);
-            Outcome::Unaggregated
+    if conf!(features) & FEATURE_AGG_FAST != 0 {
+        match count_fast(key, always) {
+            0 => {}
+            code => return Outcome::from_code(code),
         }
     }
+    if let Some(v) = AGG.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot; programs do not nest on one CPU.
+        let v = unsafe { &mut *v };
+        v.count += 1;
+        return if always {
+            Outcome::Memberlist
+        } else {
+            sample(v)
+        };
+    }
+    let first = AggValue {
+        count: 1,
+        window: window(),
+        samples: 1,
+        _pad0: 0,
+    };
+    if AGG.insert(key, &first, u64::from(BPF_NOEXIST)).is_ok() {
+        return if always {
+            Outcome::Memberlist
+        } else {
+            Outcome::Sample
+        };
+    }
+    // Another CPU created the key (this CPU's slot starts at zero), or the map is full.
+    if let Some(v) = AGG.get_ptr_mut(key) {
+        // SAFETY: as above.
+        let v = unsafe { &mut *v };
+        v.count += 1;
+        return if always {
+            Outcome::Memberlist
+        } else {
+            sample(v)
+        };
+    }
+    stat_inc(STAT_AGG_FULL);
+    Outcome::Unaggregated
 }

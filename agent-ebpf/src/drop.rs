@@ -153,26 +153,10 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
             0
         }
     };
-    finish::<M>(
-        d,
-        u32::from(event) | u32::from(flags) << 8 | u32::from(parsed) << 16,
-    );
-}
-
-/// A sampled drop's record: parsed unless it was, completed and sent. A function of its own
-/// (`packed`: event, flags << 8, parsed << 16), so the verifier walks it once per outcome of
-/// the counting before it, not once per path through it.
-#[inline(never)]
-fn finish<M: Mem>(d: &Drop, packed: u32) {
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's scratch slot; programs do not nest on one CPU.
-    let rec = unsafe { &mut *rec };
-    if packed & (1 << 16) == 0 {
+    if !parsed {
         parse_into::<M>(d.skb, rec);
     }
-    send::<M>(d, packed as u8, rec, (packed >> 8) as u8);
+    send::<M>(d, event, rec, flags);
 }
 
 /// `watch` and `record`: every drop that passes the filters becomes a record.
@@ -210,9 +194,8 @@ fn count_exactly(reason: u32, event: u8) {
     }
 }
 
-/// Headers and conntrack state of the packet, into the scratch record. A function of its own:
-/// the verifier walks its many branches once per call, not once per path that reaches it.
-#[inline(never)]
+/// Headers and conntrack state of the packet, into the scratch record.
+#[inline(always)]
 pub fn parse_into<M: Mem>(skb: u64, rec: &mut DropRecord) {
     rec.pkt = PacketInfo::default();
     if parse_packet::<M>(skb, &mut rec.pkt).is_err() {
