@@ -48,26 +48,25 @@ fn prog_info(fd: BorrowedFd<'_>) -> Option<bpf_prog_info> {
 }
 
 impl Tracer {
-    /// For every loaded program, the runs the kernel skipped (0 included).
-    pub fn recursion_misses(&self) -> BTreeMap<String, u64> {
+    /// One field of the kernel's info, for every loaded program.
+    fn per_program<T>(&self, field: impl Fn(&bpf_prog_info) -> T) -> BTreeMap<String, T> {
         self.ebpf
             .programs()
             .filter_map(|(name, p)| {
-                let fd = p.fd().ok()?;
-                Some((name.to_owned(), prog_info(fd.as_fd())?.recursion_misses))
+                let info = prog_info(p.fd().ok()?.as_fd())?;
+                Some((name.to_owned(), field(&info)))
             })
             .collect()
+    }
+
+    /// For every loaded program, the runs the kernel skipped (0 included).
+    pub fn recursion_misses(&self) -> BTreeMap<String, u64> {
+        self.per_program(|i| i.recursion_misses)
     }
 
     /// For every loaded program, the instructions the verifier walked to accept it: how close
     /// it came to the kernel's limit of 1,000,000, logged at debug level after loading.
     pub fn verified_insns(&self) -> BTreeMap<String, u32> {
-        self.ebpf
-            .programs()
-            .filter_map(|(name, p)| {
-                let fd = p.fd().ok()?;
-                Some((name.to_owned(), prog_info(fd.as_fd())?.verified_insns))
-            })
-            .collect()
+        self.per_program(|i| i.verified_insns)
     }
 }
