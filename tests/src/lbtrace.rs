@@ -138,6 +138,11 @@ impl Watch {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
+    /// The lbtrace process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the process (SIGSTOP): its ring buffer fills while the kernel goes on.
     pub fn pause(&self) {
         self.signal(libc::SIGSTOP);

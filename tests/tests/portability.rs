@@ -138,3 +138,49 @@ fn doctor_states_how_drops_without_device_or_socket_are_placed() {
         );
     }
 }
+
+/// The most instructions the verifier walked for any program `pid` holds: the kernel's own
+/// count, `verified_insns` in each program fd's fdinfo.
+fn most_verified_insns(pid: u32) -> u64 {
+    let dir = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            let line = info.lines().find(|l| l.starts_with("verified_insns:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .max()
+        .expect("the kernel reports verified_insns for lbtrace's programs")
+}
+
+/// The drop program in its longest configuration for the verifier (`watch` with a VIP, a
+/// namespace and a sample limit: every filter and the counting path) stays well inside the
+/// kernel's limit of 1,000,000 instructions walked. A change that nears it fails here, with the
+/// figure, before an older kernel's verifier refuses the program.
+#[test]
+fn the_drop_program_leaves_the_verifier_headroom() {
+    require_root();
+    let inode = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("own netns")
+        .to_string();
+    let args = [
+        "--json",
+        "--probe-mode",
+        "btf",
+        "--netns",
+        &inode,
+        "--sample-limit",
+        "5",
+        "--vip",
+        "127.0.0.1",
+    ];
+    let watch = lbtrace::Watch::start(&args).expect("lbtrace watch starts");
+    let most = most_verified_insns(watch.pid());
+    watch.stop_ok();
+    assert!(
+        most < 900_000,
+        "the verifier walked {most} instructions for a program of `watch {args:?}`: within 10% of its limit of 1,000,000"
+    );
+}

@@ -75,6 +75,11 @@ pub const CHECKS: &[Check] = &[
         "drops",
         "watch_above_its_sample_limit_counts_every_drop_exactly",
     ),
+    c(
+        "verifier headroom",
+        "portability",
+        "the_drop_program_leaves_the_verifier_headroom",
+    ),
 ];
 
 /// The self-test: with the kernel's BTF edited so that `net_device.ifindex` resolves to
