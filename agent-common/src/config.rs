@@ -7,6 +7,8 @@ pub const FILTER_REASON: u32 = 1 << 0;
 pub const FILTER_HOST: u32 = 1 << 1;
 pub const FILTER_PORT: u32 = 1 << 2;
 pub const FILTER_PROTO: u32 = 1 << 3;
+/// The filters that need the packet's headers.
+pub const FILTER_PACKET: u32 = FILTER_HOST | FILTER_PORT | FILTER_PROTO;
 pub const FILTER_NETNS: u32 = 1 << 4;
 
 /// Bit in `filter_flags`: keep only records with a conntrack event in `filter_ct_events`.

@@ -380,13 +380,7 @@ pub fn count(key: &AggKey, always: bool) -> Outcome {
     }
     if let Some(v) = AGG.get_ptr_mut(key) {
         // SAFETY: this CPU's slot; programs do not nest on one CPU.
-        let v = unsafe { &mut *v };
-        v.count += 1;
-        return if always {
-            Outcome::Memberlist
-        } else {
-            sample(v)
-        };
+        return tally(unsafe { &mut *v }, always);
     }
     let first = AggValue {
         count: 1,
@@ -404,13 +398,7 @@ pub fn count(key: &AggKey, always: bool) -> Outcome {
     // Another CPU created the key (this CPU's slot starts at zero), or the map is full.
     if let Some(v) = AGG.get_ptr_mut(key) {
         // SAFETY: as above.
-        let v = unsafe { &mut *v };
-        v.count += 1;
-        return if always {
-            Outcome::Memberlist
-        } else {
-            sample(v)
-        };
+        return tally(unsafe { &mut *v }, always);
     }
     stat_inc(STAT_AGG_FULL);
     Outcome::Unaggregated

@@ -7,8 +7,8 @@
 use agent_common::{
     DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
     DROP_FLAG_MEMBERLIST, DROP_FLAG_SAMPLED, FEATURE_AGGREGATE, FEATURE_CT_STATS,
-    FEATURE_MEMBERLIST, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
-    FILTER_REASON, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_SAMPLED_OUT,
+    FEATURE_MEMBERLIST, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PACKET, FILTER_PORT,
+    FILTER_PROTO, FILTER_REASON, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_SAMPLED_OUT,
 };
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
@@ -110,13 +110,13 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     // alone is settled by them when one is listed: only otherwise (behind NAT, or another
     // filter) is the whole record read first.
     let meta = aggregate::vip_meta();
-    let host_only = filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) == FILTER_HOST;
+    let host_only = filters & FILTER_PACKET == FILTER_HOST;
     let addrs = if meta != 0 || host_only {
         aggregate::packet_addrs::<M>(d.skb)
     } else {
         None
     };
-    let filtered = match filters & (FILTER_HOST | FILTER_PORT | FILTER_PROTO) {
+    let filtered = match filters & FILTER_PACKET {
         0 => false,
         FILTER_HOST => {
             // Memberlist traffic passes it too: it is evidence for every VIP.

@@ -174,9 +174,8 @@ impl Tracer {
             let (key, per_cpu) = item.map_err(map_err(MAP_AGG))?;
             counts.extend(per_cpu.iter().map(|v| (key, v.count)));
         }
-        for index in 0..fast.len() {
-            let per_cpu = fast.get(&index, 0).map_err(map_err(MAP_AGG_FAST))?;
-            counts.extend(claimed(per_cpu.iter()));
+        for per_cpu in fast.iter() {
+            counts.extend(claimed(per_cpu.map_err(map_err(MAP_AGG_FAST))?.iter()));
         }
         Ok(merge(counts))
     }

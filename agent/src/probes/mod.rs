@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
     CtVerdict, ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_AGG_FAST, FEATURE_ARP,
-    FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_HOST, FILTER_PORT, FILTER_PROTO, GLOBAL_CONFIG,
-    MAP_AGG, MAP_CT_VERDICT, MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER,
-    MAP_REASON_FILTER, MAP_VIPS4, MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6,
+    FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_PACKET, GLOBAL_CONFIG, MAP_AGG, MAP_CT_VERDICT,
+    MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER, MAP_VIPS4,
+    MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6,
 };
 pub use aggregate::{AggCount, Aggregation};
 use aya::{
@@ -229,8 +229,7 @@ fn configure(
     cfg.wakeup_bytes = opts.wakeup_bytes;
     if let Some(a) = opts.aggregate {
         cfg.features |= FEATURE_AGGREGATE;
-        let packet_filters = FILTER_HOST | FILTER_PORT | FILTER_PROTO;
-        if cfg.filter_flags & packet_filters == 0 {
+        if cfg.filter_flags & FILTER_PACKET == 0 {
             cfg.features |= FEATURE_AGG_FAST;
         }
         cfg.sample_limit = a.sample_limit;
