@@ -13,6 +13,10 @@ pub const FILTER_NETNS: u32 = 1 << 4;
 
 /// Bit in `filter_flags`: keep only records with a conntrack event in `filter_ct_events`.
 pub const FILTER_CT_EVENT: u32 = 1 << 5;
+/// Keep only drops the kernel attributes to a VIP (and memberlist traffic), aggregation only:
+/// the host filter when its hosts are exactly the kernel's VIP set. It costs no lookup of its
+/// own, and needs no headers beyond what attribution reads.
+pub const FILTER_VIP: u32 = 1 << 6;
 
 /// Bits of [`ProbeConfig::features`].
 /// Classify NETFILTER_DROP through the netns's per-CPU conntrack statistics.

@@ -387,8 +387,9 @@ pub struct CtStatValue {
 }
 const _: () = assert!(size_of::<CtStatValue>() == 16);
 
-/// Key of `HOST_FILTER`: an address in the layout of [`PacketInfo`] plus its family.
-#[repr(C)]
+/// Key of `HOST_FILTER`: an address in the layout of [`PacketInfo`] plus its family. Aligned
+/// to words so the program builds it in five moves, not twenty.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct HostKey {
     pub addr: [u8; 16],

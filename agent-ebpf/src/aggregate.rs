@@ -76,71 +76,100 @@ pub fn memberlist<M: Mem>(skb: u64) -> bool {
 }
 
 /// Whether `addr` is a VIP: a single one (hash lookup), else, when pools are set, inside one
-/// (trie walk).
+/// (trie walk). Keys are words, not bytes: the program builds them in one or four moves.
 #[inline(always)]
-fn is_vip<const N: usize>(
-    addrs: &HashMap<[u8; N], u8>,
-    pools: &LpmTrie<[u8; N], u8>,
-    addr: &[u8; N],
+fn is_vip<K: Copy>(
+    addrs: &HashMap<K, u8>,
+    pools: &LpmTrie<K, u8>,
+    addr: &K,
     has_pools: bool,
 ) -> bool {
     if addrs.get_ptr(addr).is_some() {
         return true;
     }
-    has_pools && pools.get(Key::new((N * 8) as u32, *addr)).is_some()
+    has_pools
+        && pools
+            .get(Key::new((size_of::<K>() * 8) as u32, *addr))
+            .is_some()
 }
 
-#[inline(always)]
-fn vip4(addr: [u8; 4], meta: u32) -> bool {
-    is_vip(&VIP_ADDRS4, &VIPS4, &addr, meta & VIP_META_POOL4 != 0)
+/// A VIP (family 0: none) and the `AGG_FLAG_*` its packet earned: what attribution adds to a
+/// key. Never an `Option`: the payload of a `None` is undefined, and the compiler then copies
+/// whatever register it likes, which the verifier rejects as unreadable.
+#[derive(Clone, Copy, Default)]
+pub struct Vip {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub flags: u8,
 }
 
-#[inline(always)]
-fn vip6(addr: &[u8; 16], meta: u32) -> bool {
-    is_vip(&VIP_ADDRS6, &VIPS6, addr, meta & VIP_META_POOL6 != 0)
-}
-
-#[inline(always)]
-fn take4(key: &mut AggKey, addr: [u8; 4], meta: u32) -> bool {
-    if !vip4(addr, meta) {
-        return false;
+impl Vip {
+    #[inline(always)]
+    fn found(self) -> bool {
+        self.family != 0
     }
-    key.vip = [u32::from_ne_bytes(addr), 0, 0, 0];
-    key.family = FAMILY_IPV4;
-    true
 }
 
 #[inline(always)]
-fn take6(key: &mut AggKey, addr: &[u8; 16], meta: u32) -> bool {
-    if !vip6(addr, meta) {
-        return false;
+fn take4(addr: u32, meta: u32) -> Vip {
+    if !is_vip(&VIP_ADDRS4, &VIPS4, &addr, meta & VIP_META_POOL4 != 0) {
+        return Vip::default();
     }
-    // SAFETY: [u8; 16] and [u32; 4] have the same size; any bit pattern is valid.
-    key.vip = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
-    key.family = FAMILY_IPV6;
-    true
+    Vip {
+        addr: [addr, 0, 0, 0],
+        family: FAMILY_IPV4,
+        flags: 0,
+    }
 }
 
-/// Sets `key`'s VIP to the first of `addrs` that is one.
 #[inline(always)]
-fn take_tuple(key: &mut AggKey, family: u8, daddr: &[u8; 16], saddr: &[u8; 16], meta: u32) {
+fn take6(addr: &[u32; 4], meta: u32) -> Vip {
+    if !is_vip(&VIP_ADDRS6, &VIPS6, addr, meta & VIP_META_POOL6 != 0) {
+        return Vip::default();
+    }
+    Vip {
+        addr: *addr,
+        family: FAMILY_IPV6,
+        flags: 0,
+    }
+}
+
+/// The first of a destination and a source that is a VIP.
+#[inline(always)]
+fn take_either(family: u8, dst: &[u32; 4], src: &[u32; 4], meta: u32) -> Vip {
     match family {
         FAMILY_IPV4 if meta & VIP_META_IPV4 != 0 => {
-            let _ = take4(key, [daddr[0], daddr[1], daddr[2], daddr[3]], meta)
-                || take4(key, [saddr[0], saddr[1], saddr[2], saddr[3]], meta);
+            let vip = take4(dst[0], meta);
+            if vip.found() {
+                vip
+            } else {
+                take4(src[0], meta)
+            }
         }
         FAMILY_IPV6 if meta & VIP_META_IPV6 != 0 => {
-            let _ = take6(key, daddr, meta) || take6(key, saddr, meta);
+            let vip = take6(dst, meta);
+            if vip.found() {
+                vip
+            } else {
+                take6(src, meta)
+            }
         }
-        _ => {}
+        _ => Vip::default(),
     }
 }
 
-/// A packet's own addresses, as the host filter keys them (IPv4 in the first four bytes).
+/// Bytes as the words they are in memory (network byte order kept).
+#[inline(always)]
+fn words(b: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: same size; any bit pattern is valid.
+    unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*b) }
+}
+
+/// A packet's own addresses, in network byte order (IPv4 in the first word).
 pub struct Addrs {
     family: u8,
-    dst: [u8; 16],
-    src: [u8; 16],
+    dst: [u32; 4],
+    src: [u32; 4],
 }
 
 /// Reads the packet's addresses in one small block at the network header (IPv4 and IPv6).
@@ -157,26 +186,23 @@ pub fn packet_addrs<M: Mem>(skb: u64) -> Option<Addrs> {
         return None;
     }
     let l3 = head + u64::from(nh);
-    let mut out = Addrs {
-        family: 0,
-        dst: [0; 16],
-        src: [0; 16],
-    };
     if proto == ETH_IPV4 {
-        // saddr and daddr: the 8 bytes at offset 12 of the IPv4 header.
-        let a = read::<[u8; 8]>(l3, 12).ok()?;
-        out.family = FAMILY_IPV4;
-        out.src[..4].copy_from_slice(&a[..4]);
-        out.dst[..4].copy_from_slice(&a[4..]);
-        return Some(out);
+        // saddr and daddr: the 8 bytes at offset 12 of the IPv4 header, as two words.
+        let a = read::<[u32; 2]>(l3, 12).ok()?;
+        return Some(Addrs {
+            family: FAMILY_IPV4,
+            dst: [a[1], 0, 0, 0],
+            src: [a[0], 0, 0, 0],
+        });
     }
     if proto == ETH_IPV6 {
         // saddr then daddr: the 32 bytes at offset 8 of the IPv6 header.
-        let a = read::<[u8; 32]>(l3, 8).ok()?;
-        out.family = FAMILY_IPV6;
-        out.src.copy_from_slice(&a[..16]);
-        out.dst.copy_from_slice(&a[16..]);
-        return Some(out);
+        let a = read::<[[u32; 4]; 2]>(l3, 8).ok()?;
+        return Some(Addrs {
+            family: FAMILY_IPV6,
+            dst: a[1],
+            src: a[0],
+        });
     }
     None
 }
@@ -186,7 +212,9 @@ pub fn packet_addrs<M: Mem>(skb: u64) -> Option<Addrs> {
 /// caller then reads the whole record.
 #[inline(always)]
 pub fn hosts_listed(a: &Addrs) -> bool {
-    host_listed(&a.dst, a.family) || host_listed(&a.src, a.family)
+    // SAFETY: same size; any bit pattern is valid.
+    let bytes = |w: &[u32; 4]| unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*w) };
+    host_listed(&bytes(&a.dst), a.family) || host_listed(&bytes(&a.src), a.family)
 }
 
 /// `AGG_FLAG_MULTICAST` when the destination's first byte is multicast's: arithmetic, not a
@@ -204,20 +232,18 @@ fn mcast6(first: u8) -> u8 {
     ((u32::from(first) + 1) >> 8) as u8 & AGG_FLAG_MULTICAST
 }
 
-/// Attributes by the packet's own destination, then source. Returns whether a VIP was found.
+/// Attributes by the packet's own destination, then source, with the multicast flag.
 #[inline(always)]
-fn by_packet(a: &Addrs, key: &mut AggKey, meta: u32) -> bool {
-    if a.family == FAMILY_IPV4 && meta & VIP_META_IPV4 != 0 {
-        let (d, s) = (&a.dst, &a.src);
-        key.flags |= mcast4(d[0]);
-        return take4(key, [d[0], d[1], d[2], d[3]], meta)
-            || take4(key, [s[0], s[1], s[2], s[3]], meta);
-    }
-    if a.family == FAMILY_IPV6 && meta & VIP_META_IPV6 != 0 {
-        key.flags |= mcast6(a.dst[0]);
-        return take6(key, &a.dst, meta) || take6(key, &a.src, meta);
-    }
-    false
+fn by_packet(a: &Addrs, meta: u32) -> Vip {
+    let mut vip = take_either(a.family, &a.dst, &a.src, meta);
+    // The first byte in memory is the word's low byte (little-endian BPF).
+    let first = a.dst[0] as u8;
+    vip.flags = match a.family {
+        FAMILY_IPV4 => mcast4(first),
+        FAMILY_IPV6 => mcast6(first),
+        _ => 0,
+    };
+    vip
 }
 
 /// Which families the VIP tries hold (0: none, attribution reads nothing).
@@ -229,26 +255,31 @@ pub fn vip_meta() -> u32 {
 /// The drop's VIP, in the order userspace attributes: the packet's destination, its source
 /// (`addrs`, read by the caller), then (only when the packet carries none and the flow is
 /// translated) conntrack's original tuple or the NAT map's. With `must_parse` (a packet filter
-/// needs the headers) the whole record is read first. Returns whether the record was read.
+/// needs the headers) the whole record is read first. Returns the VIP (family 0 for none) and
+/// whether the record was read.
 #[inline(always)]
 pub fn attribute<M: Mem>(
     skb: u64,
     (addrs, meta): (Option<&Addrs>, u32),
-    key: &mut AggKey,
     rec: &mut DropRecord,
     must_parse: bool,
-) -> bool {
-    let found = meta != 0 && addrs.is_some_and(|a| by_packet(a, key, meta));
-    let via_tuple = !found && meta != 0 && crate::conntrack::translated::<M>(skb);
+) -> (Vip, bool) {
+    let mut vip = match addrs {
+        Some(a) if meta != 0 => by_packet(a, meta),
+        _ => Vip::default(),
+    };
+    let via_tuple = !vip.found() && meta != 0 && crate::conntrack::translated::<M>(skb);
     if !(must_parse || via_tuple) {
-        return false;
+        return (vip, false);
     }
     parse_into::<M>(skb, rec);
     if via_tuple && rec.ct_flags & (CT_FLAG_ENTRY | CT_FLAG_NAT_JOIN) != 0 {
         let o = &rec.orig;
-        take_tuple(key, o.family, &o.daddr, &o.saddr, meta);
+        let flags = vip.flags;
+        vip = take_either(o.family, &words(&o.daddr), &words(&o.saddr), meta);
+        vip.flags = flags;
     }
-    true
+    (vip, true)
 }
 
 /// The current sampling window, about a second: 2^`window_shift` jiffies (inlined by the JIT:
@@ -286,14 +317,14 @@ fn sample(v: &mut AggValue) -> Outcome {
     }
 }
 
-/// The key of a drop, before attribution.
+/// The key of an attributed drop.
 #[inline(always)]
-pub fn key(d: &Drop, event: u8) -> AggKey {
+pub fn key(d: &Drop, event: u8, vip: Vip) -> AggKey {
     AggKey {
-        vip: [0; 4],
-        family: 0,
+        vip: vip.addr,
+        family: vip.family,
         ct_event: event,
-        flags: 0,
+        flags: vip.flags,
         _pad0: 0,
         reason: d.reason,
         location: d.location,

@@ -8,7 +8,7 @@ use agent_common::{
     DropRecord, PacketInfo, ProbeId, RecordHeader, RecordKind, Tuple, CT_FLAG_NAT_JOIN,
     DROP_FLAG_MEMBERLIST, DROP_FLAG_SAMPLED, FEATURE_AGGREGATE, FEATURE_CT_STATS,
     FEATURE_MEMBERLIST, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PACKET, FILTER_PORT,
-    FILTER_PROTO, FILTER_REASON, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_SAMPLED_OUT,
+    FILTER_PROTO, FILTER_REASON, FILTER_VIP, STAT_NAT_JOINED, STAT_READ_ERRORS, STAT_SAMPLED_OUT,
 };
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
@@ -132,14 +132,18 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
         }
         _ => true,
     };
-    let mut key = aggregate::key(d, event);
-    let parsed = aggregate::attribute::<M>(d.skb, (addrs.as_ref(), meta), &mut key, rec, filtered);
+    let (vip, parsed) = aggregate::attribute::<M>(d.skb, (addrs.as_ref(), meta), rec, filtered);
+    let key = aggregate::key(d, event, vip);
     // Counted only when the packet passes the filters, as on the path of every drop.
     if filtered && !packet_matches(rec, is_memberlist(&rec.pkt)) {
         return;
     }
-    // Election traffic is rare and every drop of it is evidence: never sampled out.
+    // Election traffic is rare and every drop of it is evidence: never sampled out. It passes
+    // the VIP filter too: it is evidence for every VIP.
     let always = key.family == 0 && aggregate::memberlist::<M>(d.skb);
+    if filters & FILTER_VIP != 0 && key.family == 0 && !always {
+        return;
+    }
     // `AGG` holds the exact counts per reason and event; the arrays only what it could not.
     let flags = match aggregate::count(&key, always) {
         Outcome::Skip => {

@@ -93,15 +93,16 @@ pub static AGG_FAST: PerCpuArray<agent_common::AggSlot> =
 /// The pools drops are attributed to in the kernel, per family; kept current by the agent.
 /// Keys are a prefix length, then the address in network byte order.
 #[map]
-pub static VIPS4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
+pub static VIPS4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
 #[map]
-pub static VIPS6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
+pub static VIPS6: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(VIP_ENTRIES, 0);
 
-/// The single VIPs, by address (network byte order); kept current by the agent.
+/// The single VIPs, by address (network byte order, as words: the same bytes userspace writes);
+/// kept current by the agent.
 #[map]
-pub static VIP_ADDRS4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(VIP_ENTRIES, 0);
+pub static VIP_ADDRS4: HashMap<u32, u8> = HashMap::with_max_entries(VIP_ENTRIES, 0);
 #[map]
-pub static VIP_ADDRS6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(VIP_ENTRIES, 0);
+pub static VIP_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(VIP_ENTRIES, 0);
 
 /// Which families `VIPS` holds (`VIP_META` in agent_common): no trie walk for the others.
 #[map]

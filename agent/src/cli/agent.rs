@@ -195,6 +195,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         nat_entries: s.nat_entries,
         memberlist_port: s.memberlist_port,
         speaker_comms: s.speaker_comms.clone(),
+        vips: VipSet::from_nets(s.vips.clone()),
         ..LoadOptions::new(s.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;

@@ -182,6 +182,11 @@ pub(crate) fn trace(
         } else {
             args.hosts.clone()
         },
+        // Then the kernel's attribution is the filter: its VIP set never changes.
+        hosts_are_vips: args.hosts.is_empty()
+            && !args.vips.is_empty()
+            && args.tag_vips.is_empty()
+            && !args.discover_vips,
         port: args.port,
         proto: args.proto,
         netns: args.netns.clone(),
@@ -199,6 +204,7 @@ pub(crate) fn trace(
             sample_limit: args.sample_limit,
             entries: agg_entries(agent_common::VIP_ENTRIES),
         }),
+        vips: VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect()),
         ..LoadOptions::new(args.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;

@@ -128,32 +128,39 @@ pub fn prefixes(vips: &VipSet) -> BTreeSet<IpNet> {
         .collect()
 }
 
+/// Makes the kernel's VIP maps hold exactly `want` (single addresses in the hash maps, pools
+/// in the tries), from `have`: adds before it removes, so a VIP kept across a reload never
+/// goes unattributed.
+pub(super) fn write_vips(
+    ebpf: &mut Ebpf,
+    have: &BTreeSet<IpNet>,
+    want: &BTreeSet<IpNet>,
+) -> Result<(), ProbeError> {
+    let (add4, add6) = split(want.difference(have));
+    let (del4, del6) = split(have.difference(want));
+    update_family(ebpf, (MAP_VIP_ADDRS4, MAP_VIPS4), &add4, &del4)?;
+    update_family(ebpf, (MAP_VIP_ADDRS6, MAP_VIPS6), &add6, &del6)?;
+    let meta = want.iter().fold(0u32, |m, n| match (n, single(n)) {
+        (IpNet::V4(_), true) => m | VIP_META_IPV4,
+        (IpNet::V4(_), false) => m | VIP_META_IPV4 | VIP_META_POOL4,
+        (IpNet::V6(_), true) => m | VIP_META_IPV6,
+        (IpNet::V6(_), false) => m | VIP_META_IPV6 | VIP_META_POOL6,
+    });
+    let map = ebpf
+        .map_mut(MAP_VIP_META)
+        .ok_or(ProbeError::MissingMap(MAP_VIP_META))?;
+    let mut arr: Array<&mut MapData, u32> = Array::try_from(map).map_err(map_err(MAP_VIP_META))?;
+    arr.set(0, meta, 0).map_err(map_err(MAP_VIP_META))
+}
+
 impl Tracer {
-    /// Makes the kernel's VIP maps hold exactly `vips` (single addresses in the hash maps, pools
-    /// in the tries): adds before it removes, so a VIP kept across a reload never goes
-    /// unattributed.
+    /// Makes the kernel's VIP maps hold exactly `vips` (see [`write_vips`]).
     pub fn set_vips(&mut self, vips: &VipSet) -> Result<(), ProbeError> {
         if !self.aggregating {
             return Ok(());
         }
         let want = prefixes(vips);
-        let (add4, add6) = split(want.difference(&self.vips_in_kernel));
-        let (del4, del6) = split(self.vips_in_kernel.difference(&want));
-        update_family(&mut self.ebpf, (MAP_VIP_ADDRS4, MAP_VIPS4), &add4, &del4)?;
-        update_family(&mut self.ebpf, (MAP_VIP_ADDRS6, MAP_VIPS6), &add6, &del6)?;
-        let meta = want.iter().fold(0u32, |m, n| match (n, single(n)) {
-            (IpNet::V4(_), true) => m | VIP_META_IPV4,
-            (IpNet::V4(_), false) => m | VIP_META_IPV4 | VIP_META_POOL4,
-            (IpNet::V6(_), true) => m | VIP_META_IPV6,
-            (IpNet::V6(_), false) => m | VIP_META_IPV6 | VIP_META_POOL6,
-        });
-        let map = self
-            .ebpf
-            .map_mut(MAP_VIP_META)
-            .ok_or(ProbeError::MissingMap(MAP_VIP_META))?;
-        let mut arr: Array<&mut MapData, u32> =
-            Array::try_from(map).map_err(map_err(MAP_VIP_META))?;
-        arr.set(0, meta, 0).map_err(map_err(MAP_VIP_META))?;
+        write_vips(&mut self.ebpf, &self.vips_in_kernel, &want)?;
         self.vips_in_kernel = want;
         Ok(())
     }

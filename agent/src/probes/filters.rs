@@ -4,8 +4,8 @@ use std::net::IpAddr;
 
 use agent_common::{
     CtEvent, CtStatKey, CtStatValue, HostKey, ProbeConfig, FAMILY_IPV4, FAMILY_IPV6,
-    FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON,
-    MAP_CT_LAST,
+    FEATURE_AGGREGATE, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
+    FILTER_REASON, FILTER_VIP, MAP_CT_LAST,
 };
 use aya::{
     maps::{HashMap, MapData},
@@ -21,6 +21,9 @@ pub struct KernelFilter {
     pub reasons: Vec<u32>,
     /// Addresses matched against the packet and, behind NAT, the flow's original addresses.
     pub hosts: Vec<IpAddr>,
+    /// `hosts` are exactly the VIPs the kernel attributes to, for the whole run: aggregating,
+    /// the filter is then "attributed to a VIP", which costs no lookup of its own.
+    pub hosts_are_vips: bool,
     pub port: Option<u16>,
     pub proto: Option<L4Proto>,
     /// Namespaces (inodes) to keep; all when empty.
@@ -29,12 +32,15 @@ pub struct KernelFilter {
 }
 
 impl KernelFilter {
-    /// The filter bits and values the programs read from their configuration.
+    /// The filter bits and values the programs read from their configuration (after the
+    /// features: the VIP filter needs aggregation).
     pub fn configure(&self, cfg: &mut ProbeConfig) {
         if !self.reasons.is_empty() {
             cfg.filter_flags |= FILTER_REASON;
         }
-        if !self.hosts.is_empty() {
+        if self.hosts_are_vips && cfg.features & FEATURE_AGGREGATE != 0 {
+            cfg.filter_flags |= FILTER_VIP;
+        } else if !self.hosts.is_empty() {
             cfg.filter_flags |= FILTER_HOST;
         }
         if let Some(p) = self.port {

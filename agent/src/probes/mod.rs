@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
     CtVerdict, ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_AGG_FAST, FEATURE_ARP,
-    FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_PACKET, GLOBAL_CONFIG, MAP_AGG, MAP_CT_VERDICT,
-    MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER, MAP_VIPS4,
-    MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6,
+    FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_HOST, FILTER_PACKET, GLOBAL_CONFIG, MAP_AGG,
+    MAP_CT_VERDICT, MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER,
+    MAP_VIPS4, MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6,
 };
 pub use aggregate::{AggCount, Aggregation};
 use aya::{
@@ -41,6 +41,7 @@ pub use speakers::{comm_key, Added, MEMBERLIST_PORT};
 use crate::{
     event::record::{ProbeState, ProbeStatus},
     kernel::btf::{DropReasons, KernelBtf},
+    pipeline::attribution::VipSet,
 };
 
 /// The collector that hooks every received packet.
@@ -89,6 +90,8 @@ pub struct LoadOptions {
     pub memberlist_port: u16,
     /// Process names (`comm`) known to be speakers before they announce (`--speaker-comm`).
     pub speaker_comms: Vec<String>,
+    /// The VIPs (and pools) the kernel attributes to from the start (aggregation).
+    pub vips: VipSet,
 }
 
 impl LoadOptions {
@@ -106,6 +109,7 @@ impl LoadOptions {
             nat_entries: agent_common::NAT_ENTRIES,
             memberlist_port: MEMBERLIST_PORT,
             speaker_comms: Vec::new(),
+            vips: VipSet::default(),
         }
     }
 }
@@ -225,15 +229,15 @@ fn configure(
         cfg.features |= agent_common::FEATURE_MEMBERLIST;
         cfg.memberlist_port = opts.memberlist_port;
     }
-    opts.filter.configure(cfg);
     cfg.wakeup_bytes = opts.wakeup_bytes;
     if let Some(a) = opts.aggregate {
         cfg.features |= FEATURE_AGGREGATE;
-        if cfg.filter_flags & FILTER_PACKET == 0 {
-            cfg.features |= FEATURE_AGG_FAST;
-        }
         cfg.sample_limit = a.sample_limit;
         cfg.window_shift = aggregate::window_shift(aggregate::kernel_hz());
+    }
+    opts.filter.configure(cfg);
+    if cfg.features & FEATURE_AGGREGATE != 0 && cfg.filter_flags & FILTER_PACKET == 0 {
+        cfg.features |= FEATURE_AGG_FAST;
     }
     Ok(Offered {
         layouts,
@@ -407,11 +411,21 @@ impl Prepared {
         let f = &opts.filter;
         fill_set(&mut ebpf, MAP_REASON_FILTER, f.reasons.iter().copied())?;
         fill_set(&mut ebpf, MAP_NETNS_FILTER, f.netns.iter().copied())?;
-        fill_set(
-            &mut ebpf,
-            MAP_HOST_FILTER,
-            f.hosts.iter().map(|h| host_key(*h)),
-        )?;
+        if cfg.filter_flags & FILTER_HOST != 0 {
+            fill_set(
+                &mut ebpf,
+                MAP_HOST_FILTER,
+                f.hosts.iter().map(|h| host_key(*h)),
+            )?;
+        }
+        // The first VIPs too: drops from the start are attributed (and pass a VIP filter).
+        let vips_in_kernel = if opts.aggregate.is_some() {
+            let want = aggregate::prefixes(&opts.vips);
+            aggregate::write_vips(&mut ebpf, &BTreeSet::new(), &want)?;
+            want
+        } else {
+            BTreeSet::new()
+        };
         if offered.ct_stats.is_on() {
             seed_ct_baselines(&mut ebpf)?;
         }
@@ -435,7 +449,7 @@ impl Prepared {
                 conntrack_events: offered.ct_stats,
             },
             aggregating: opts.aggregate.is_some(),
-            vips_in_kernel: BTreeSet::new(),
+            vips_in_kernel,
         };
         for (name, insns) in tracer.verified_insns() {
             tracing::debug!("{name}: the verifier walked {insns} instructions (limit 1000000)");
