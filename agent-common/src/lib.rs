@@ -478,9 +478,12 @@ pub const MAP_VIPS6: &str = "VIPS6";
 /// addresses costs some 50 ns more per drop than one of a single address.
 pub const MAP_VIP_ADDRS4: &str = "VIP_ADDRS4";
 pub const MAP_VIP_ADDRS6: &str = "VIP_ADDRS6";
-/// One `u32` of `VIP_META_*` bits: which of the VIP maps hold an entry (no lookup in the
-/// others).
+/// One `u64`: `VIP_META_*` bits in the low word (which of the VIP maps hold an entry: no lookup
+/// in the others), and in the high word the maps' generation, bumped after every change: the
+/// programs' per-CPU cache of lookups holds only answers of the current generation.
 pub const MAP_VIP_META: &str = "VIP_META";
+/// Where the generation sits in `VIP_META`'s value.
+pub const VIP_META_GEN_SHIFT: u32 = 32;
 /// An IPv4 VIP or pool is set.
 pub const VIP_META_IPV4: u32 = 1 << 0;
 /// An IPv6 VIP or pool is set.

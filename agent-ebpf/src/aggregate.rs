@@ -8,7 +8,8 @@
 use agent_common::{
     AggKey, AggSlot, AggValue, DropRecord, AGG_FAST_SLOTS, AGG_FLAG_MULTICAST, CT_FLAG_ENTRY,
     CT_FLAG_NAT_JOIN, FAMILY_IPV4, FAMILY_IPV6, FEATURE_AGG_FAST, FEATURE_MEMBERLIST,
-    STAT_AGG_FULL, VIP_META_IPV4, VIP_META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
+    STAT_AGG_FULL, VIP_META_GEN_SHIFT, VIP_META_IPV4, VIP_META_IPV6, VIP_META_POOL4,
+    VIP_META_POOL6,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -20,7 +21,7 @@ use crate::{
     conf,
     drop::{parse_into, Drop},
     kernel::{read, Mem},
-    maps::{stat_inc, AGG, AGG_FAST, VIPS4, VIPS6, VIP_ADDRS4, VIP_ADDRS6, VIP_META},
+    maps::{stat_inc, AGG, AGG_FAST, VIPS4, VIPS6, VIP_ADDRS4, VIP_ADDRS6, VIP_CACHE, VIP_META},
     packet::{host_listed, ETH_IPV4, ETH_IPV6, HEADER_UNSET},
 };
 
@@ -110,21 +111,75 @@ impl Vip {
     }
 }
 
+/// What attribution needs of `VIP_META`: which maps hold entries, and their generation.
+#[derive(Clone, Copy)]
+pub struct Meta {
+    pub bits: u32,
+    generation: u32,
+}
+
+/// A slot of `VIP_CACHE`: whether `addr` is a VIP, as of a generation of the VIP maps.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VipCacheSlot {
+    pub addr: [u32; 4],
+    pub generation: u32,
+    pub family: u8,
+    pub is_vip: u8,
+    pub _pad0: [u8; 2],
+}
+
+/// Slots of the per-CPU direct-mapped cache of VIP lookups (a power of two).
+pub const VIP_CACHE_SLOTS: u32 = 64;
+
+/// Whether `addr` of `family` is a VIP: this CPU's cached answer when it is of the maps'
+/// current generation, else `lookup`'s, then cached. A hit costs no hash: most drops a CPU
+/// meets are to or from a handful of addresses.
 #[inline(always)]
-fn take4(addr: u32, meta: u32) -> Vip {
-    if !is_vip(&VIP_ADDRS4, &VIPS4, &addr, meta & VIP_META_POOL4 != 0) {
+fn cached(family: u8, addr: &[u32; 4], meta: Meta, lookup: impl FnOnce() -> bool) -> bool {
+    let h = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    let h = h ^ (h >> 16);
+    let Some(slot) = VIP_CACHE.get_ptr_mut((h ^ (h >> 8)) & (VIP_CACHE_SLOTS - 1)) else {
+        return lookup();
+    };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU.
+    let slot = unsafe { &mut *slot };
+    let a = &slot.addr;
+    // One branch, not four: each would double the states the verifier walks after it.
+    let same = (a[0] ^ addr[0]) | (a[1] ^ addr[1]) | (a[2] ^ addr[2]) | (a[3] ^ addr[3]) == 0;
+    if same && slot.generation == meta.generation && slot.family == family {
+        return slot.is_vip != 0;
+    }
+    let is_vip = lookup();
+    slot.addr = *addr;
+    slot.generation = meta.generation;
+    slot.family = family;
+    slot.is_vip = u8::from(is_vip);
+    is_vip
+}
+
+#[inline(always)]
+fn take4(addr: u32, meta: Meta) -> Vip {
+    let pools = meta.bits & VIP_META_POOL4 != 0;
+    let words = [addr, 0, 0, 0];
+    if !cached(FAMILY_IPV4, &words, meta, || {
+        is_vip(&VIP_ADDRS4, &VIPS4, &addr, pools)
+    }) {
         return Vip::default();
     }
     Vip {
-        addr: [addr, 0, 0, 0],
+        addr: words,
         family: FAMILY_IPV4,
         flags: 0,
     }
 }
 
 #[inline(always)]
-fn take6(addr: &[u32; 4], meta: u32) -> Vip {
-    if !is_vip(&VIP_ADDRS6, &VIPS6, addr, meta & VIP_META_POOL6 != 0) {
+fn take6(addr: &[u32; 4], meta: Meta) -> Vip {
+    let pools = meta.bits & VIP_META_POOL6 != 0;
+    if !cached(FAMILY_IPV6, addr, meta, || {
+        is_vip(&VIP_ADDRS6, &VIPS6, addr, pools)
+    }) {
         return Vip::default();
     }
     Vip {
@@ -136,9 +191,9 @@ fn take6(addr: &[u32; 4], meta: u32) -> Vip {
 
 /// The first of a destination and a source that is a VIP.
 #[inline(always)]
-fn take_either(family: u8, dst: &[u32; 4], src: &[u32; 4], meta: u32) -> Vip {
+fn take_either(family: u8, dst: &[u32; 4], src: &[u32; 4], meta: Meta) -> Vip {
     match family {
-        FAMILY_IPV4 if meta & VIP_META_IPV4 != 0 => {
+        FAMILY_IPV4 if meta.bits & VIP_META_IPV4 != 0 => {
             let vip = take4(dst[0], meta);
             if vip.found() {
                 vip
@@ -146,7 +201,7 @@ fn take_either(family: u8, dst: &[u32; 4], src: &[u32; 4], meta: u32) -> Vip {
                 take4(src[0], meta)
             }
         }
-        FAMILY_IPV6 if meta & VIP_META_IPV6 != 0 => {
+        FAMILY_IPV6 if meta.bits & VIP_META_IPV6 != 0 => {
             let vip = take6(dst, meta);
             if vip.found() {
                 vip
@@ -234,7 +289,7 @@ fn mcast6(first: u8) -> u8 {
 
 /// Attributes by the packet's own destination, then source, with the multicast flag.
 #[inline(always)]
-fn by_packet(a: &Addrs, meta: u32) -> Vip {
+fn by_packet(a: &Addrs, meta: Meta) -> Vip {
     let mut vip = take_either(a.family, &a.dst, &a.src, meta);
     // The first byte in memory is the word's low byte (little-endian BPF).
     let first = a.dst[0] as u8;
@@ -246,10 +301,15 @@ fn by_packet(a: &Addrs, meta: u32) -> Vip {
     vip
 }
 
-/// Which families the VIP tries hold (0: none, attribution reads nothing).
+/// Which VIP maps hold entries (`bits` 0: none, attribution reads nothing), and their
+/// generation.
 #[inline(always)]
-pub fn vip_meta() -> u32 {
-    VIP_META.get(0).copied().unwrap_or(0)
+pub fn vip_meta() -> Meta {
+    let v = VIP_META.get(0).copied().unwrap_or(0);
+    Meta {
+        bits: v as u32,
+        generation: (v >> VIP_META_GEN_SHIFT) as u32,
+    }
 }
 
 /// The drop's VIP, in the order userspace attributes: the packet's destination, its source
@@ -260,15 +320,15 @@ pub fn vip_meta() -> u32 {
 #[inline(always)]
 pub fn attribute<M: Mem>(
     skb: u64,
-    (addrs, meta): (Option<&Addrs>, u32),
+    (addrs, meta): (Option<&Addrs>, Meta),
     rec: &mut DropRecord,
     must_parse: bool,
 ) -> (Vip, bool) {
     let mut vip = match addrs {
-        Some(a) if meta != 0 => by_packet(a, meta),
+        Some(a) if meta.bits != 0 => by_packet(a, meta),
         _ => Vip::default(),
     };
-    let via_tuple = !vip.found() && meta != 0 && crate::conntrack::translated::<M>(skb);
+    let via_tuple = !vip.found() && meta.bits != 0 && crate::conntrack::translated::<M>(skb);
     if !(must_parse || via_tuple) {
         return (vip, false);
     }

@@ -111,7 +111,7 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     // filter) is the whole record read first.
     let meta = aggregate::vip_meta();
     let host_only = filters & FILTER_PACKET == FILTER_HOST;
-    let addrs = if meta != 0 || host_only {
+    let addrs = if meta.bits != 0 || host_only {
         aggregate::packet_addrs::<M>(d.skb)
     } else {
         None

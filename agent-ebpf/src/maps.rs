@@ -104,9 +104,14 @@ pub static VIP_ADDRS4: HashMap<u32, u8> = HashMap::with_max_entries(VIP_ENTRIES,
 #[map]
 pub static VIP_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(VIP_ENTRIES, 0);
 
-/// Which families `VIPS` holds (`VIP_META` in agent_common): no trie walk for the others.
+/// Which VIP maps hold entries, and their generation (`MAP_VIP_META` in agent_common).
 #[map]
-pub static VIP_META: Array<u32> = Array::with_max_entries(1, 0);
+pub static VIP_META: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per-CPU direct-mapped cache of VIP lookups, by address (`crate::aggregate::VipCacheSlot`).
+#[map]
+pub static VIP_CACHE: PerCpuArray<crate::aggregate::VipCacheSlot> =
+    PerCpuArray::with_max_entries(crate::aggregate::VIP_CACHE_SLOTS, 0);
 
 /// Per-CPU direct-mapped cache in front of `CT_LAST`, by namespace.
 #[map]

@@ -8,8 +8,8 @@ use std::{
 
 use agent_common::{
     AggKey, AggSlot, AggValue, CtEvent, AGG_FLAG_MULTICAST, MAP_AGG, MAP_AGG_FAST, MAP_VIPS4,
-    MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6, MAP_VIP_META, VIP_META_IPV4, VIP_META_IPV6,
-    VIP_META_POOL4, VIP_META_POOL6,
+    MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6, MAP_VIP_META, VIP_META_GEN_SHIFT, VIP_META_IPV4,
+    VIP_META_IPV6, VIP_META_POOL4, VIP_META_POOL6,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
@@ -149,8 +149,12 @@ pub(super) fn write_vips(
     let map = ebpf
         .map_mut(MAP_VIP_META)
         .ok_or(ProbeError::MissingMap(MAP_VIP_META))?;
-    let mut arr: Array<&mut MapData, u32> = Array::try_from(map).map_err(map_err(MAP_VIP_META))?;
-    arr.set(0, meta, 0).map_err(map_err(MAP_VIP_META))
+    let mut arr: Array<&mut MapData, u64> = Array::try_from(map).map_err(map_err(MAP_VIP_META))?;
+    // A new generation, never 0 (what an unwritten cache slot holds), written after the maps.
+    let old = arr.get(&0, 0).map_err(map_err(MAP_VIP_META))?;
+    let generation = ((old >> VIP_META_GEN_SHIFT) as u32).wrapping_add(1).max(1);
+    let value = u64::from(meta) | u64::from(generation) << VIP_META_GEN_SHIFT;
+    arr.set(0, value, 0).map_err(map_err(MAP_VIP_META))
 }
 
 impl Tracer {
