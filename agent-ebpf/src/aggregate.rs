@@ -132,43 +132,70 @@ pub struct VipCacheSlot {
 /// Slots of the per-CPU direct-mapped cache of VIP lookups (a power of two).
 pub const VIP_CACHE_SLOTS: u32 = 64;
 
-/// Whether `addr` of `family` is a VIP: this CPU's cached answer when it is of the maps'
-/// current generation, else `lookup`'s, then cached. A hit costs no hash: most drops a CPU
-/// meets are to or from a handful of addresses.
+/// This CPU's `VIP_CACHE` slot for an address whose words xor to `h`.
 #[inline(always)]
-fn cached(family: u8, addr: &[u32; 4], meta: Meta, lookup: impl FnOnce() -> bool) -> bool {
-    let h = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+fn cache_slot(h: u32) -> Option<&'static mut VipCacheSlot> {
     let h = h ^ (h >> 16);
-    let Some(slot) = VIP_CACHE.get_ptr_mut((h ^ (h >> 8)) & (VIP_CACHE_SLOTS - 1)) else {
-        return lookup();
-    };
+    let slot = VIP_CACHE.get_ptr_mut((h ^ (h >> 8)) & (VIP_CACHE_SLOTS - 1))?;
     // SAFETY: this CPU's slot; programs do not nest on one CPU.
-    let slot = unsafe { &mut *slot };
-    let a = &slot.addr;
-    // One branch, not four: each would double the states the verifier walks after it.
-    let same = (a[0] ^ addr[0]) | (a[1] ^ addr[1]) | (a[2] ^ addr[2]) | (a[3] ^ addr[3]) == 0;
-    if same && slot.generation == meta.generation && slot.family == family {
-        return slot.is_vip != 0;
-    }
-    let is_vip = lookup();
-    slot.addr = *addr;
+    Some(unsafe { &mut *slot })
+}
+
+/// Whether `slot` answers for `family` at the maps' current generation (its address checked
+/// by the caller).
+#[inline(always)]
+fn current(slot: &VipCacheSlot, family: u8, meta: Meta) -> bool {
+    slot.generation == meta.generation && slot.family == family
+}
+
+/// Keeps `is_vip` as the slot's answer for `addr` at the maps' current generation.
+#[inline(always)]
+fn keep(slot: &mut VipCacheSlot, addr: [u32; 4], family: u8, meta: Meta, is_vip: bool) -> bool {
+    slot.addr = addr;
     slot.generation = meta.generation;
     slot.family = family;
     slot.is_vip = u8::from(is_vip);
     is_vip
 }
 
+/// Whether the IPv4 `addr` is a VIP: this CPU's cached answer when it is of the maps' current
+/// generation, else the maps', then cached. A hit costs no hash: most drops a CPU meets are to
+/// or from a handful of addresses. The address stays a word: no array on the stack.
+#[inline(always)]
+fn cached4(addr: u32, meta: Meta) -> bool {
+    let lookup = || is_vip(&VIP_ADDRS4, &VIPS4, &addr, meta.bits & VIP_META_POOL4 != 0);
+    let Some(slot) = cache_slot(addr) else {
+        return lookup();
+    };
+    if slot.addr[0] == addr && current(slot, FAMILY_IPV4, meta) {
+        return slot.is_vip != 0;
+    }
+    keep(slot, [addr, 0, 0, 0], FAMILY_IPV4, meta, lookup())
+}
+
+/// [`cached4`] for an IPv6 address.
+#[inline(always)]
+fn cached6(addr: &[u32; 4], meta: Meta) -> bool {
+    let lookup = || is_vip(&VIP_ADDRS6, &VIPS6, addr, meta.bits & VIP_META_POOL6 != 0);
+    let Some(slot) = cache_slot(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) else {
+        return lookup();
+    };
+    let a = &slot.addr;
+    // One branch, not four: each would double the states the verifier walks after it.
+    let same = (a[0] ^ addr[0]) | (a[1] ^ addr[1]) | (a[2] ^ addr[2]) | (a[3] ^ addr[3]) == 0;
+    if same && current(slot, FAMILY_IPV6, meta) {
+        return slot.is_vip != 0;
+    }
+    keep(slot, *addr, FAMILY_IPV6, meta, lookup())
+}
+
 #[inline(always)]
 fn take4(addr: u32, meta: Meta) -> Vip {
-    let pools = meta.bits & VIP_META_POOL4 != 0;
-    let words = [addr, 0, 0, 0];
-    if !cached(FAMILY_IPV4, &words, meta, || {
-        is_vip(&VIP_ADDRS4, &VIPS4, &addr, pools)
-    }) {
+    if !cached4(addr, meta) {
         return Vip::default();
     }
     Vip {
-        addr: words,
+        addr: [addr, 0, 0, 0],
         family: FAMILY_IPV4,
         flags: 0,
     }
@@ -176,10 +203,7 @@ fn take4(addr: u32, meta: Meta) -> Vip {
 
 #[inline(always)]
 fn take6(addr: &[u32; 4], meta: Meta) -> Vip {
-    let pools = meta.bits & VIP_META_POOL6 != 0;
-    if !cached(FAMILY_IPV6, addr, meta, || {
-        is_vip(&VIP_ADDRS6, &VIPS6, addr, pools)
-    }) {
+    if !cached6(addr, meta) {
         return Vip::default();
     }
     Vip {
@@ -448,11 +472,17 @@ fn tally(v: &mut AggValue, always: bool) -> Outcome {
 }
 
 /// Counts in the fast slot when it is the key's: the outcome, or 0 when the slot is another
-/// key's. A function of its own: the verifier walks it once per call, not once per path
-/// after it, which keeps `kfree_skb` well inside the verifier's limit.
+/// key's.
+#[inline(always)]
+fn count_fast_inline(key: &AggKey, always: bool) -> u32 {
+    fast_value(key).map_or(0, |v| tally(v, always) as u32)
+}
+
+/// [`count_fast_inline`] as a function of its own: the verifier walks it once per call, not
+/// once per path after it, which keeps `kfree_skb` well inside the verifier's limit.
 #[inline(never)]
 fn count_fast(key: &AggKey, always: bool) -> u32 {
-    fast_value(key).map_or(0, |v| tally(v, always) as u32)
+    count_fast_inline(key, always)
 }
 
 /// Counts the drop under its key, in this CPU's fast slot or else in `AGG`; `always`
@@ -462,9 +492,14 @@ fn count_fast(key: &AggKey, always: bool) -> u32 {
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the key and value are copied again on the 512-byte BPF stack"
 )]
-pub fn count(key: &AggKey, always: bool) -> Outcome {
+pub fn count<M: Mem>(key: &AggKey, always: bool) -> Outcome {
     if conf!(features) & FEATURE_AGG_FAST != 0 {
-        match count_fast(key, always) {
+        let code = if M::ROOM_FOR_CALLS {
+            count_fast(key, always)
+        } else {
+            count_fast_inline(key, always)
+        };
+        match code {
             0 => {}
             code => return Outcome::from_code(code),
         }

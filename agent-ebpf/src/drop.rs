@@ -145,7 +145,7 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
         return;
     }
     // `AGG` holds the exact counts per reason and event; the arrays only what it could not.
-    let flags = match aggregate::count(&key, always) {
+    let flags = match aggregate::count::<M>(&key, always) {
         Outcome::Skip => {
             stat_inc(STAT_SAMPLED_OUT);
             return;

@@ -30,6 +30,10 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i32> {
 
 /// How a program reads the kernel structs its hook hands it.
 pub trait Mem {
+    /// Whether the drop program's frame leaves room for a subprogram's: 6.1 allows 512 bytes
+    /// for a chain of calls, and every probe read needs a stack buffer.
+    const ROOM_FOR_CALLS: bool;
+
     /// Reads a `T` at `base + off`; fails for a null base or an offset the BTF did not provide.
     fn read<T: Copy>(base: u64, off: u32) -> Result<T, i32>;
 }
@@ -44,6 +48,8 @@ pub struct Probe;
 pub struct Btf;
 
 impl Mem for Probe {
+    const ROOM_FOR_CALLS: bool = false;
+
     #[inline(always)]
     fn read<T: Copy>(base: u64, off: u32) -> Result<T, i32> {
         read(base, off)
@@ -51,6 +57,8 @@ impl Mem for Probe {
 }
 
 impl Mem for Btf {
+    const ROOM_FOR_CALLS: bool = true;
+
     #[inline(always)]
     fn read<T: Copy>(base: u64, off: u32) -> Result<T, i32> {
         if base == 0 || off == OFFSET_UNKNOWN {
