@@ -5,6 +5,7 @@
 //! of its hooks attaches. Every attempt is kept for `doctor`.
 
 mod aggregate;
+mod attach;
 mod collectors;
 mod counters;
 mod filters;
@@ -15,20 +16,18 @@ mod speakers;
 use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
-    CtVerdict, ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_AGG_FAST, FEATURE_ARP,
-    FEATURE_CT_STATS, FEATURE_NAT_CAPTURE, FILTER_HOST, FILTER_PACKET, GLOBAL_CONFIG, MAP_AGG,
-    MAP_CT_VERDICT, MAP_EVENTS, MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER,
-    MAP_VIPS4, MAP_VIPS6, MAP_VIP_ADDRS4, MAP_VIP_ADDRS6,
+    ProbeConfig, ProbeId, FEATURE_AGGREGATE, FEATURE_AGG_FAST, FEATURE_ARP, FEATURE_CT_STATS,
+    FEATURE_NAT_CAPTURE, FILTER_HOST, FILTER_PACKET, GLOBAL_CONFIG, MAP_AGG, MAP_EVENTS,
+    MAP_HOST_FILTER, MAP_NAT, MAP_NETNS_FILTER, MAP_REASON_FILTER, MAP_VIPS4, MAP_VIPS6,
+    MAP_VIP_ADDRS4, MAP_VIP_ADDRS6,
 };
 pub use aggregate::{AggCount, Aggregation};
+use attach::attach_all;
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{MapData, RingBuf},
     Ebpf, EbpfLoader,
 };
 pub use collectors::error_chain;
-use collectors::{
-    attach_btf, attach_kprobes, attach_tracepoint, disabled_by_env, Hook, ProbeSpec, COLLECTORS,
-};
 pub use collectors::{probe_name, ProbeMode, DISABLE_PROBES_ENV};
 pub use counters::{KernelCounters, NatOccupancy};
 pub use filters::KernelFilter;
@@ -39,7 +38,7 @@ use offsets::{
 pub use speakers::{comm_key, Added, MEMBERLIST_PORT};
 
 use crate::{
-    event::record::{ProbeState, ProbeStatus},
+    event::record::ProbeStatus,
     kernel::btf::{DropReasons, KernelBtf},
     pipeline::attribution::VipSet,
 };
@@ -258,103 +257,6 @@ pub struct Tracer {
     pub aggregating: bool,
     /// What the kernel's VIP trie holds.
     vips_in_kernel: BTreeSet<ipnet::IpNet>,
-}
-
-/// Per collector, the first probe that attaches (as `mode` allows); every attempt's outcome.
-fn attach_all(
-    ebpf: &mut Ebpf,
-    btf: Option<&aya::Btf>,
-    opts: &LoadOptions,
-    offered: &Offered,
-) -> Result<(Vec<ProbeStatus>, BTreeMap<&'static str, ProbeId>), ProbeError> {
-    let mode = opts.mode;
-    let mut statuses = Vec::new();
-    let mut active = BTreeMap::new();
-    // Nothing to hook on receive without ARP, or when receive is not asked for.
-    let rx = opts.arp && opts.arp_rx;
-    for collector in COLLECTORS.iter().filter(|c| rx || c.name != RX_COLLECTOR) {
-        for spec in collector.probes {
-            let name = probe_name(spec.id);
-            let state = if active.contains_key(collector.name) {
-                ProbeState::NotNeeded
-            } else if !mode.allows(spec) {
-                ProbeState::NotTried(mode.to_string())
-            } else if disabled_by_env(name) {
-                ProbeState::Disabled(DISABLE_PROBES_ENV.to_owned())
-            } else {
-                match attach_one(ebpf, btf, offered, spec) {
-                    Ok(()) => ProbeState::Attached,
-                    Err(e) => ProbeState::Failed(e),
-                }
-            };
-            if state.attached() {
-                active.insert(collector.name, spec.id);
-            }
-            statuses.push(ProbeStatus {
-                collector: collector.name.into(),
-                probe: name.into(),
-                state,
-            });
-        }
-        if collector.required && !active.contains_key(collector.name) {
-            let why = statuses
-                .iter()
-                .filter(|s| &*s.collector == collector.name)
-                .filter_map(|s| s.state.why().map(|e| format!("{}: {e}", s.probe)))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(ProbeError::NoProbe(why));
-        }
-    }
-    Ok((statuses, active))
-}
-
-/// Attaches one probe of a collector.
-fn attach_one(
-    ebpf: &mut Ebpf,
-    btf: Option<&aya::Btf>,
-    offered: &Offered,
-    spec: &ProbeSpec,
-) -> Result<(), String> {
-    match spec.hook {
-        Hook::BtfTracepoint { function } => {
-            match (btf, offered.layouts.get(format!("btf/{function}").as_str())) {
-                (_, Some(Err(e))) => Err(e.clone()),
-                (Some(kbtf), _) => attach_btf(ebpf, spec.program, function, kbtf),
-                (None, _) => Err("kernel BTF unavailable to the loader".to_owned()),
-            }
-        }
-        Hook::Tracepoint { category, name } => {
-            match offered.layouts.get(format!("{category}/{name}").as_str()) {
-                Some(Err(e)) => Err(e.clone()),
-                _ => attach_tracepoint(ebpf, spec.program, category, name),
-            }
-        }
-        Hook::Kprobes { attach } => match &offered.ct_stats {
-            Feature::Off(why) => Err(format!("conntrack drop classification is off: {why}")),
-            Feature::On => {
-                attach_kprobes(ebpf, attach)?;
-                use_ct_verdicts(ebpf)
-            }
-        },
-        Hook::Statistics => Result::from(offered.ct_stats.clone()),
-    }
-}
-
-/// Tells the drop program, on every CPU, to classify from the hooks' verdicts.
-fn use_ct_verdicts(ebpf: &mut Ebpf) -> Result<(), String> {
-    let map = ebpf
-        .map_mut(MAP_CT_VERDICT)
-        .ok_or_else(|| format!("map {MAP_CT_VERDICT} missing from the object"))?;
-    let mut slots: PerCpuArray<_, CtVerdict> =
-        PerCpuArray::try_from(map).map_err(|e| error_chain(&e))?;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
-    let hooked = CtVerdict {
-        hooked: 1,
-        ..CtVerdict::default()
-    };
-    let values = PerCpuValues::try_from(vec![hooked; cpus]).map_err(|e| e.to_string())?;
-    slots.set(0, values, 0).map_err(|e| error_chain(&e))
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {
