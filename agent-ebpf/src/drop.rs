@@ -14,7 +14,7 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_boot_ns};
 
 use crate::{
     aggregate::{self, Outcome},
-    conf, conntrack,
+    attribution, conf, conntrack,
     kernel::Mem,
     maps::{
         array_inc, count_reason, netns_listed, stat_inc, submit, CT_COUNTS, REASON_FILTER, SCRATCH,
@@ -109,10 +109,10 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
     // The packet's addresses, read once for the VIP and a host (or --vip) filter. That filter
     // alone is settled by them when one is listed: only otherwise (behind NAT, or another
     // filter) is the whole record read first.
-    let meta = aggregate::vip_meta();
+    let meta = attribution::vip_meta();
     let host_only = filters & FILTER_PACKET == FILTER_HOST;
     let addrs = if meta.bits != 0 || host_only {
-        aggregate::packet_addrs::<M>(d.skb)
+        attribution::packet_addrs::<M>(d.skb)
     } else {
         None
     };
@@ -120,7 +120,7 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
         0 => false,
         FILTER_HOST => {
             // Memberlist traffic passes it too: it is evidence for every VIP.
-            if addrs.as_ref().is_some_and(aggregate::hosts_listed)
+            if addrs.as_ref().is_some_and(attribution::hosts_listed)
                 || aggregate::memberlist::<M>(d.skb)
             {
                 false
@@ -132,7 +132,7 @@ fn aggregated<M: Mem>(d: &Drop, filters: u32) {
         }
         _ => true,
     };
-    let (vip, parsed) = aggregate::attribute::<M>(d.skb, (addrs.as_ref(), meta), rec, filtered);
+    let (vip, parsed) = attribution::attribute::<M>(d.skb, (addrs.as_ref(), meta), rec, filtered);
     let key = aggregate::key(d, event, vip);
     // Counted only when the packet passes the filters, as on the path of every drop.
     if filtered && !packet_matches(rec, is_memberlist(&rec.pkt)) {

@@ -30,8 +30,8 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i32> {
 
 /// How a program reads the kernel structs its hook hands it.
 pub trait Mem {
-    /// Whether the drop program's frame leaves room for a subprogram's: 6.1 allows 512 bytes
-    /// for a chain of calls, and every probe read needs a stack buffer.
+    /// Whether the drop program's frame leaves room for subprograms' (counting, VIP lookups):
+    /// 6.1 allows 512 bytes for a chain of calls, and every probe read needs a stack buffer.
     const ROOM_FOR_CALLS: bool;
 
     /// Reads a `T` at `base + off`; fails for a null base or an offset the BTF did not provide.

@@ -108,10 +108,10 @@ pub static VIP_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(VIP_ENT
 #[map]
 pub static VIP_META: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Per-CPU direct-mapped cache of VIP lookups, by address (`crate::aggregate::VipCacheSlot`).
+/// Per-CPU direct-mapped cache of VIP lookups, by address (`crate::attribution::VipCacheSlot`).
 #[map]
-pub static VIP_CACHE: PerCpuArray<crate::aggregate::VipCacheSlot> =
-    PerCpuArray::with_max_entries(crate::aggregate::VIP_CACHE_SLOTS, 0);
+pub static VIP_CACHE: PerCpuArray<crate::attribution::VipCacheSlot> =
+    PerCpuArray::with_max_entries(crate::attribution::VIP_CACHE_SLOTS, 0);
 
 /// Per-CPU direct-mapped cache in front of `CT_LAST`, by namespace.
 #[map]
