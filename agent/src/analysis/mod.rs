@@ -10,6 +10,8 @@ pub mod because;
 mod because_evidence;
 pub mod diagnosis;
 mod endpoints;
+#[cfg(test)]
+mod fixtures;
 pub mod from_metrics;
 pub mod merge;
 pub mod nodes;
@@ -250,42 +252,14 @@ impl Sink for Analyzer {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::event::{
-        record::{read_ndjson, DropRec, VipOwnerRec},
-        values::Time,
+    use super::{
+        fixtures::{drop_at, owner},
+        *,
     };
-
-    fn at(s: u64) -> Option<Time> {
-        Some(Time::from_secs_f64(1_800_000_000.0 + s as f64))
-    }
+    use crate::event::record::read_ndjson;
 
     fn drop_rec(s: u64, vip: &str, netns: u32, reason: &str, dst: &str) -> Record {
-        Record::Drop(DropRec {
-            time: at(s),
-            reason: reason.into(),
-            location: "nft_do_chain+0x1".into(),
-            netns,
-            dst: dst.parse().ok(),
-            src: "10.200.0.2".parse().ok(),
-            vip: vip.parse().ok(),
-            ..DropRec::default()
-        })
-    }
-
-    fn owner(s: u64, vip: &str, old: Option<(u8, u32)>, new: (u8, u32)) -> Record {
-        Record::VipOwner(Box::new(VipOwnerRec {
-            node: None,
-            time: at(s),
-            vip: vip.parse().unwrap(),
-            old_mac: old.map(|(m, _)| Mac([0xaa, 0, 0, 0, 0, m])),
-            old_netns: old.map(|(_, n)| n),
-            new_mac: Mac([0xaa, 0, 0, 0, 0, new.0]),
-            new_netns: Some(new.1),
-            ifname: None,
-            source: None,
-            service: None,
-        }))
+        drop_at(s, vip, netns, reason, dst, "nft_do_chain+0x1")
     }
 
     #[test]
