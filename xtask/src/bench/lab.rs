@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use lbtest::{
     blast::{Blaster, Plan, Sent},
+    lab::topology::snmp,
     netns::{veth, Netns},
 };
 use serde_json::Value;
@@ -111,19 +112,8 @@ impl Lab {
     }
 
     pub fn oracle(&self) -> Result<Oracle> {
-        let snmp = self
-            .node
-            .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
-        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-        let (names, values) = (udp.next().unwrap_or(""), udp.next().unwrap_or(""));
-        let udp_no_ports = names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "NoPorts")
-            .and_then(|(_, v)| v.parse().ok())
-            .context("no Udp NoPorts in the node's /proc/net/snmp")?;
         Ok(Oracle {
-            udp_no_ports,
+            udp_no_ports: snmp(&self.node, "Udp", "NoPorts").context("the node's Udp NoPorts")?,
             nft_dropped: self.node.nft_counter("ip", "lbbench", "dropped")?,
         })
     }

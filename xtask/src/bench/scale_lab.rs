@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lbtest::netns::{veth, Netns};
+use lbtest::{
+    lab::topology::snmp,
+    netns::{veth, Netns},
+};
 
 use super::lab::mac;
 
@@ -155,19 +158,8 @@ impl ScaleLab {
     }
 
     pub fn oracle(&self) -> Result<Oracle> {
-        let snmp = self
-            .pod
-            .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
-        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-        let (names, values) = (udp.next().unwrap_or(""), udp.next().unwrap_or(""));
-        let no_ports = names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "NoPorts")
-            .and_then(|(_, v)| v.parse().ok())
-            .context("no Udp NoPorts in the pod's /proc/net/snmp")?;
         Ok(Oracle {
-            no_ports,
+            no_ports: snmp(&self.pod, "Udp", "NoPorts").context("the pod's Udp NoPorts")?,
             new_conns: self.node.nft_counter("ip", "lbscale", "new")?,
             ct_insert_failed: self.node.conntrack_stat("insert_failed")?,
             ct_drop: self.node.conntrack_stat("drop")?,
