@@ -146,6 +146,19 @@ fn cached6_call(addr: &[u32; 4], bits: u32, generation: u32) -> u32 {
     u32::from(cached6(addr, Meta { bits, generation }))
 }
 
+/// `addr` of `family` as the drop's VIP when `is_vip`, else none.
+#[inline(always)]
+fn vip_if(is_vip: bool, addr: [u32; 4], family: u8) -> Vip {
+    if !is_vip {
+        return Vip::default();
+    }
+    Vip {
+        addr,
+        family,
+        flags: 0,
+    }
+}
+
 #[inline(always)]
 fn take4<M: Mem>(addr: u32, meta: Meta) -> Vip {
     let is_vip = if M::ROOM_FOR_CALLS {
@@ -153,14 +166,7 @@ fn take4<M: Mem>(addr: u32, meta: Meta) -> Vip {
     } else {
         cached4(addr, meta)
     };
-    if !is_vip {
-        return Vip::default();
-    }
-    Vip {
-        addr: [addr, 0, 0, 0],
-        family: FAMILY_IPV4,
-        flags: 0,
-    }
+    vip_if(is_vip, [addr, 0, 0, 0], FAMILY_IPV4)
 }
 
 #[inline(always)]
@@ -170,14 +176,7 @@ fn take6<M: Mem>(addr: &[u32; 4], meta: Meta) -> Vip {
     } else {
         cached6(addr, meta)
     };
-    if !is_vip {
-        return Vip::default();
-    }
-    Vip {
-        addr: *addr,
-        family: FAMILY_IPV6,
-        flags: 0,
-    }
+    vip_if(is_vip, *addr, FAMILY_IPV6)
 }
 
 /// The first of a destination and a source that is a VIP.

@@ -182,6 +182,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         netns: s.netns.clone(),
         ..KernelFilter::default()
     };
+    let vips = VipSet::from_nets(s.vips.clone());
     let opts = LoadOptions {
         ring_bytes: s.ring_size,
         wakeup_bytes: u64::from(s.ring_size / 4),
@@ -195,7 +196,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         nat_entries: s.nat_entries,
         memberlist_port: s.memberlist_port,
         speaker_comms: s.speaker_comms.clone(),
-        vips: VipSet::from_nets(s.vips.clone()),
+        vips: vips.clone(),
         ..LoadOptions::new(s.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;
@@ -223,7 +224,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let namer = Namer::new(reasons, load_kallsyms(), Clock::now());
     let mut p = Pipeline::new(
         namer,
-        VipSet::from_nets(s.vips.clone()),
+        vips,
         Ownership::new(OwnershipConfig::default(), s.discover_vips),
     );
     p.sinks = sinks;

@@ -193,6 +193,7 @@ pub(crate) fn trace(
         ct_events: args.events.clone(),
     };
     let header = recording.then(|| header(args, &reasons));
+    let vips = VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect());
     let opts = LoadOptions {
         ring_bytes: args.ring_size,
         wakeup_bytes: u64::from(args.ring_size / 4),
@@ -204,7 +205,7 @@ pub(crate) fn trace(
             sample_limit: args.sample_limit,
             entries: agg_entries(agent_common::VIP_ENTRIES),
         }),
-        vips: VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect()),
+        vips: vips.clone(),
         ..LoadOptions::new(args.probe_mode, filter)
     };
     let prepared = Prepared::new(&btf, &reasons, &opts)?;
@@ -214,7 +215,6 @@ pub(crate) fn trace(
     let mut tracer = prepared.load()?;
     log_probes(&tracer);
     let namer = Namer::new(reasons, load_kallsyms(), Clock::now());
-    let vips = VipSet::new(args.vips.iter().chain(&args.tag_vips).copied().collect());
     let mut p = Pipeline::new(
         namer,
         vips,

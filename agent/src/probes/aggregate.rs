@@ -164,6 +164,10 @@ impl Tracer {
             return Ok(());
         }
         let want = prefixes(vips);
+        // Unchanged: no write, and no new generation to empty the programs' caches.
+        if want == self.vips_in_kernel {
+            return Ok(());
+        }
         write_vips(&mut self.ebpf, &self.vips_in_kernel, &want)?;
         self.vips_in_kernel = want;
         Ok(())

@@ -4,8 +4,8 @@ use std::net::IpAddr;
 
 use agent_common::{
     CtEvent, CtStatKey, CtStatValue, HostKey, ProbeConfig, FAMILY_IPV4, FAMILY_IPV6,
-    FEATURE_AGGREGATE, FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO,
-    FILTER_REASON, FILTER_VIP, MAP_CT_LAST,
+    FILTER_CT_EVENT, FILTER_HOST, FILTER_NETNS, FILTER_PORT, FILTER_PROTO, FILTER_REASON,
+    FILTER_VIP, MAP_CT_LAST,
 };
 use aya::{
     maps::{HashMap, MapData},
@@ -32,13 +32,13 @@ pub struct KernelFilter {
 }
 
 impl KernelFilter {
-    /// The filter bits and values the programs read from their configuration (after the
-    /// features: the VIP filter needs aggregation).
-    pub fn configure(&self, cfg: &mut ProbeConfig) {
+    /// The filter bits and values the programs read from their configuration. The VIP filter
+    /// needs `aggregating`: only then does the kernel attribute.
+    pub fn configure(&self, cfg: &mut ProbeConfig, aggregating: bool) {
         if !self.reasons.is_empty() {
             cfg.filter_flags |= FILTER_REASON;
         }
-        if self.hosts_are_vips && cfg.features & FEATURE_AGGREGATE != 0 {
+        if self.hosts_are_vips && aggregating {
             cfg.filter_flags |= FILTER_VIP;
         } else if !self.hosts.is_empty() {
             cfg.filter_flags |= FILTER_HOST;

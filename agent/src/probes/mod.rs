@@ -234,7 +234,7 @@ fn configure(
         cfg.sample_limit = a.sample_limit;
         cfg.window_shift = aggregate::window_shift(aggregate::kernel_hz());
     }
-    opts.filter.configure(cfg);
+    opts.filter.configure(cfg, opts.aggregate.is_some());
     if cfg.features & FEATURE_AGGREGATE != 0 && cfg.filter_flags & FILTER_PACKET == 0 {
         cfg.features |= FEATURE_AGG_FAST;
     }
