@@ -54,6 +54,26 @@ impl Spread {
         })
     }
 
+    /// (a − base) / (b − base) over the rounds all three have, each `(round, value)`. A round
+    /// runs them back to back, so a drift of the machine between rounds cancels, where the
+    /// ratio of two ranges ([`Self::ratio`]) would compound it. `None` unless `b` is above
+    /// `base` in every such round.
+    pub fn paired_ratio(
+        base: &[(usize, f64)],
+        a: &[(usize, f64)],
+        b: &[(usize, f64)],
+    ) -> Option<Self> {
+        let at = |v: &[(usize, f64)], round: usize| v.iter().find(|x| x.0 == round).map(|x| x.1);
+        let ratios: Option<Vec<f64>> = base
+            .iter()
+            .filter_map(|&(round, n)| {
+                let (x, y) = (at(a, round)?, at(b, round)?);
+                Some((y > n).then(|| (x - n) / (y - n)))
+            })
+            .collect();
+        Self::of(&ratios?)
+    }
+
     pub fn from_json(s: &Value) -> Option<Self> {
         Some(Self {
             min: s["min"].as_f64()?,
@@ -174,5 +194,24 @@ mod tests {
         assert_eq!(Verdict::at_most(lb.ratio(bp), 1.0), Verdict::Met);
         let lb = s(&[900.0, 950.0]).unwrap().minus(none);
         assert_eq!(Verdict::at_most(lb.ratio(bp), 1.0), Verdict::Missed);
+    }
+
+    #[test]
+    fn paired_ratios_cancel_a_drift_between_rounds() {
+        // The machine slows by 100 ns a drop each round; lbtrace always adds 50, bpftrace 100.
+        let none = [(0, 1000.0), (1, 1100.0), (2, 1200.0)];
+        let lb = [(0, 1050.0), (1, 1150.0), (2, 1250.0)];
+        let bp = [(0, 1100.0), (1, 1200.0), (2, 1300.0)];
+        let p = Spread::paired_ratio(&none, &lb, &bp).unwrap();
+        assert_eq!((p.min, p.median, p.max, p.n), (0.5, 0.5, 0.5, 3));
+        // The ranges' ratio spans the drift.
+        let r =
+            |v: &[(usize, f64)]| Spread::of(&v.iter().map(|x| x.1).collect::<Vec<_>>()).unwrap();
+        let wide = r(&lb).minus(r(&none)).ratio(r(&bp).minus(r(&none)));
+        assert_eq!(wide, None, "bpftrace's range reaches below zero");
+        // Only rounds all three have count; bpftrace at or below the base resolves nothing.
+        let p = Spread::paired_ratio(&none, &lb[..2], &bp).unwrap();
+        assert_eq!(p.n, 2);
+        assert_eq!(Spread::paired_ratio(&none, &lb, &none), None);
     }
 }

@@ -1,8 +1,9 @@
-//! The floor of a per-packet hook: an empty tp_btf program (`r0 = 0; exit`) on
-//! `net_dev_start_xmit`, the hook type and tracepoint lbtrace's tx program
-//! (`net_dev_xmit_btf`) uses. Under bpf_stats its
-//! ns per passing packet is what the kernel charges any program there (the dispatch and the
-//! statistics themselves), against which lbtrace's own work is read.
+//! The floor of a hook: an empty tp_btf program (`r0 = 0; exit`) on it. On
+//! `net_dev_start_xmit`, the hook lbtrace's tx program (`net_dev_xmit_btf`) uses, its ns per
+//! passing packet under bpf_stats is what the kernel charges any program there (the dispatch
+//! and the statistics themselves), against which lbtrace's own work is read. On the hooks every
+//! dropped packet of the bench crosses (kfree_skb, and net_dev_start_xmit at the sender), its
+//! overhead per drop is the least any tracer hooking them pays: the dispatch alone.
 
 use std::{
     os::fd::{FromRawFd, OwnedFd},
@@ -11,10 +12,18 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// The program's name, as `bpftool prog show` lists it.
+/// The tx floor's name, as `bpftool prog show` lists it.
 pub const FLOOR_PROG: &str = "lbt_floor_xmit";
-/// The tracepoint's BTF type, which a tp_btf program names as its attach target.
-const TARGET: &str = "btf_trace_net_dev_start_xmit";
+/// The kfree_skb floor's name.
+pub const FLOOR_KFREE: &str = "lbt_floor_kfree";
+/// The tracepoint of each floor program.
+const TX: (&str, &str) = ("net_dev_start_xmit", FLOOR_PROG);
+const KFREE: (&str, &str) = ("kfree_skb", FLOOR_KFREE);
+
+/// Whether `name` is one of the floor programs.
+pub fn is_floor(name: &str) -> bool {
+    name == FLOOR_PROG || name == FLOOR_KFREE
+}
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
@@ -58,25 +67,31 @@ struct RawTpOpen {
     rest: [u64; 4],
 }
 
-/// The BTF id of `TARGET` in the kernel's BTF (`[ID] TYPEDEF 'name' …` in bpftool's dump).
-fn target_btf_id() -> Result<u32> {
+/// The BTF ids of the tracepoints' types (`btf_trace_<name>`, the attach target of a tp_btf
+/// program), from one dump (`[ID] TYPEDEF 'name' …` lines).
+fn target_btf_ids(tracepoints: &[&str]) -> Result<Vec<u32>> {
     let out = crate::util::output(Command::new("bpftool").args([
         "btf",
         "dump",
         "file",
         "/sys/kernel/btf/vmlinux",
     ]))?;
-    let needle = format!("TYPEDEF '{TARGET}'");
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains(&needle))
-        .with_context(|| format!("no {TARGET} in the kernel's BTF"))?;
-    line.trim_start_matches('[')
-        .split(']')
-        .next()
-        .and_then(|id| id.parse().ok())
-        .with_context(|| format!("unexpected bpftool line: {line}"))
+    tracepoints
+        .iter()
+        .map(|tp| {
+            let needle = format!("TYPEDEF 'btf_trace_{tp}'");
+            let line = text
+                .lines()
+                .find(|l| l.contains(&needle))
+                .with_context(|| format!("no btf_trace_{tp} in the kernel's BTF"))?;
+            line.trim_start_matches('[')
+                .split(']')
+                .next()
+                .and_then(|id| id.parse().ok())
+                .with_context(|| format!("unexpected bpftool line: {line}"))
+        })
+        .collect()
 }
 
 fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> Result<OwnedFd> {
@@ -89,19 +104,42 @@ fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The empty program, attached while it lives.
+/// An empty program, attached while it lives.
 pub struct Floor {
     _link: OwnedFd,
     _prog: OwnedFd,
 }
 
 impl Floor {
+    /// On the tx hook alone.
     pub fn attach() -> Result<Self> {
+        Self::attach_all(&[TX])?
+            .pop()
+            .context("no floor program attached")
+    }
+
+    /// On every hook a dropped packet of the bench crosses: kfree_skb, and the tx hook at the
+    /// sender. These are the hooks lbtrace's agent has on that path.
+    pub fn drop_path() -> Result<Vec<Self>> {
+        Self::attach_all(&[KFREE, TX])
+    }
+
+    fn attach_all(hooks: &[(&str, &str)]) -> Result<Vec<Self>> {
+        let tps: Vec<&str> = hooks.iter().map(|h| h.0).collect();
+        let ids = target_btf_ids(&tps)?;
+        hooks
+            .iter()
+            .zip(ids)
+            .map(|(&(tp, name), id)| Self::attach_one(tp, name, id))
+            .collect()
+    }
+
+    fn attach_one(tracepoint: &str, prog_name: &str, btf_id: u32) -> Result<Self> {
         // r0 = 0; exit
         let insns: [u64; 2] = [0xb7, 0x95];
         let license = c"GPL";
         let mut name = [0u8; 16];
-        name[..FLOOR_PROG.len()].copy_from_slice(FLOOR_PROG.as_bytes());
+        name[..prog_name.len()].copy_from_slice(prog_name.as_bytes());
         let load = ProgLoad {
             prog_type: BPF_PROG_TYPE_TRACING,
             insn_cnt: 2,
@@ -109,7 +147,7 @@ impl Floor {
             license: license.as_ptr() as u64,
             prog_name: name,
             expected_attach_type: BPF_TRACE_RAW_TP,
-            attach_btf_id: target_btf_id()?,
+            attach_btf_id: btf_id,
             ..ProgLoad::default()
         };
         let prog = bpf(
@@ -117,7 +155,7 @@ impl Floor {
             (&raw const load).cast(),
             size_of::<ProgLoad>(),
         )
-        .context("loading the empty tp_btf program")?;
+        .with_context(|| format!("loading the empty tp_btf program for {tracepoint}"))?;
         let open = RawTpOpen {
             prog_fd: std::os::fd::AsRawFd::as_raw_fd(&prog) as u32,
             ..RawTpOpen::default()
@@ -127,7 +165,7 @@ impl Floor {
             (&raw const open).cast(),
             size_of::<RawTpOpen>(),
         )
-        .context("attaching the empty tp_btf program to net_dev_start_xmit")?;
+        .with_context(|| format!("attaching the empty tp_btf program to {tracepoint}"))?;
         Ok(Self {
             _link: link,
             _prog: prog,
@@ -139,13 +177,14 @@ impl Floor {
 mod tests {
     use super::*;
 
-    /// Loads a BPF program: without root it fails, loudly (CI runs as root).
+    /// Loads BPF programs: without root it fails, loudly (CI runs as root).
     #[test]
-    fn the_empty_program_attaches_and_runs() {
-        crate::util::require_root("the floor test loads a BPF program").unwrap();
+    fn the_empty_programs_attach_and_run() {
+        crate::util::require_root("the floor test loads BPF programs").unwrap();
         let _stats = crate::bench::bpfstats::StatsEnabled::on().unwrap();
-        let f = Floor::attach().unwrap();
-        // Any transmitted packet runs it: loopback in a namespace of the test's own.
+        let floors = Floor::drop_path().unwrap();
+        // Datagrams to a closed port on loopback, in a namespace of the test's own: each is
+        // transmitted, then dropped (NO_SOCKET).
         let ns = lbtest::netns::Netns::new("floor").unwrap();
         ns.run(|| {
             let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -155,8 +194,10 @@ mod tests {
         })
         .unwrap();
         let snap = crate::bench::bpfstats::snapshot().unwrap();
-        let p = snap.values().find(|p| p.name == FLOOR_PROG).unwrap();
-        assert!(p.run_cnt >= 10, "{p:?}");
-        drop(f);
+        for name in [FLOOR_PROG, FLOOR_KFREE] {
+            let p = snap.values().find(|p| p.name == name).unwrap();
+            assert!(p.run_cnt >= 10, "{p:?}");
+        }
+        drop(floors);
     }
 }

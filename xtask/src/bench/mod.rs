@@ -199,6 +199,12 @@ fn availability(bin: &std::path::Path) -> BTreeMap<Kind, Result<(), String>> {
                 .map_err(|e| format!("{e:#}"))
         });
     m.insert(Kind::Bpftrace, bpftrace);
+    m.insert(
+        Kind::Hooks,
+        floor::Floor::drop_path()
+            .map(drop)
+            .map_err(|e| format!("{e:#}")),
+    );
     m
 }
 
@@ -269,7 +275,7 @@ pub fn bench(opts: Opts) -> Result<()> {
     }
     stats.set(false)?;
     for load in [(Load::Low, d.low, 0), (Load::High, d.high, 0)] {
-        for kind in Kind::ALL {
+        for kind in Kind::ALL.into_iter().filter(|k| k.runs_every_phase()) {
             if available[&kind].is_ok() {
                 run_logged(&lab, &ctx, kind, load, &mut phases, &mut available);
             }
@@ -279,7 +285,9 @@ pub fn bench(opts: Opts) -> Result<()> {
     let mut passing = Vec::new();
     for round in 0..d.passing_rounds {
         // Each tracer, then the floor: the empty program on the tx hook alone.
-        let kinds = Kind::ALL.into_iter().filter(|k| available[k].is_ok());
+        let kinds = Kind::ALL
+            .into_iter()
+            .filter(|k| k.runs_every_phase() && available[k].is_ok());
         for (kind, floor) in kinds.map(|k| (k, false)).chain([(Kind::None, true)]) {
             match passing::run_passing(&lab, &ctx, (kind, floor), d.passing, round) {
                 Ok(p) => {

@@ -276,6 +276,7 @@ pub fn tracer_costs(
         !pre.contains_key(&id)
             && match kind {
                 Kind::Bpftrace => p.pids.is_empty() || pid.is_some_and(|pid| p.pids.contains(&pid)),
+                Kind::Hooks => super::floor::is_floor(&p.name),
                 _ => bpfstats::is_lbtrace(p),
             }
     })

@@ -162,6 +162,18 @@ fn program_spreads(rounds: &[&PhaseResult]) -> BTreeMap<String, Spread> {
         .collect()
 }
 
+/// `kind`'s per-drop overhead over bpftrace's, paired by round ([`Spread::paired_ratio`]).
+pub fn paired_ratio(used: &BTreeMap<Kind, Vec<&PhaseResult>>, kind: Kind) -> Option<Spread> {
+    let busy = |k: Kind| -> Vec<(usize, f64)> {
+        used.get(&k)
+            .into_iter()
+            .flatten()
+            .map(|p| (p.round, p.busy_ns_per_drop))
+            .collect()
+    };
+    Spread::paired_ratio(&busy(Kind::None), &busy(kind), &busy(Kind::Bpftrace))
+}
+
 fn spread_json(s: Option<Spread>) -> Value {
     s.map_or(Value::Null, Spread::to_json)
 }
@@ -328,16 +340,9 @@ pub fn results(
         );
     }
     let p = &tracers[primary.name()];
-    let ratio = overhead(primary)
-        .zip(overhead(Kind::Bpftrace))
-        .and_then(|(l, b)| l.ratio(b));
-    let ratios: Vec<Value> = [Kind::Agent, Kind::Watch]
-        .map(|k| {
-            let r = overhead(k)
-                .zip(overhead(Kind::Bpftrace))
-                .and_then(|(l, b)| l.ratio(b));
-            json!({"tracer": k.name(), "spread": spread_json(r)})
-        })
+    let ratio = paired_ratio(&used, primary);
+    let ratios: Vec<Value> = [Kind::Agent, Kind::Watch, Kind::Hooks]
+        .map(|k| json!({"tracer": k.name(), "spread": spread_json(paired_ratio(&used, k))}))
         .into();
     let latency = one(phases, Kind::Watch, Load::Low);
     let lat =

@@ -220,7 +220,11 @@ const METHOD: &str = "\
   min−max to max−min, median−median; a target is met only when the whole range holds it. *Of which
   daemon* is the tracer process's own CPU time per drop; the rest of the overhead is spent in
   the kernel (BPF programs, ring buffer). The ratio of lbtrace's overhead to bpftrace's is the
-  figure to compare across machines; absolute numbers vary.
+  figure to compare across machines; absolute numbers vary. It is paired by round: a round
+  runs every tracer back to back, and each round gives (tracer − none) / (bpftrace − none), so
+  a drift of the machine between rounds cancels; its range is over rounds. *empty-hooks* is no
+  tracer: empty tp_btf programs on kfree_skb and on the tx hook, which every dropped packet
+  here crosses (it is sent from the client namespace), the floor any tracer hooking them pays.
 - **Daemon** CPU % (of one core) = on-CPU time, user + sys, of all its threads
   (`/proc/PID/task/*/schedstat`, ns resolution) over the run; wakeups/s = voluntary context
   switches (each a sleep that ended in a wakeup); RSS = peak VmHWM; BPF maps = `memlock` of the

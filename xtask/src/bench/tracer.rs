@@ -1,6 +1,6 @@
 //! The tracers under comparison, each started, measured and stopped the same way: no tracer,
-//! `lbtrace watch --json` (stdout read and discarded), `lbtrace agent` (Prometheus metrics) and
-//! the bpftrace one-liner.
+//! `lbtrace watch --json` (stdout read and discarded), `lbtrace agent` (Prometheus metrics), the
+//! bpftrace one-liner, and empty programs on the hooks a dropped packet crosses (the floor).
 
 use std::{
     collections::BTreeMap,
@@ -35,10 +35,19 @@ pub enum Kind {
     Watch,
     Agent,
     Bpftrace,
+    /// Not a tracer: empty programs on kfree_skb and the tx hook ([`super::floor`]), the least
+    /// any tracer hooking them pays per drop. Run at saturation only.
+    Hooks,
 }
 
 impl Kind {
-    pub const ALL: [Self; 4] = [Self::None, Self::Watch, Self::Agent, Self::Bpftrace];
+    pub const ALL: [Self; 5] = [
+        Self::None,
+        Self::Watch,
+        Self::Agent,
+        Self::Bpftrace,
+        Self::Hooks,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,14 +55,21 @@ impl Kind {
             Self::Watch => "lbtrace-watch",
             Self::Agent => "lbtrace-agent",
             Self::Bpftrace => "bpftrace",
+            Self::Hooks => "empty-hooks",
         }
+    }
+
+    /// Whether it runs beyond the saturation and program-cost rounds (the 10k and 200k
+    /// loads, passing traffic).
+    pub fn runs_every_phase(self) -> bool {
+        self != Self::Hooks
     }
 
     /// The command line (after the program), the metrics address standing as `ADDR`.
     fn args(self, scope: Scope) -> Vec<String> {
         let (vip, netns) = (scope.vip.to_string(), scope.netns.to_string());
         let v: Vec<&str> = match self {
-            Self::None => vec![],
+            Self::None | Self::Hooks => vec![],
             Self::Watch => vec!["watch", "--json", "--netns", &netns, "--vip", &vip],
             Self::Agent => vec![
                 "agent",
@@ -77,6 +93,9 @@ impl Kind {
             Self::Watch => format!("lbtrace {args} > pipe (read and discarded)"),
             Self::Agent => format!("lbtrace {args} (metrics scraped at the end)"),
             Self::Bpftrace => format!("bpftrace -e '{BPFTRACE_PROGRAM}'"),
+            Self::Hooks => "empty tp_btf programs (r0 = 0) on kfree_skb and net_dev_start_xmit, \
+                            the hooks lbtrace's agent has on a dropped packet's path"
+                .into(),
         }
     }
 
@@ -233,6 +252,8 @@ fn widen_pipe(fd: &impl AsRawFd) {
 /// A started tracer (or none).
 pub struct Running {
     pub kind: Kind,
+    /// [`Kind::Hooks`]: the empty programs, attached while they live.
+    _floors: Vec<super::floor::Floor>,
     child: Option<Child>,
     stdout: Option<Pump>,
     stderr: Option<Pump>,
@@ -268,9 +289,14 @@ impl Running {
         args: Vec<String>,
         markers: Option<(u16, Sender<MarkerSeen>)>,
     ) -> Result<Self> {
-        if kind == Kind::None {
+        if matches!(kind, Kind::None | Kind::Hooks) {
             return Ok(Self {
                 kind,
+                _floors: if kind == Kind::Hooks {
+                    super::floor::Floor::drop_path()?
+                } else {
+                    Vec::new()
+                },
                 child: None,
                 stdout: None,
                 stderr: None,
@@ -309,6 +335,7 @@ impl Running {
         };
         let mut running = Self {
             kind,
+            _floors: Vec::new(),
             stdout: Some(Pump::start(out, out_ready, markers)),
             stderr: Some(Pump::start(err, err_ready, None)),
             child: Some(child),
@@ -381,7 +408,7 @@ impl Running {
             bail!("{} exited with {status}: {}", self.kind.name(), err.trim());
         }
         let counts = match self.kind {
-            Kind::None => return Ok(None),
+            Kind::None | Kind::Hooks => return Ok(None),
             Kind::Watch => Counts {
                 received: Some(received),
                 ..lbtrace_summary(&out)?
