@@ -11,6 +11,7 @@ mod bpfstats;
 mod counts;
 mod figures;
 mod floor;
+mod kind;
 mod lab;
 mod measure;
 mod passing;
@@ -199,6 +200,7 @@ fn availability(bin: &std::path::Path) -> BTreeMap<Kind, Result<(), String>> {
                 .map_err(|e| format!("{e:#}"))
         });
     m.insert(Kind::Bpftrace, bpftrace);
+    m.insert(Kind::AgentNoTx, m[&Kind::Agent].clone());
     m.insert(
         Kind::Hooks,
         floor::Floor::drop_path()
@@ -266,7 +268,9 @@ pub fn bench(opts: Opts) -> Result<()> {
     }
     stats.set(true)?;
     for round in 0..d.cost_rounds {
-        for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::None) {
+        // The agent without tx runs the agent's programs less one: nothing new to cost.
+        let costed = |k: &Kind| !matches!(k, Kind::None | Kind::AgentNoTx);
+        for kind in Kind::ALL.into_iter().filter(costed) {
             if available[&kind].is_ok() {
                 let load = (Load::Cost, d.saturation, round);
                 run_logged(&lab, &ctx, kind, load, &mut phases, &mut available);

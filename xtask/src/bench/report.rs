@@ -341,7 +341,7 @@ pub fn results(
     }
     let p = &tracers[primary.name()];
     let ratio = paired_ratio(&used, primary);
-    let ratios: Vec<Value> = [Kind::Agent, Kind::Watch, Kind::Hooks]
+    let ratios: Vec<Value> = [Kind::Agent, Kind::Watch, Kind::Hooks, Kind::AgentNoTx]
         .map(|k| json!({"tracer": k.name(), "spread": spread_json(paired_ratio(&used, k))}))
         .into();
     let latency = one(phases, Kind::Watch, Load::Low);

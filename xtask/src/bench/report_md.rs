@@ -225,6 +225,8 @@ const METHOD: &str = "\
   a drift of the machine between rounds cancels; its range is over rounds. *empty-hooks* is no
   tracer: empty tp_btf programs on kfree_skb and on the tx hook, which every dropped packet
   here crosses (it is sent from the client namespace), the floor any tracer hooking them pays.
+  *lbtrace-agent-no-tx* is the agent with its tx program refused (the test-only
+  `LBTRACE_DISABLE_PROBES`): not a setting to run, but what the tx hook costs the agent per drop.
 - **Daemon** CPU % (of one core) = on-CPU time, user + sys, of all its threads
   (`/proc/PID/task/*/schedstat`, ns resolution) over the run; wakeups/s = voluntary context
   switches (each a sleep that ended in a wakeup); RSS = peak VmHWM; BPF maps = `memlock` of the

@@ -407,19 +407,24 @@ fn overhead_note(r: &Value, primary: Kind) -> String {
             .unwrap_or("–")
             .to_owned()
     };
-    let floor_ratio = r["overhead_ratios"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|x| x["tracer"] == Kind::Hooks.name())
-        .and_then(|x| Spread::from_json(&x["spread"]))
-        .map_or("–".into(), |s| s.show(2));
+    let ratio = |k: Kind| {
+        r["overhead_ratios"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["tracer"] == k.name())
+            .and_then(|x| Spread::from_json(&x["spread"]))
+            .map_or("–".into(), |s| s.show(2))
+    };
     format!(
-        "overhead ns/drop at saturation, median (min–max over the same number of quiet rounds, against no tracer's): {} {}, bpftrace {}; empty programs on the hooks a dropped packet crosses here (kfree_skb, and the tx hook at the sender) {}, a ratio of {floor_ratio}",
+        "overhead ns/drop at saturation, median (min–max over the same number of quiet rounds, against no tracer's): {} {}, bpftrace {}; empty programs on the hooks a dropped packet crosses here (kfree_skb, and the tx hook at the sender) {}, a ratio of {}; the agent without its tx program {}, a ratio of {}",
         primary.name(),
         shown(primary),
         shown(Kind::Bpftrace),
         shown(Kind::Hooks),
+        ratio(Kind::Hooks),
+        shown(Kind::AgentNoTx),
+        ratio(Kind::AgentNoTx),
     )
 }
 

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::Path,
     process::{Child, Command, Stdio},
@@ -23,93 +23,12 @@ use anyhow::{bail, Context, Result};
 use super::counts::{bpftrace_counts, lbtrace_summary, metrics_counts};
 pub use super::counts::{kernel_reason_names, Counts};
 pub(super) use super::counts::{label, samples};
-use super::measure;
+pub use super::kind::{Kind, Scope};
+use super::{kind::TX_PROBES, measure};
 
 /// The peer: Debian's bpftrace 0.17 runs the one-liner as written (`args->reason` is the
 /// tracepoint's `enum skb_drop_reason reason` field, printed as its number).
 pub const BPFTRACE_PROGRAM: &str = "tracepoint:skb:kfree_skb { @[args->reason] = count(); }";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Kind {
-    None,
-    Watch,
-    Agent,
-    Bpftrace,
-    /// Not a tracer: empty programs on kfree_skb and the tx hook ([`super::floor`]), the least
-    /// any tracer hooking them pays per drop. Run at saturation only.
-    Hooks,
-}
-
-impl Kind {
-    pub const ALL: [Self; 5] = [
-        Self::None,
-        Self::Watch,
-        Self::Agent,
-        Self::Bpftrace,
-        Self::Hooks,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Watch => "lbtrace-watch",
-            Self::Agent => "lbtrace-agent",
-            Self::Bpftrace => "bpftrace",
-            Self::Hooks => "empty-hooks",
-        }
-    }
-
-    /// Whether it runs beyond the saturation and program-cost rounds (the 10k and 200k
-    /// loads, passing traffic).
-    pub fn runs_every_phase(self) -> bool {
-        self != Self::Hooks
-    }
-
-    /// The command line (after the program), the metrics address standing as `ADDR`.
-    fn args(self, scope: Scope) -> Vec<String> {
-        let (vip, netns) = (scope.vip.to_string(), scope.netns.to_string());
-        let v: Vec<&str> = match self {
-            Self::None | Self::Hooks => vec![],
-            Self::Watch => vec!["watch", "--json", "--netns", &netns, "--vip", &vip],
-            Self::Agent => vec![
-                "agent",
-                "--metrics-addr",
-                "ADDR",
-                "--netns",
-                &netns,
-                "--vip",
-                &vip,
-            ],
-            Self::Bpftrace => vec!["-e", BPFTRACE_PROGRAM],
-        };
-        v.into_iter().map(str::to_owned).collect()
-    }
-
-    /// What runs, for the report.
-    pub fn command(self, scope: Scope) -> String {
-        let args = self.args(scope).join(" ");
-        match self {
-            Self::None => "(nothing attached)".into(),
-            Self::Watch => format!("lbtrace {args} > pipe (read and discarded)"),
-            Self::Agent => format!("lbtrace {args} (metrics scraped at the end)"),
-            Self::Bpftrace => format!("bpftrace -e '{BPFTRACE_PROGRAM}'"),
-            Self::Hooks => "empty tp_btf programs (r0 = 0) on kfree_skb and net_dev_start_xmit, \
-                            the hooks lbtrace's agent has on a dropped packet's path"
-                .into(),
-        }
-    }
-
-    pub fn is_lbtrace(self) -> bool {
-        matches!(self, Self::Watch | Self::Agent)
-    }
-}
-
-/// What lbtrace is pointed at: the bench's VIP, in the node namespace.
-#[derive(Clone, Copy, Debug)]
-pub struct Scope {
-    pub vip: Ipv4Addr,
-    pub netns: u32,
-}
 
 /// Whether this build of lbtrace has the `agent` subcommand.
 pub fn agent_available(bin: &Path) -> bool {
@@ -304,7 +223,7 @@ impl Running {
             });
         }
         let metrics = match kind {
-            Kind::Agent => Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+            Kind::Agent | Kind::AgentNoTx => Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
             _ => None,
         };
         let mut cmd = Command::new(if kind == Kind::Bpftrace {
@@ -317,6 +236,9 @@ impl Running {
                 Some(m) if a == "ADDR" => m.to_string(),
                 _ => a,
             });
+        }
+        if kind == Kind::AgentNoTx {
+            cmd.env("LBTRACE_DISABLE_PROBES", TX_PROBES);
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -413,7 +335,9 @@ impl Running {
                 received: Some(received),
                 ..lbtrace_summary(&out)?
             },
-            Kind::Agent => metrics_counts(&scraped.context("no metrics address")??),
+            Kind::Agent | Kind::AgentNoTx => {
+                metrics_counts(&scraped.context("no metrics address")??)
+            }
             Kind::Bpftrace => bpftrace_counts(&out, names),
         };
         Ok(Some(counts))
