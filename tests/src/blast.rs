@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use crate::netns::Netns;
 
 /// Messages per `sendmmsg` call at most.
-const BATCH: usize = 64;
+pub const BATCH: usize = 64;
 /// A rate-controlled thread sleeps at least this long between calls, so that its wakeups stay
 /// near 1,000/s whatever the rate.
 const MIN_SLEEP: Duration = Duration::from_millis(1);
@@ -112,19 +112,116 @@ impl Blaster {
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
+/// `sendmmsg` headers for a fixed list of destinations, one datagram each, all with the same
+/// payload. The headers point into the struct's own heap buffers, which stay put when it moves.
+pub struct Headers {
+    msgs: Vec<libc::mmsghdr>,
+    _addrs: Vec<libc::sockaddr_in>,
+    _iov: Box<libc::iovec>,
+    _payload: Vec<u8>,
+}
+
+impl Headers {
+    pub fn new(dests: impl IntoIterator<Item = SocketAddrV4>, payload: usize) -> Self {
+        let payload = vec![0x5au8; payload];
+        let mut iov = Box::new(libc::iovec {
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        });
+        let mut addrs: Vec<libc::sockaddr_in> = dests
+            .into_iter()
+            .map(|a| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            })
+            .collect();
+        let msgs = addrs
+            .iter_mut()
+            .map(|a| {
+                // SAFETY: mmsghdr is plain data; zero is a valid (empty) value for every field.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
+                m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = &raw mut *iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        Self {
+            msgs,
+            _addrs: addrs,
+            _iov: iov,
+            _payload: payload,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Sends the datagrams of headers `first..first + want` (at most [`BATCH`], and within the
+    /// list) with one `sendmmsg`: how many went, 0 when a signal interrupted it.
+    pub fn send(&mut self, sock: &UdpSocket, first: usize, want: usize) -> Result<usize> {
+        let want = want.min(BATCH).min(self.msgs.len().saturating_sub(first));
+        // SAFETY: headers first..first + want exist and point at live buffers of ours.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                self.msgs.as_mut_ptr().add(first),
+                want as libc::c_uint,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            bail!("sendmmsg: {e}");
+        }
+        Ok(n as usize)
     }
 }
 
-/// A token bucket when `rate` is set: send what is due (in batches of up to [`BATCH`]), then
-/// sleep until a worthwhile batch is due again.
+/// A token bucket for one sending thread: at low rates, smaller batches keep the traffic smooth
+/// (about one call per millisecond), and it sleeps at least [`MIN_SLEEP`] between calls, so that
+/// its wakeups stay near 1,000/s whatever the rate.
+#[derive(Clone, Copy, Debug)]
+pub struct Pacer {
+    rate: f64,
+    min_batch: u64,
+}
+
+impl Pacer {
+    /// `rate` datagrams per second.
+    pub fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            min_batch: ((rate / 1000.0) as u64).clamp(1, BATCH as u64),
+        }
+    }
+
+    /// With `sent` so far at `elapsed`: how many to send now (at most [`BATCH`]), or how long to
+    /// sleep until a worthwhile batch is due.
+    pub fn owed(&self, elapsed: Duration, sent: u64) -> std::result::Result<usize, Duration> {
+        let owed = ((elapsed.as_secs_f64() * self.rate) as u64).saturating_sub(sent);
+        if owed < self.min_batch {
+            let next = Duration::from_secs_f64((sent + self.min_batch) as f64 / self.rate);
+            return Err(next.saturating_sub(elapsed).max(MIN_SLEEP));
+        }
+        Ok(owed.min(BATCH as u64) as usize)
+    }
+}
+
+/// Sends `plan` from one socket as fast as it goes, or paced at `rate`.
 fn send_loop(
     sock: &UdpSocket,
     plan: &Plan,
@@ -134,28 +231,8 @@ fn send_loop(
     // Headers for BATCH + T messages: a call starts at header `sent % T`, so the mix holds
     // across calls of any size.
     let t = plan.targets.len();
-    let mut addrs: Vec<libc::sockaddr_in> = (0..BATCH + t)
-        .map(|i| sockaddr(plan.targets[i % t]))
-        .collect();
-    let payload = vec![0x5au8; plan.payload];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr().cast_mut().cast(),
-        iov_len: payload.len(),
-    };
-    // SAFETY: mmsghdr is plain data; zero is a valid (empty) value for every field.
-    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH + t)
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
-    for (m, a) in msgs.iter_mut().zip(addrs.iter_mut()) {
-        m.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
-        m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        m.msg_hdr.msg_iov = &raw mut iov;
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    // At low rates, smaller batches keep the traffic smooth (about one call per millisecond).
-    let min_batch = rate.map_or(BATCH as u64, |r| {
-        ((r / 1000.0) as u64).clamp(1, BATCH as u64)
-    });
+    let mut headers = Headers::new((0..BATCH + t).map(|i| plan.targets[i % t]), plan.payload);
+    let pacer = rate.map(Pacer::new);
     let mut per_target = vec![0u64; plan.targets.len()];
     let mut sent = 0u64;
     loop {
@@ -163,39 +240,16 @@ fn send_loop(
         if elapsed >= plan.duration {
             break;
         }
-        let want = match rate {
-            None => BATCH as u64,
-            Some(r) => {
-                let due = (elapsed.as_secs_f64() * r) as u64;
-                let owed = due.saturating_sub(sent);
-                if owed < min_batch {
-                    let next = Duration::from_secs_f64((sent + min_batch) as f64 / r);
-                    let wait = next.saturating_sub(elapsed).max(MIN_SLEEP);
-                    std::thread::sleep(wait.min(plan.duration.saturating_sub(elapsed)));
-                    continue;
-                }
-                owed.min(BATCH as u64)
+        let want = match pacer.map(|p| p.owed(elapsed, sent)) {
+            None => BATCH,
+            Some(Ok(n)) => n,
+            Some(Err(wait)) => {
+                std::thread::sleep(wait.min(plan.duration.saturating_sub(elapsed)));
+                continue;
             }
         };
         let first = (sent % t as u64) as usize;
-        // SAFETY: `msgs` holds BATCH + t valid headers pointing at live buffers, and
-        // first + want <= t + BATCH.
-        let n = unsafe {
-            libc::sendmmsg(
-                sock.as_raw_fd(),
-                msgs.as_mut_ptr().add(first),
-                want as libc::c_uint,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            bail!("sendmmsg: {e}");
-        }
-        let n = n as usize;
+        let n = headers.send(sock, first, want)?;
         for i in first..first + n {
             per_target[i % t] += 1;
         }

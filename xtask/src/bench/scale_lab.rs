@@ -2,13 +2,13 @@
 //! 1,000 VIPs, the generator of new connections and the kernel's counters.
 
 use std::{
-    net::{Ipv4Addr, UdpSocket},
-    os::fd::AsRawFd,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lbtest::{
+    blast::{Headers, Pacer},
     lab::topology::snmp,
     netns::{veth, Netns},
 };
@@ -36,7 +36,6 @@ const CT_UDP_TIMEOUT: &str = "2";
 /// The agent's NAT map size, given explicitly: evictions are at least the new connections
 /// beyond it.
 pub const NAT_ENTRIES: u64 = 131_072;
-const BATCH: usize = 64;
 
 pub fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(POOL_BASE) + 1 + i as u32)
@@ -168,36 +167,12 @@ impl ScaleLab {
     }
 }
 
-fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip.octets()),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-/// One thread's share: each socket sends to every VIP once, in order, at `rate` (a token bucket
-/// as in `lbtest::blast`), until `duration`. Returns datagrams per VIP, exact (`sendmmsg`'s
-/// return values).
+/// One thread's share: each socket sends to every VIP once, in order, at `rate` (paced as in
+/// `lbtest::blast`), until `duration`. Returns datagrams per VIP, exact (`sendmmsg`'s return
+/// values).
 fn send_loop(socks: &[UdpSocket], rate: f64, duration: Duration, t0: Instant) -> Result<Vec<u64>> {
-    let mut addrs: Vec<libc::sockaddr_in> = (0..VIPS).map(|i| sockaddr(vip(i), VIP_PORT)).collect();
-    let payload = [0x5au8; 16];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr().cast_mut().cast(),
-        iov_len: payload.len(),
-    };
-    // SAFETY: mmsghdr is plain data; zero is a valid (empty) value for every field.
-    let mut msgs: Vec<libc::mmsghdr> = (0..VIPS).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (m, a) in msgs.iter_mut().zip(addrs.iter_mut()) {
-        m.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
-        m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        m.msg_hdr.msg_iov = &raw mut iov;
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    let min_batch = ((rate / 1000.0) as u64).clamp(1, BATCH as u64);
+    let mut headers = Headers::new((0..VIPS).map(|i| SocketAddrV4::new(vip(i), VIP_PORT)), 16);
+    let pacer = Pacer::new(rate);
     let mut per_vip = vec![0u64; VIPS];
     let mut sent = 0u64;
     for sock in socks {
@@ -207,31 +182,14 @@ fn send_loop(socks: &[UdpSocket], rate: f64, duration: Duration, t0: Instant) ->
             if elapsed >= duration {
                 return Ok(per_vip);
             }
-            let owed = ((elapsed.as_secs_f64() * rate) as u64).saturating_sub(sent);
-            if owed < min_batch {
-                let due = Duration::from_secs_f64((sent + min_batch) as f64 / rate);
-                std::thread::sleep(due.saturating_sub(elapsed).max(Duration::from_millis(1)));
-                continue;
-            }
-            let want = (owed as usize).min(BATCH).min(VIPS - next);
-            // SAFETY: `msgs` holds VIPS valid headers pointing at live buffers, and
-            // next + want <= VIPS.
-            let n = unsafe {
-                libc::sendmmsg(
-                    sock.as_raw_fd(),
-                    msgs.as_mut_ptr().add(next),
-                    want as libc::c_uint,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
+            let want = match pacer.owed(elapsed, sent) {
+                Ok(n) => n,
+                Err(wait) => {
+                    std::thread::sleep(wait);
                     continue;
                 }
-                bail!("sendmmsg: {e}");
-            }
-            let n = n as usize;
+            };
+            let n = headers.send(sock, next, want)?;
             for c in &mut per_vip[next..next + n] {
                 *c += 1;
             }
