@@ -159,14 +159,6 @@ impl Headers {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.msgs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.msgs.is_empty()
-    }
-
     /// Sends the datagrams of headers `first..first + want` (at most [`BATCH`], and within the
     /// list) with one `sendmmsg`: how many went, 0 when a signal interrupted it.
     pub fn send(&mut self, sock: &UdpSocket, first: usize, want: usize) -> Result<usize> {

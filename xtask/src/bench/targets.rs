@@ -371,6 +371,15 @@ pub fn scale_targets(s: &Value) -> Vec<Value> {
     ]
 }
 
+/// `kind`'s per-drop overhead over bpftrace's, paired by round, as the results hold it.
+fn paired(r: &Value, kind: Kind) -> Option<Spread> {
+    r["overhead_ratios"]
+        .as_array()?
+        .iter()
+        .find(|x| x["tracer"] == kind.name())
+        .and_then(|x| Spread::from_json(&x["spread"]))
+}
+
 /// `kind`'s per-drop overhead at saturation over the bpftrace one-liner's, against `limit`.
 fn ratio_target(r: &Value, kind: Kind, limit: f64) -> Value {
     let ov = |k: Kind| Spread::from_json(&r["tracers"][k.name()]["overhead_ns_per_drop_spread"]);
@@ -378,12 +387,7 @@ fn ratio_target(r: &Value, kind: Kind, limit: f64) -> Value {
         "per-drop overhead, {} vs the bpftrace one-liner (ratio, paired by round)",
         kind.name()
     );
-    let ratio = r["overhead_ratios"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|x| x["tracer"] == kind.name())
-        .and_then(|x| Spread::from_json(&x["spread"]));
+    let ratio = paired(r, kind);
     if ratio.is_some() {
         return target(&name, ratio, limit, "", &overhead_note(r, kind));
     }
@@ -407,15 +411,7 @@ fn overhead_note(r: &Value, primary: Kind) -> String {
             .unwrap_or("–")
             .to_owned()
     };
-    let ratio = |k: Kind| {
-        r["overhead_ratios"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|x| x["tracer"] == k.name())
-            .and_then(|x| Spread::from_json(&x["spread"]))
-            .map_or("–".into(), |s| s.show(2))
-    };
+    let ratio = |k: Kind| paired(r, k).map_or("–".into(), |s| s.show(2));
     format!(
         "overhead ns/drop at saturation, median (min–max over the same number of quiet rounds, against no tracer's): {} {}, bpftrace {}; empty programs on the hooks a dropped packet crosses here (kfree_skb, and the tx hook at the sender) {}, a ratio of {}; the agent without its tx program {}, a ratio of {}",
         primary.name(),

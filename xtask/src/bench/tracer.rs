@@ -275,6 +275,13 @@ impl Running {
         if kind == Kind::Bpftrace {
             std::thread::sleep(Duration::from_millis(750));
         }
+        if let (Kind::AgentNoTx, Some(addr)) = (kind, metrics) {
+            // A renamed probe would leave tx attached, and the baseline would be the agent.
+            if let Err(e) = tx_refused(addr) {
+                running.kill();
+                return Err(e);
+            }
+        }
         Ok(running)
     }
 
@@ -365,6 +372,26 @@ fn wait_ready(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// That the agent at `addr` attached no tx probe.
+fn tx_refused(addr: SocketAddr) -> Result<()> {
+    no_tx_probe(&http_get(addr, "/metrics")?)
+}
+
+/// That the metrics list the tx probes (`lbtrace_probe_attached{collector="xmit"}`), all 0.
+fn no_tx_probe(metrics: &str) -> Result<()> {
+    let xmit: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("lbtrace_probe_attached{") && l.contains("collector=\"xmit\""))
+        .collect();
+    if xmit.is_empty() || xmit.iter().any(|l| !l.ends_with(" 0")) {
+        bail!(
+            "{TX_PROBES} did not leave the agent without a tx probe: {}",
+            xmit.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// The agent refreshes its kernel counters once a second: scrape until they account for every
 /// record delivered or lost and have not moved for longer than a refresh (4 s at most). Two
 /// equal scrapes inside one second prove nothing: both can show the refresh before the last
@@ -409,6 +436,26 @@ pub(super) fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_no_tx_baseline_needs_every_tx_probe_refused() {
+        let line = |probe: &str, v: u8| {
+            format!(
+                "lbtrace_probe_attached{{probe=\"{probe}\",collector=\"xmit\",node=\"n\"}} {v}\n"
+            )
+        };
+        let (btf, tp) = (
+            "tp_btf/net_dev_start_xmit",
+            "tracepoint/net/net_dev_start_xmit",
+        );
+        let refused = line(btf, 0) + &line(tp, 0);
+        assert!(no_tx_probe(&refused).is_ok());
+        assert!(no_tx_probe(&(line(btf, 0) + &line(tp, 1))).is_err());
+        assert!(
+            no_tx_probe("lbtrace_up 1\n").is_err(),
+            "not listed: not proven"
+        );
+    }
 
     #[test]
     fn reads_the_stream_as_it_comes() {
